@@ -1,0 +1,248 @@
+"""The one description of every struct, enum and map the datapath shares with Python.
+
+The generated C header (``bpfgen_layout.h``) is rendered from these objects, and the
+loader packs map keys and values with the same objects, so a layout is written once.
+Dumps decode live maps from the kernel's BTF, which clang derives from that header.
+
+Byte order: fields of type ``ip4`` and ``port`` hold network byte order (as in the
+packet); every other integer is host order.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct as _struct
+from dataclasses import dataclass
+
+# Scalar field types: C type, Python struct code, size (all naturally aligned).
+SCALARS: dict[str, tuple[str, str, int]] = {
+    "u8": ("__u8", "B", 1),
+    "u16": ("__u16", "H", 2),
+    "u32": ("__u32", "I", 4),
+    "u64": ("__u64", "Q", 8),
+    "ip4": ("bpfgen_ip4_t", "4s", 4),  # IPv4 address, network order
+    "port": ("bpfgen_port_t", ">H", 2),  # L4 port, network order
+    "proto": ("bpfgen_proto_t", "B", 1),  # IP protocol number
+}
+
+# The typedefs behind the display types; the BTF decoder keys on these names.
+TYPEDEFS = (
+    ("bpfgen_ip4_t", "__u32", "IPv4 address in network byte order"),
+    ("bpfgen_port_t", "__u16", "L4 port in network byte order"),
+    ("bpfgen_proto_t", "__u8", "IP protocol number (6 TCP, 17 UDP)"),
+)
+
+PROTOCOLS = {"TCP": 6, "UDP": 17}
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    type: str
+    doc: str = ""
+
+    @property
+    def ctype(self) -> str:
+        return SCALARS[self.type][0]
+
+    @property
+    def size(self) -> int:
+        return SCALARS[self.type][2]
+
+
+@dataclass(frozen=True)
+class Struct:
+    """A C struct with explicit padding: implicit padding is rejected, not guessed."""
+
+    name: str
+    doc: str
+    fields: tuple[Field, ...]
+
+    def __post_init__(self) -> None:
+        offset = 0
+        for f in self.fields:
+            if offset % f.size:
+                raise ValueError(f"struct {self.name}: field {f.name} at offset {offset} is misaligned")
+            offset += f.size
+        align = max(f.size for f in self.fields)
+        if offset % align:
+            raise ValueError(f"struct {self.name}: size {offset} is not a multiple of {align}; add padding")
+
+    @property
+    def cname(self) -> str:
+        return f"struct {self.name}"
+
+    @property
+    def size(self) -> int:
+        return sum(f.size for f in self.fields)
+
+    def pack(self, **values: object) -> bytes:
+        """Pack field values (missing fields are 0; ip4 accepts str/IPv4Address; port an int)."""
+        unknown = set(values) - {f.name for f in self.fields}
+        if unknown:
+            raise KeyError(f"struct {self.name} has no field {sorted(unknown)[0]}")
+        out = bytearray()
+        for f in self.fields:
+            v = values.get(f.name, 0)
+            if f.type == "ip4":
+                out += ipaddress.IPv4Address(v or 0).packed
+            elif f.type == "port":
+                out += _struct.pack(">H", int(v))
+            else:
+                out += _struct.pack("<" + SCALARS[f.type][1], int(v))
+        return bytes(out)
+
+    def unpack(self, data: bytes) -> dict[str, object]:
+        """The inverse of pack: ip4 as IPv4Address, port in host order."""
+        if len(data) < self.size:
+            raise ValueError(f"struct {self.name}: {len(data)} bytes, need {self.size}")
+        values: dict[str, object] = {}
+        offset = 0
+        for f in self.fields:
+            raw = data[offset : offset + f.size]
+            if f.type == "ip4":
+                values[f.name] = ipaddress.IPv4Address(raw)
+            elif f.type == "port":
+                values[f.name] = _struct.unpack(">H", raw)[0]
+            else:
+                values[f.name] = _struct.unpack("<" + SCALARS[f.type][1], raw)[0]
+            offset += f.size
+        return values
+
+
+def _s(name: str, doc: str, *fields: tuple[str, str] | tuple[str, str, str]) -> Struct:
+    return Struct(name, doc, tuple(Field(*f) for f in fields))
+
+
+SVC_KEY = _s(
+    "bpfgen_svc_key",
+    "A service frontend; slot 0 is the frontend itself, slots 1..count its backends.",
+    ("addr", "ip4"), ("port", "port"), ("slot", "u16"), ("proto", "proto"),
+    ("pad1", "u8"), ("pad2", "u16"),
+)
+SVC_VALUE = _s(
+    "bpfgen_svc_value",
+    "Slot 0: count backends, id, flags. Slot n: backend_id of backend n.",
+    ("backend_id", "u32"), ("count", "u16"), ("id", "u16", "frontend id: reverse-NAT index and counter index"),
+    ("flags", "u8"), ("pad1", "u8"), ("pad2", "u16"),
+)
+BACKEND = _s(
+    "bpfgen_backend",
+    "A backend endpoint; flags carry BACKEND_LOCAL when it runs on this node.",
+    ("addr", "ip4"), ("port", "port"), ("proto", "proto"), ("flags", "u8"),
+)
+REVNAT = _s(
+    "bpfgen_revnat",
+    "The frontend a reply's source is translated back to.",
+    ("addr", "ip4"), ("port", "port"), ("pad", "u16"),
+)
+TUPLE = _s(
+    "bpfgen_tuple",
+    "A flow tuple: conntrack key (dir CT_SERVICE/CT_OUT) and SNAT key (dir NAT_OUT/NAT_IN).",
+    ("saddr", "ip4"), ("daddr", "ip4"), ("sport", "port"), ("dport", "port"),
+    ("proto", "proto"), ("dir", "u8"), ("pad", "u16"),
+)
+CT_ENTRY = _s(
+    "bpfgen_ct_entry",
+    "Conntrack state of one direction-tagged tuple.",
+    ("expires", "u32", "seconds of bpf_ktime_get_ns() after which the entry is dead"),
+    ("backend_id", "u32"), ("rev_nat_id", "u16"), ("flags", "u8"), ("pad", "u8"),
+    ("snat_addr", "ip4"), ("snat_port", "port"), ("pad2", "u16"),
+)
+NAT_ENTRY = _s(
+    "bpfgen_nat_entry",
+    "An SNAT translation: NAT_OUT rewrites the source to addr:port, NAT_IN the destination.",
+    ("addr", "ip4"), ("port", "port"), ("pad", "u16"),
+)
+SVC_STATS = _s("bpfgen_svc_stats", "Per-CPU packet and byte counts of one frontend.", ("packets", "u64"), ("bytes", "u64"))
+DROP_STATS = _s("bpfgen_drop_stats", "Per-CPU count of drops of one reason.", ("packets", "u64"))
+
+
+@dataclass(frozen=True)
+class Scalar:
+    """A plain integer map key (array maps require a 32-bit integer key in BTF)."""
+
+    cname: str
+    size: int
+
+    def pack(self, value: int) -> bytes:
+        return int(value).to_bytes(self.size, "little")
+
+    def unpack(self, data: bytes) -> int:
+        return int.from_bytes(data[: self.size], "little")
+
+
+ID_KEY = Scalar("__u32", 4)
+
+STRUCTS = (SVC_KEY, SVC_VALUE, BACKEND, REVNAT, TUPLE, CT_ENTRY, NAT_ENTRY, SVC_STATS, DROP_STATS)
+
+
+@dataclass(frozen=True)
+class Enum:
+    name: str
+    prefix: str
+    members: tuple[tuple[str, int, str], ...]
+
+
+    def value(self, name: str) -> int:
+        return next(v for n, v, _ in self.members if n == name)
+
+    def label(self, value: int) -> str:
+        return next((d for _, v, d in self.members if v == value), str(value))
+
+
+DROP_REASONS = Enum(
+    "bpfgen_drop_reason",
+    "DROP_",
+    (
+        ("NO_BACKEND", 0, "no backend"),
+        ("SNAT_EXHAUSTED", 1, "SNAT ports exhausted"),
+        ("FIB_FAILED", 2, "fib lookup failed"),
+        ("MALFORMED", 3, "malformed packet"),
+        ("CT_NO_SYN", 4, "TCP packet of no known flow without SYN"),
+        ("CT_FULL", 5, "conntrack insert failed"),
+        ("BACKEND_GONE", 6, "backend of a flow is gone"),
+        ("REWRITE_FAILED", 7, "packet rewrite failed"),
+    ),
+)
+ENUMS = (DROP_REASONS,)
+
+# Flag bits (values in C are generated from here).
+FLAGS = {
+    "SVC_NODEPORT": 1,
+    "SVC_CLUSTERIP": 2,
+    "BACKEND_LOCAL": 1,
+    "CT_CLOSING": 1,
+    "CT_ESTABLISHED": 2,
+    "CT_SNAT": 4,
+    "CT_SERVICE": 1,
+    "CT_OUT": 2,
+    "NAT_OUT": 1,
+    "NAT_IN": 2,
+}
+
+
+@dataclass(frozen=True)
+class MapDef:
+    name: str
+    type: str  # libbpf BPF_MAP_TYPE_ suffix
+    key: Struct | Scalar
+    value: Struct
+    doc: str
+    state: bool = False  # conntrack/NAT state that survives a reload
+
+    @property
+    def percpu(self) -> bool:
+        return "PERCPU" in self.type
+
+
+MAPS = (
+    MapDef("svc_v4", "HASH", SVC_KEY, SVC_VALUE, "service frontends and their backend slots"),
+    MapDef("backend_v4", "HASH", ID_KEY, BACKEND, "backends by id"),
+    MapDef("revnat_v4", "HASH", ID_KEY, REVNAT, "frontend by reverse-NAT id"),
+    MapDef("ct_v4", "LRU_HASH", TUPLE, CT_ENTRY, "conntrack", state=True),
+    MapDef("snat_v4", "LRU_HASH", TUPLE, NAT_ENTRY, "SNAT pairs (like cilium_snat_v4_external)", state=True),
+    MapDef("svc_stats", "PERCPU_ARRAY", ID_KEY, SVC_STATS, "packets and bytes per frontend id"),
+    MapDef("drop_stats", "PERCPU_ARRAY", ID_KEY, DROP_STATS, "drops by reason"),
+)
+MAPS_BY_NAME = {m.name: m for m in MAPS}
