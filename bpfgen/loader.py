@@ -1,0 +1,407 @@
+"""`bpfgen load` / `unload`: a node's datapath into the kernel and out again.
+
+load reads as: check -> open (pins reused) -> load -> fill maps -> attach -> record.
+A load that fails part-way undoes what it did: the maps' previous contents come
+back, a previous program is attached again, new pins and a new qdisc are removed.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import layout
+from . import libbpf as bpf
+from .build import Build, compile_spec, find_build, open_build
+from .errors import BpfgenError, UsageError
+from .netns import enter_netns, ifindex as if_index
+from .spec import Node, Spec
+from .state import (
+    NodeRecord,
+    check_privileges,
+    ensure_bpffs,
+    netns_inode,
+    node_lock,
+    pin_dir,
+    remove_pins,
+)
+
+TC_HANDLE = 0xB9F
+TC_PRIORITY = 0xB9F
+HOOKS = (("ingress", bpf.BPF_TC_INGRESS, "from_netdev"), ("egress", bpf.BPF_TC_EGRESS, "to_netdev"))
+SERVICE_MAPS = ("svc_v4", "backend_v4", "revnat_v4")
+PROTO = layout.PROTOCOLS
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+# ---------------------------------------------------------------- what the maps should hold
+
+
+@dataclass(frozen=True)
+class Frontend:
+    addr: ipaddress.IPv4Address
+    port: int
+    proto: int
+    kind: str  # NodePort | ClusterIP
+    service: str  # namespace/name
+    backends: tuple[tuple[ipaddress.IPv4Address, int, int, bool], ...]  # addr, port, proto, local
+
+    @property
+    def key(self) -> tuple:
+        return (self.addr, self.port, self.proto)
+
+
+def frontends(spec: Spec, node: Node) -> list[Frontend]:
+    """Every frontend node serves: ClusterIPs, and NodePorts on the node's address."""
+    result = []
+    for svc in spec.services:
+        for port in svc.ports:
+            proto = PROTO[port.protocol]
+            backends = tuple((b.address, port.target_port, proto, b.node == node.name) for b in svc.backends)
+            if svc.cluster_ip is not None:
+                result.append(Frontend(svc.cluster_ip, port.port, proto, "ClusterIP", svc.key, backends))
+            if port.node_port is not None:
+                result.append(Frontend(node.address, port.node_port, proto, "NodePort", svc.key, backends))
+    return result
+
+
+def _allocate(wanted: list, existing: dict, limit: int) -> dict:
+    """Ids for wanted keys: an existing key keeps its id, a new one gets the lowest free."""
+    ids = {k: existing[k] for k in wanted if k in existing}
+    used = set(ids.values())
+    next_id = 1
+    for k in wanted:
+        if k in ids:
+            continue
+        while next_id in used:
+            next_id += 1
+        if next_id >= limit:
+            raise UsageError(f"more than {limit - 1} ids needed; the map is too small for this spec")
+        ids[k] = next_id
+        used.add(next_id)
+    return ids
+
+
+def desired_entries(spec: Spec, node: Node, maps: dict[str, bpf.MapFd]) -> dict[str, dict[bytes, bytes]]:
+    """The contents of the service maps for node, keeping the ids already in the maps."""
+    fes = frontends(spec, node)
+    old_fe, old_be = {}, {}
+    for k, v in maps["svc_v4"].items():
+        key = layout.SVC_KEY.unpack(k)
+        if key["slot"] == 0:
+            old_fe[(key["addr"], key["port"], key["proto"])] = layout.SVC_VALUE.unpack(v)["id"]
+    for k, v in maps["backend_v4"].items():
+        be = layout.BACKEND.unpack(v)
+        old_be[(be["addr"], be["port"], be["proto"])] = layout.ID_KEY.unpack(k)
+    fe_ids = _allocate([f.key for f in fes], old_fe, maps["revnat_v4"].info.max_entries)
+    be_keys = list(dict.fromkeys(b[:3] for f in fes for b in f.backends))
+    be_ids = _allocate(be_keys, old_be, 1 << 32)
+
+    svc, backends, revnat = {}, {}, {}
+    for f in fes:
+        fid = fe_ids[f.key]
+        flags = layout.FLAGS["SVC_NODEPORT" if f.kind == "NodePort" else "SVC_CLUSTERIP"]
+        svc[layout.SVC_KEY.pack(addr=f.addr, port=f.port, proto=f.proto, slot=0)] = layout.SVC_VALUE.pack(
+            count=len(f.backends), id=fid, flags=flags
+        )
+        for slot, (addr, port, proto, local) in enumerate(f.backends, start=1):
+            bid = be_ids[(addr, port, proto)]
+            svc[layout.SVC_KEY.pack(addr=f.addr, port=f.port, proto=f.proto, slot=slot)] = layout.SVC_VALUE.pack(
+                backend_id=bid, id=fid
+            )
+            backends[layout.ID_KEY.pack(bid)] = layout.BACKEND.pack(
+                addr=addr, port=port, proto=proto, flags=layout.FLAGS["BACKEND_LOCAL"] if local else 0
+            )
+        revnat[layout.ID_KEY.pack(fid)] = layout.REVNAT.pack(addr=f.addr, port=f.port)
+    return {"svc_v4": svc, "backend_v4": backends, "revnat_v4": revnat}
+
+
+def _is_master(key: bytes) -> bool:
+    return layout.SVC_KEY.unpack(key)["slot"] == 0
+
+
+def sync_map(m: bpf.MapFd, want: dict[bytes, bytes], have: dict[bytes, bytes], masters_last: bool = False) -> None:
+    """Make m hold exactly want. Writes come before deletions; in the service map the
+    backend slots are written before the frontends that count them and deleted after."""
+    changed = [k for k, v in want.items() if have.get(k) != v]
+    if masters_last:
+        changed.sort(key=_is_master)
+    if changed:
+        m.update_batch(changed, [want[k] for k in changed])
+    stale = [k for k in have if k not in want]
+    if masters_last:
+        stale.sort(key=lambda k: not _is_master(k))
+    for k in stale:
+        m.delete(k)
+
+
+# ---------------------------------------------------------------- load
+
+
+@dataclass
+class LoadResult:
+    node: str
+    iface: str
+    pin_dir: str
+    updated: bool
+    programs: dict[str, dict]
+    messages: list[str] = field(default_factory=list)
+    created_pins: list[str] = field(default_factory=list)
+
+
+def interface_addresses(iface: str) -> list[ipaddress.IPv4Address]:
+    """IPv4 addresses of iface in the calling thread's network namespace."""
+    proc = subprocess.run(["ip", "-j", "-4", "addr", "show", "dev", iface], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise UsageError(f"interface '{iface}': {proc.stderr.strip() or 'ip addr failed'}")
+    return [
+        ipaddress.IPv4Address(a["local"])
+        for link in json.loads(proc.stdout or "[]")
+        for a in link.get("addr_info", [])
+        if a.get("family") == "inet"
+    ]
+
+
+def pick_node(spec: Spec, iface: str, node: str | None, addresses: list[ipaddress.IPv4Address]) -> Node:
+    if node is not None:
+        try:
+            return spec.node(node)
+        except KeyError:
+            known = ", ".join(n.name for n in spec.nodes)
+            raise UsageError(f"node '{node}' is not in spec {spec.metadata.name} (nodes: {known})") from None
+    for n in spec.nodes:
+        if n.address in addresses:
+            return n
+    have = ", ".join(map(str, addresses)) or "none"
+    raise UsageError(
+        f"cannot tell which node interface '{iface}' is: its addresses ({have}) match no node of "
+        f"spec {spec.metadata.name}; pass --node"
+    )
+
+
+def resolve_build(build: str | Path | None, spec: str | Path | None) -> Build:
+    if build and spec:
+        raise UsageError("give --build or --spec, not both")
+    if spec:
+        return compile_spec(spec)
+    return open_build(build) if build else find_build()
+
+
+class _Undo:
+    """Steps to take back, newest first, if the load fails part-way."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[str, Callable[[], None]]] = []
+
+    def push(self, what: str, fn: Callable[[], None]) -> None:
+        self.steps.append((what, fn))
+
+    def run(self) -> list[str]:
+        failures = []
+        for what, fn in reversed(self.steps):
+            try:
+                fn()
+            except Exception as e:  # keep undoing the rest
+                failures.append(f"could not undo {what}: {e}")
+        return failures
+
+
+def _restore_map(m: bpf.MapFd, snapshot: dict[bytes, bytes]) -> None:
+    sync_map(m, snapshot, dict(m.items()))
+
+
+def _prog_record(name: str, prog_id: int) -> dict:
+    with bpf.prog_get_fd_by_id(prog_id) as fd:
+        info = bpf.prog_info(fd)
+    return {"name": name, "id": prog_id, "tag": info.tag}
+
+
+def load(
+    iface: str,
+    build: str | Path | None = None,
+    spec: str | Path | None = None,
+    node: str | None = None,
+    netns: str | None = None,
+) -> LoadResult:
+    check_privileges()
+    b = resolve_build(build, spec)
+    the_spec = b.spec()
+    messages = []
+    mounted = ensure_bpffs()
+    if mounted:
+        messages.append(mounted)
+    with enter_netns(netns):
+        ifindex = if_index(iface)
+        n = pick_node(the_spec, iface, node, interface_addresses(iface) if node is None else [])
+        ns_inode = netns_inode()
+    with node_lock(n.name):
+        previous = NodeRecord.load(n.name)
+        if previous and (previous.iface, previous.netns_inode) != (iface, ns_inode):
+            raise UsageError(
+                f"node '{n.name}' is loaded on interface '{previous.iface}'"
+                f"{' in network namespace ' + repr(previous.netns) if previous.netns else ''}; "
+                f"unload it there first"
+            )
+        result = _load_node(b, the_spec, n, iface, ifindex, netns, ns_inode, previous)
+        result.messages[:0] = messages
+        return result
+
+
+def _load_node(
+    b: Build, spec: Spec, n: Node, iface: str, ifindex: int, netns: str | None, ns_inode: int,
+    previous: NodeRecord | None,
+) -> LoadResult:
+    pins = pin_dir(n.name)
+    undo = _Undo()
+    if not pins.is_dir():
+        pins.mkdir(parents=True)
+        undo.push(f"pin dir {pins}", lambda: remove_pins(n.name) and None)
+    existed_before = {p.name for p in pins.iterdir()}
+    try:
+        with bpf.BpfObject.open(b.object_path(n.name), pin_root_path=pins) as obj:
+            obj.load()
+            created = sorted(p.name for p in pins.iterdir() if p.name not in existed_before)
+            for name in created:
+                undo.push(f"pin {pins / name}", lambda p=pins / name: p.unlink(missing_ok=True))
+
+            maps = {name: obj.map(name).map_fd() for name in SERVICE_MAPS}
+            try:
+                snapshots = {name: dict(m.items()) for name, m in maps.items()}
+                want = desired_entries(spec, n, maps)
+                for name in ("backend_v4", "revnat_v4", "svc_v4"):
+                    undo.push(f"contents of map {name}", lambda m=maps[name], s=snapshots[name]: _restore_map(m, s))
+                    sync_map(maps[name], want[name], snapshots[name], masters_last=name == "svc_v4")
+            finally:
+                for m in maps.values():
+                    m.close()
+
+            programs = _attach(obj, ifindex, netns, undo)
+        created_qdisc = programs.pop("_created_qdisc", False) or bool(previous and previous.created_qdisc)
+        now = _now()
+        record = NodeRecord(
+            node=n.name, iface=iface, ifindex=ifindex, netns=netns, netns_inode=ns_inode, pin_dir=str(pins),
+            spec=spec.metadata.name, build=str(b.dir.resolve()),
+            loaded_at=previous.loaded_at if previous else now, updated_at=now,
+            programs=programs, created_qdisc=created_qdisc,
+        )
+        record.save()
+        return LoadResult(n.name, iface, str(pins), previous is not None, programs, created_pins=created)
+    except BaseException as e:
+        failures = undo.run()
+        if failures and isinstance(e, BpfgenError):
+            raise BpfgenError(f"{e}; and undoing it failed: {'; '.join(failures)}") from e
+        raise
+
+
+def _attach(obj: bpf.BpfObject, ifindex: int, netns: str | None, undo: _Undo) -> dict:
+    """Attach (or atomically replace) both programs; returns their records."""
+    programs: dict = {}
+    with enter_netns(netns):
+        if bpf.tc_hook_create(ifindex, bpf.BPF_TC_INGRESS):
+            programs["_created_qdisc"] = True
+            undo.push("clsact qdisc", lambda: _in_netns(netns, bpf.tc_hook_destroy, ifindex))
+        for hook, point, prog_name in HOOKS:
+            prog = obj.program(prog_name)
+            old_id = bpf.tc_query(ifindex, point, TC_HANDLE, TC_PRIORITY)
+            if old_id is not None:
+                new_tag = bpf.prog_info(prog.fd).tag
+                if _prog_record(prog_name, old_id)["tag"] == new_tag:
+                    programs[hook] = _prog_record(prog_name, old_id)  # unchanged: keep it
+                    continue
+            prog_id = bpf.tc_attach(ifindex, point, prog.fd, TC_HANDLE, TC_PRIORITY, replace=old_id is not None)
+            if old_id is None:
+                undo.push(f"{hook} filter", lambda p=point: _in_netns(netns, bpf.tc_detach, ifindex, p, TC_HANDLE, TC_PRIORITY))
+            else:
+                undo.push(f"{hook} program", lambda p=point, o=old_id: _in_netns(netns, _reattach, ifindex, p, o))
+            programs[hook] = _prog_record(prog_name, prog_id)
+    return programs
+
+
+def _in_netns(netns: str | None, fn: Callable, *args: object) -> None:
+    with enter_netns(netns):
+        fn(*args)
+
+
+def _reattach(ifindex: int, point: int, prog_id: int) -> None:
+    with bpf.prog_get_fd_by_id(prog_id) as fd:
+        bpf.tc_attach(ifindex, point, fd, TC_HANDLE, TC_PRIORITY, replace=True)
+
+
+# ---------------------------------------------------------------- unload
+
+
+@dataclass
+class UnloadResult:
+    node: str
+    iface: str
+    detached: list[str]
+    removed_pins: list[str]
+    removed_qdisc: bool
+
+
+def _node_for_unload(iface: str, node: str | None, ns_inode: int) -> str:
+    if node:
+        return node
+    for r in NodeRecord.all():
+        if r.iface == iface and r.netns_inode == ns_inode:
+            return r.node
+    raise UsageError(f"nothing of bpfgen is loaded on interface '{iface}' here; pass --node to clear a node's pins")
+
+
+def unload(iface: str, node: str | None = None, netns: str | None = None) -> UnloadResult:
+    check_privileges()
+    with enter_netns(netns):
+        ifindex = if_index(iface)
+        name = _node_for_unload(iface, node, netns_inode())
+    with node_lock(name):
+        record = NodeRecord.load(name)
+        if record and record.iface != iface:
+            raise UsageError(f"node '{name}' is loaded on interface '{record.iface}', not '{iface}'")
+        detached = []
+        removed_qdisc = False
+        with enter_netns(netns):
+            for hook, point, _ in HOOKS:
+                if bpf.tc_query(ifindex, point, TC_HANDLE, TC_PRIORITY) is not None:
+                    bpf.tc_detach(ifindex, point, TC_HANDLE, TC_PRIORITY)
+                    detached.append(hook)
+            if record and record.created_qdisc:
+                removed_qdisc = bpf.tc_hook_destroy(ifindex)
+        removed = remove_pins(name)
+        if not (detached or removed or record):
+            raise UsageError(f"nothing of bpfgen is loaded for node '{name}'")
+        if record:
+            record.remove()
+        return UnloadResult(name, iface, detached, removed, removed_qdisc)
+
+
+# ---------------------------------------------------------------- status
+
+
+def status() -> list[dict]:
+    """What is loaded, per node, checked against the kernel where it can be."""
+    rows = []
+    for r in NodeRecord.all():
+        row = {
+            "node": r.node, "iface": r.iface, "netns": r.netns, "pin_dir": r.pin_dir, "spec": r.spec,
+            "build": r.build, "loaded_at": r.loaded_at, "updated_at": r.updated_at,
+            "programs": r.programs, "pinned": Path(r.pin_dir).is_dir(),
+        }
+        if r.netns is not None or r.netns_inode == netns_inode():
+            try:
+                with enter_netns(r.netns):
+                    row["attached"] = {
+                        hook: bpf.tc_query(if_index(r.iface), point, TC_HANDLE, TC_PRIORITY)
+                        for hook, point, _ in HOOKS
+                    }
+            except BpfgenError as e:
+                row["attached"] = {"error": str(e)}
+        rows.append(row)
+    return rows

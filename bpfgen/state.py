@@ -1,0 +1,196 @@
+"""Where bpfgen keeps a node's state, and the checks before touching the kernel.
+
+- pins: /sys/fs/bpf/bpfgen/<node>/<map> (bpffs, shared by every emulated node, so
+  everything is kept per node);
+- records: /run/bpfgen/<node>.json, what `bpfgen status` shows (interface, program
+  ids, spec, when loaded), since bpffs holds only pinned objects;
+- locks: /run/bpfgen/<node>.lock, so two loads of one node cannot race.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import BpfgenError, UsageError
+from .netns import under_ip_netns_exec
+
+BPFFS = Path(os.environ.get("BPFGEN_BPFFS", "/sys/fs/bpf"))
+PIN_ROOT = BPFFS / "bpfgen"
+RUN_DIR = Path(os.environ.get("BPFGEN_RUN_DIR", "/run/bpfgen"))
+
+CAP_NET_ADMIN = 12
+CAP_SYS_ADMIN = 21
+CAP_BPF = 39
+
+
+class PrivilegeError(BpfgenError):
+    """Missing root or a capability."""
+
+
+def pin_dir(node: str) -> Path:
+    return PIN_ROOT / node
+
+
+def check_privileges() -> None:
+    """CAP_BPF (or CAP_SYS_ADMIN) and CAP_NET_ADMIN, named when missing."""
+    caps = 0
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                caps = int(line.split()[1], 16)
+    missing = []
+    if not caps & (1 << CAP_BPF | 1 << CAP_SYS_ADMIN):
+        missing.append("CAP_BPF")
+    if not caps & (1 << CAP_NET_ADMIN):
+        missing.append("CAP_NET_ADMIN")
+    if missing:
+        who = "not root" if os.geteuid() != 0 else "root without them"
+        raise PrivilegeError(f"missing capability {' and '.join(missing)} ({who}); run bpfgen as root")
+
+
+def is_bpffs(path: Path) -> bool:
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields = left.split()
+            if len(fields) >= 5 and fields[4] == str(path) and right.split()[:1] == ["bpf"]:
+                return True
+    return False
+
+
+def ensure_bpffs() -> str | None:
+    """Make sure the host's bpffs is at BPFFS; returns a message when it mounted it."""
+    if is_bpffs(BPFFS):
+        return None
+    if under_ip_netns_exec():
+        raise UsageError(
+            "started under `ip netns exec`, whose private /sys hides the host's bpffs; "
+            "run `bpfgen ... --netns NAME` or `nsenter --net=/run/netns/NAME bpfgen ...` instead"
+        )
+    libc = ctypes.CDLL(None, use_errno=True)
+    BPFFS.mkdir(parents=True, exist_ok=True)
+    if libc.mount(b"bpf", str(BPFFS).encode(), b"bpf", 0, b"mode=0700") != 0:
+        err = ctypes.get_errno()
+        raise BpfgenError(f"cannot mount bpffs at {BPFFS}: {os.strerror(err)}")
+    return f"mounted bpffs at {BPFFS}"
+
+
+def netns_inode() -> int:
+    """The inode of the calling thread's network namespace (identifies it)."""
+    return os.stat("/proc/thread-self/ns/net").st_ino
+
+
+@dataclass
+class NodeRecord:
+    """What is loaded for one node."""
+
+    node: str
+    iface: str
+    ifindex: int
+    netns: str | None
+    netns_inode: int
+    pin_dir: str
+    spec: str
+    build: str
+    loaded_at: str
+    updated_at: str
+    programs: dict[str, dict] = field(default_factory=dict)  # ingress/egress -> name, id, tag
+    created_qdisc: bool = False
+
+    @property
+    def path(self) -> Path:
+        return RUN_DIR / f"{self.node}.json"
+
+    def save(self) -> None:
+        RUN_DIR.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        tmp.replace(self.path)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+    @classmethod
+    def load(cls, node: str) -> NodeRecord | None:
+        path = RUN_DIR / f"{node}.json"
+        try:
+            return cls(**json.loads(path.read_text()))
+        except FileNotFoundError:
+            return None
+        except (ValueError, TypeError) as e:
+            raise BpfgenError(f"{path}: unreadable record ({e}); `bpfgen unload --node {node}` clears it") from None
+
+    @classmethod
+    def all(cls) -> list[NodeRecord]:
+        if not RUN_DIR.is_dir():
+            return []
+        return [r for p in sorted(RUN_DIR.glob("*.json")) if (r := cls.load(p.stem)) is not None]
+
+
+def pinned_nodes() -> list[str]:
+    return sorted(p.name for p in PIN_ROOT.iterdir() if p.is_dir()) if PIN_ROOT.is_dir() else []
+
+
+def resolve_loaded_node(node: str | None, netns: str | None = None) -> str:
+    """The node whose state a read command shows: --node, else the node loaded in the
+    current (or --netns) network namespace, else the only node loaded."""
+    from .netns import enter_netns
+
+    if node:
+        if node not in pinned_nodes():
+            raise UsageError(f"nothing of bpfgen is loaded for node '{node}' (no pins in {pin_dir(node)})")
+        return node
+    loaded = pinned_nodes()
+    with enter_netns(netns):
+        here = netns_inode()
+    matches = [r.node for r in NodeRecord.all() if r.netns_inode == here and r.node in loaded]
+    if len(matches) == 1:
+        return matches[0]
+    if netns:
+        raise UsageError(f"no bpfgen node is loaded in network namespace '{netns}'")
+    if len(loaded) == 1:
+        return loaded[0]
+    if not loaded:
+        raise UsageError("nothing of bpfgen is loaded (no pins under " f"{PIN_ROOT}); run `bpfgen load` first")
+    raise UsageError(f"several nodes are loaded ({', '.join(loaded)}); choose one with --node")
+
+
+@contextmanager
+def node_lock(node: str) -> Iterator[None]:
+    """An exclusive lock for changing a node; a second one fails at once."""
+    RUN_DIR.mkdir(parents=True, exist_ok=True)
+    fd = os.open(RUN_DIR / f"{node}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise BpfgenError(f"another bpfgen command is changing node '{node}' right now; try again") from None
+            raise
+        yield
+    finally:
+        os.close(fd)
+
+
+def remove_pins(node: str) -> list[str]:
+    """Unpin everything of node; returns what was removed."""
+    removed = []
+    d = pin_dir(node)
+    if d.is_dir():
+        for p in sorted(d.iterdir()):
+            p.unlink()
+            removed.append(str(p))
+        d.rmdir()
+    try:
+        PIN_ROOT.rmdir()  # only when no other node is left
+    except OSError:
+        pass
+    return removed
