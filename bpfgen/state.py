@@ -2,7 +2,7 @@
 
 - pins: /sys/fs/bpf/bpfgen/<node>/<map> (bpffs, shared by every emulated node, so
   everything is kept per node);
-- records: /run/bpfgen/<node>.json, what `bpfgen status` shows (interface, program
+- records: /run/bpfgen/nodes/<node>.json, what `bpfgen status` shows (interface, program
   ids, spec, when loaded), since bpffs holds only pinned objects;
 - locks: /run/bpfgen/<node>.lock, so two loads of one node cannot race.
 """
@@ -25,6 +25,7 @@ from .netns import under_ip_netns_exec
 BPFFS = Path(os.environ.get("BPFGEN_BPFFS", "/sys/fs/bpf"))
 PIN_ROOT = BPFFS / "bpfgen"
 RUN_DIR = Path(os.environ.get("BPFGEN_RUN_DIR", "/run/bpfgen"))
+RECORD_DIR = RUN_DIR / "nodes"
 
 CAP_NET_ADMIN = 12
 CAP_SYS_ADMIN = 21
@@ -107,10 +108,10 @@ class NodeRecord:
 
     @property
     def path(self) -> Path:
-        return RUN_DIR / f"{self.node}.json"
+        return RECORD_DIR / f"{self.node}.json"
 
     def save(self) -> None:
-        RUN_DIR.mkdir(parents=True, exist_ok=True)
+        RECORD_DIR.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
         tmp.replace(self.path)
@@ -120,7 +121,7 @@ class NodeRecord:
 
     @classmethod
     def load(cls, node: str) -> NodeRecord | None:
-        path = RUN_DIR / f"{node}.json"
+        path = RECORD_DIR / f"{node}.json"
         try:
             return cls(**json.loads(path.read_text()))
         except FileNotFoundError:
@@ -130,9 +131,9 @@ class NodeRecord:
 
     @classmethod
     def all(cls) -> list[NodeRecord]:
-        if not RUN_DIR.is_dir():
+        if not RECORD_DIR.is_dir():
             return []
-        return [r for p in sorted(RUN_DIR.glob("*.json")) if (r := cls.load(p.stem)) is not None]
+        return [r for p in sorted(RECORD_DIR.glob("*.json")) if (r := cls.load(p.stem)) is not None]
 
 
 def pinned_nodes() -> list[str]:

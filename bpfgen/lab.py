@@ -1,0 +1,293 @@
+"""`bpfgen lab`: the spec's cluster emulated in network namespaces.
+
+One namespace per node, per backend pod and for a client, all nodes and the client on
+one L2 segment (a bridge in a switch namespace). Every address lives inside these
+namespaces; nothing is created in the root namespace (veths are made inside their
+namespaces with `ip -n`). A pod sits behind its node on a veth (proxy ARP on the node
+side, a /32 route to it), runs a server answering TCP and UDP on its target ports and
+reporting the peer address it saw, and the other nodes route to it via its node.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import BpfgenError, UsageError
+from .spec import Spec, load_spec
+from .state import RUN_DIR
+
+DEFAULT_SPEC = Path(__file__).resolve().parent.parent / "examples" / "seed.yaml"
+DEFAULT_PREFIX = "bgl"
+CLIENT_HOST = 180  # the walk's client is .180 of the nodes' subnet
+NODE_IFACE = "eth0"
+
+
+class LabError(BpfgenError):
+    pass
+
+
+def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(args, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise LabError(f"`{' '.join(args)}` failed: {proc.stderr.strip() or proc.stdout.strip()}")
+    return proc
+
+
+def ip(ns: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return run("ip", "-n", ns, *args, check=check)
+
+
+def sysctl(ns: str, key: str, value: str | int) -> None:
+    # /proc/sys/net is per network namespace: write it from inside (nsenter keeps our mounts).
+    run("nsenter", f"--net=/run/netns/{ns}", "sysctl", "-qw", f"{key}={value}")
+
+
+@dataclass
+class Pod:
+    name: str
+    ns: str
+    address: str
+    node: str
+    tcp: list[int]
+    udp: list[int]
+    log: str
+    pid: int = 0
+
+
+@dataclass
+class Lab:
+    prefix: str
+    spec: str
+    switch: str
+    client_ns: str
+    client_address: str
+    nodes: dict[str, dict] = field(default_factory=dict)  # name -> ns, address, iface
+    pods: list[Pod] = field(default_factory=list)
+
+    @property
+    def namespaces(self) -> list[str]:
+        return [self.client_ns, *(n["ns"] for n in self.nodes.values()), *(p.ns for p in self.pods), self.switch]
+
+    @staticmethod
+    def record_path(prefix: str) -> Path:
+        return RUN_DIR / f"lab-{prefix}.json"
+
+    def save(self) -> None:
+        RUN_DIR.mkdir(parents=True, exist_ok=True)
+        self.record_path(self.prefix).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, prefix: str) -> Lab | None:
+        try:
+            data = json.loads(cls.record_path(prefix).read_text())
+        except FileNotFoundError:
+            return None
+        data["pods"] = [Pod(**p) for p in data["pods"]]
+        return cls(**data)
+
+    def node_ns(self, node: str) -> str:
+        return self.nodes[node]["ns"]
+
+
+def plan(spec: Spec, spec_path: str, prefix: str) -> Lab:
+    """Names and addresses of the lab for spec; nothing is created."""
+    if not prefix.replace("-", "").isalnum() or len(prefix) > 8:
+        raise UsageError(f"lab prefix '{prefix}' must be at most 8 letters, digits or dashes")
+    subnet = ipaddress.IPv4Network(f"{spec.nodes[0].address}/24", strict=False)
+    taken = {n.address for n in spec.nodes} | {b.address for s in spec.services for b in s.backends}
+    candidates = [subnet.network_address + CLIENT_HOST, *subnet.hosts()]
+    client = next((a for a in candidates if a not in taken), None)
+    if client is None:
+        raise UsageError(f"no free address for the client in {subnet}")
+    for n in spec.nodes:
+        if n.address not in subnet:
+            raise UsageError(f"the lab puts every node on one /24: node {n.name} ({n.address}) is outside {subnet}")
+    lab = Lab(prefix, spec_path, f"{prefix}-sw", f"{prefix}-client", str(client))
+    for n in spec.nodes:
+        lab.nodes[n.name] = {"ns": f"{prefix}-{n.name}", "address": str(n.address), "iface": NODE_IFACE}
+    pods: dict[str, Pod] = {}
+    for svc in spec.services:
+        for b in svc.backends:
+            pod = pods.get(str(b.address))
+            if pod is None:
+                i = len(pods)
+                pod = pods[str(b.address)] = Pod(
+                    f"pod{i}", f"{prefix}-pod{i}", str(b.address), b.node, [], [], str(RUN_DIR / f"{prefix}-pod{i}.log")
+                )
+            for p in svc.ports:
+                ports = pod.tcp if p.protocol == "TCP" else pod.udp
+                if p.target_port not in ports:
+                    ports.append(p.target_port)
+    lab.pods = list(pods.values())
+    return lab
+
+
+def _local_port_range(spec: Spec) -> str:
+    """Node sockets' ephemeral ports, kept clear of the NodePort and SNAT ranges."""
+    low = min(spec.cluster.node_port_range.lo, spec.cluster.snat_port_range.lo) - 1
+    return f"1024 {max(low, 1025)}"
+
+
+def up(spec_path: str | Path | None = None, prefix: str = DEFAULT_PREFIX) -> Lab:
+    path = str(spec_path or DEFAULT_SPEC)
+    spec = load_spec(path)
+    if Lab.load(prefix) is not None:
+        raise UsageError(f"a lab '{prefix}' is already up; `bpfgen lab down` first")
+    lab = plan(spec, path, prefix)
+    existing = set(run("ip", "netns", "list").stdout.split())
+    clash = [ns for ns in lab.namespaces if ns in existing]
+    if clash:
+        raise UsageError(f"network namespace {clash[0]} already exists; `bpfgen lab down --prefix {prefix}` or remove it")
+    lab.save()  # first, so that down can clean up a half-made lab
+    try:
+        _build(lab, spec)
+    except BaseException:
+        down(prefix)
+        raise
+    lab.save()
+    return lab
+
+
+def _build(lab: Lab, spec: Spec) -> None:
+    sw = lab.switch
+    for ns in lab.namespaces:
+        run("ip", "netns", "add", ns)
+    ip(sw, "link", "add", "br0", "type", "bridge")
+    ip(sw, "link", "set", "br0", "up")
+    sysctl(sw, "net.bridge.bridge-nf-call-iptables", 0)
+
+    def attach(ns: str, port: str, address: str) -> None:
+        ip(ns, "link", "add", NODE_IFACE, "type", "veth", "peer", "name", port, "netns", sw)
+        ip(sw, "link", "set", port, "master", "br0", "up")
+        ip(ns, "addr", "add", f"{address}/24", "dev", NODE_IFACE)
+        ip(ns, "link", "set", NODE_IFACE, "up")
+        ip(ns, "link", "set", "lo", "up")
+
+    attach(lab.client_ns, "client", lab.client_address)
+    sysctl(lab.client_ns, "net.ipv4.conf.all.accept_redirects", 0)
+    for name, n in lab.nodes.items():
+        attach(n["ns"], f"n-{name}"[:15], n["address"])
+        for key, value in (
+            ("net.ipv4.ip_forward", 1),
+            ("net.ipv4.conf.all.send_redirects", 0),
+            (f"net.ipv4.conf.{NODE_IFACE}.send_redirects", 0),
+            ("net.ipv4.conf.all.rp_filter", 0),
+            ("net.ipv4.conf.default.rp_filter", 0),
+            ("net.ipv4.ip_local_port_range", _local_port_range(spec)),
+        ):
+            sysctl(n["ns"], key, value)
+    for i, pod in enumerate(lab.pods):
+        node_ns = lab.node_ns(pod.node)
+        veth = f"veth{i}"
+        ip(pod.ns, "link", "add", NODE_IFACE, "type", "veth", "peer", "name", veth, "netns", node_ns)
+        ip(pod.ns, "addr", "add", f"{pod.address}/32", "dev", NODE_IFACE)
+        ip(pod.ns, "link", "set", NODE_IFACE, "up")
+        ip(pod.ns, "link", "set", "lo", "up")
+        ip(pod.ns, "route", "add", "default", "dev", NODE_IFACE)
+        ip(node_ns, "link", "set", veth, "up")
+        sysctl(node_ns, f"net.ipv4.conf.{veth}.proxy_arp", 1)
+        sysctl(node_ns, f"net.ipv4.conf.{veth}.rp_filter", 0)
+        ip(node_ns, "route", "add", f"{pod.address}/32", "dev", veth)
+        for other, n in lab.nodes.items():
+            if other != pod.node:
+                ip(n["ns"], "route", "add", f"{pod.address}/32", "via", lab.nodes[pod.node]["address"])
+    # A node reaches a ClusterIP out of its interface, where to_netdev translates it.
+    for name, n in lab.nodes.items():
+        mac = json.loads(ip(n["ns"], "-j", "link", "show", NODE_IFACE).stdout)[0]["address"]
+        for svc in spec.services:
+            if svc.cluster_ip is not None:
+                ip(n["ns"], "route", "replace", f"{svc.cluster_ip}/32", "dev", NODE_IFACE)
+                ip(n["ns"], "neigh", "replace", str(svc.cluster_ip), "lladdr", mac, "dev", NODE_IFACE, "nud", "permanent")
+    for pod in lab.pods:
+        _start_server(pod)
+
+
+def _start_server(pod: Pod) -> None:
+    args = [sys.executable, "-m", "bpfgen.labnet", "serve", "--log", pod.log]
+    args += [a for p in pod.tcp for a in ("--tcp", str(p))] + [a for p in pod.udp for a in ("--udp", str(p))]
+    Path(pod.log).unlink(missing_ok=True)
+    proc = subprocess.Popen(
+        ["nsenter", f"--net=/run/netns/{pod.ns}", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    pod.pid = proc.pid
+    line = proc.stdout.readline().decode().strip() if proc.stdout else ""
+    if line != "ready":
+        raise LabError(f"the server of {pod.name} did not start: {line or 'no output'}")
+
+
+def down(prefix: str = DEFAULT_PREFIX) -> list[str]:
+    """Remove everything lab `prefix` made; returns the namespaces removed."""
+    lab = Lab.load(prefix)
+    if lab is None:
+        raise UsageError(f"no lab '{prefix}' is up")
+    for pod in lab.pods:
+        if pod.pid:
+            try:
+                os.killpg(pod.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        Path(pod.log).unlink(missing_ok=True)
+    _unload_nodes(lab)
+    existing = set(run("ip", "netns", "list").stdout.split())
+    removed = []
+    for ns in lab.namespaces:
+        if ns in existing:
+            run("ip", "netns", "del", ns, check=False)
+            removed.append(ns)
+    Lab.record_path(prefix).unlink(missing_ok=True)
+    return removed
+
+
+def _unload_nodes(lab: Lab) -> None:
+    """Unload bpfgen from the lab's nodes (pins live in the shared bpffs, not in the namespaces)."""
+    from .loader import unload
+    from .state import NodeRecord
+
+    for r in NodeRecord.all():
+        if r.netns in {n["ns"] for n in lab.nodes.values()}:
+            try:
+                unload(r.iface, node=r.node, netns=r.netns)
+            except BpfgenError:
+                pass
+
+
+def wait_pids_gone(lab: Lab, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(_alive(p.pid) for p in lab.pods):
+        time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def client_request(lab: Lab, proto: str, host: str, port: int) -> dict:
+    """One request from the lab's client, in its namespace."""
+    proc = run(
+        "nsenter", f"--net=/run/netns/{lab.client_ns}", sys.executable, "-m", "bpfgen.labnet", "request",
+        proto, host, str(port), check=False,
+    )
+    if proc.returncode != 0:
+        raise LabError(f"{proto} request from the client to {host}:{port} failed: {proc.stderr.strip()}")
+    return json.loads(proc.stdout)
+
+
+def pod_log(pod: Pod) -> list[dict]:
+    try:
+        return [json.loads(line) for line in Path(pod.log).read_text().splitlines() if line.strip()]
+    except FileNotFoundError:
+        return []
