@@ -188,6 +188,156 @@ def status(output: str) -> None:
         click.echo(f"  pins: {r['pin_dir']}{'' if r['pinned'] else ' (missing!)'}")
 
 
+def read_options(fn: Callable) -> Callable:
+    fn = click.option("--node", help="The node whose state to read (default: the node of this network namespace, "
+                      "or the only one loaded).")(fn)
+    fn = click.option("--netns", help="Read the node loaded in network namespace NAME.")(fn)
+    return output_option(fn)
+
+
+def _show(rows: Any, output: str, text: Callable[[Any], str]) -> None:
+    if output == "json":
+        emit_json(rows)
+    else:
+        click.echo(text(rows), nl=False)
+
+
+@cli.group()
+def maps() -> None:
+    """Read a node's pinned maps."""
+
+
+@maps.command(name="dump")
+@click.argument("map_name", metavar="[MAP]", required=False)
+@read_options
+@handle_errors
+def maps_dump(map_name: str | None, node: str | None, netns: str | None, output: str) -> None:
+    """Print MAP (default: every map) decoded by its BTF; JSON in bpftool's shape."""
+    from .state import resolve_loaded_node
+    from .views import dump, format_dump
+
+    _show(dump(resolve_loaded_node(node, netns), map_name), output, format_dump)
+
+
+@cli.group()
+def service() -> None:
+    """The service table as the kernel holds it."""
+
+
+@service.command(name="list")
+@read_options
+@handle_errors
+def service_list(node: str | None, netns: str | None, output: str) -> None:
+    """ID, frontend, type and backends of every frontend, from the node's pinned maps."""
+    from .state import resolve_loaded_node
+    from .views import format_service_list, service_list as rows
+
+    _show(rows(resolve_loaded_node(node, netns)), output, format_service_list)
+
+
+@cli.group()
+def ct() -> None:
+    """Conntrack entries."""
+
+
+@ct.command(name="list")
+@read_options
+@handle_errors
+def ct_list(node: str | None, netns: str | None, output: str) -> None:
+    """The node's conntrack entries (SVC: client -> frontend, OUT: client -> backend)."""
+    from .state import resolve_loaded_node
+    from .views import ct_list as rows, format_ct_list
+
+    _show(rows(resolve_loaded_node(node, netns)), output, format_ct_list)
+
+
+@cli.group()
+def nat() -> None:
+    """SNAT entries."""
+
+
+@nat.command(name="list")
+@read_options
+@handle_errors
+def nat_list(node: str | None, netns: str | None, output: str) -> None:
+    """The node's SNAT pairs (OUT: XLATE_SRC, IN: XLATE_DST)."""
+    from .state import resolve_loaded_node
+    from .views import format_nat_list, nat_list as rows
+
+    _show(rows(resolve_loaded_node(node, netns)), output, format_nat_list)
+
+
+@cli.group()
+def lab() -> None:
+    """The spec's cluster emulated in network namespaces (nothing in the root namespace)."""
+
+
+def lab_prefix(fn: Callable) -> Callable:
+    return click.option("--prefix", default="bgl", show_default=True,
+                        help="Prefix of the lab's namespace names.")(fn)
+
+
+@lab.command(name="up")
+@click.argument("spec", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@lab_prefix
+@handle_errors
+def lab_up(spec: Path | None, prefix: str) -> None:
+    """Create namespaces for SPEC's nodes, pods and a client (default: examples/seed.yaml)."""
+    from .lab import up
+
+    result = up(spec, prefix)
+    info(f"lab {prefix} up: client {result.client_address} in {result.client_ns}")
+    for name, n in result.nodes.items():
+        info(f"  node {name}: {n['address']} on {n['iface']} in {n['ns']}")
+    for p in result.pods:
+        ports = ", ".join([f"{x}/TCP" for x in p.tcp] + [f"{x}/UDP" for x in p.udp])
+        info(f"  pod {p.address} on {p.node} in {p.ns}, serving {ports}")
+
+
+@lab.command(name="down")
+@lab_prefix
+@handle_errors
+def lab_down(prefix: str) -> None:
+    """Remove everything the lab made (and unload bpfgen from its nodes)."""
+    from .lab import down
+
+    removed = down(prefix)
+    info(f"lab {prefix} down: removed {', '.join(removed) or 'nothing'}")
+
+
+@lab.command(name="demo")
+@click.argument("spec", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@lab_prefix
+@click.option("--keep", is_flag=True, help="Leave the lab up afterwards.")
+@output_option
+@handle_errors
+def lab_demo(spec: Path | None, prefix: str, keep: bool, output: str) -> None:
+    """Run the NodePort walk end to end in the lab and show what each step did."""
+    from .lab import demo
+    from .views import format_ct_list, format_nat_list, format_service_list
+
+    report = demo(spec, prefix, keep)
+    if output == "json":
+        emit_json(report)
+        return
+    click.echo(f"compiled {report['spec']} into {report['build']}; loaded on {', '.join(report['loaded'])}\n")
+    for r in report["requests"]:
+        click.echo(f"{r['proto']} client {r['client']} -> {r['frontend']}: reply from {r['reply_from']}, "
+                   f"pod {r['pod']} saw the peer {r['pod_saw_peer']}")
+    click.echo(f"\nbpfgen service list --node {report['node']}")
+    click.echo(format_service_list(report["services"]), nl=False)
+    click.echo(f"\nbpfgen ct list --node {report['node']}")
+    click.echo(format_ct_list(report["conntrack"]), nl=False)
+    click.echo(f"\nbpfgen nat list --node {report['node']}")
+    click.echo(format_nat_list(report["nat"]), nl=False)
+    click.echo("\nwhat the pods saw:")
+    for name, p in report["pods"].items():
+        for seen in p["saw"]:
+            click.echo(f"  {name} {p['address']} on {p['node']}: {seen['proto']} from {seen['peer']}")
+    if report["kept"]:
+        info(f"\nthe lab is still up: `bpfgen lab down --prefix {prefix}` removes it")
+
+
 def main() -> None:
     cli(prog_name="bpfgen")
 

@@ -211,7 +211,7 @@ def _build(lab: Lab, spec: Spec) -> None:
 
 
 def _start_server(pod: Pod) -> None:
-    args = [sys.executable, "-m", "bpfgen.labnet", "serve", "--log", pod.log]
+    args = [sys.executable, "-m", "bpfgen.labnet", "serve", "--log", pod.log, "--bind", pod.address]
     args += [a for p in pod.tcp for a in ("--tcp", str(p))] + [a for p in pod.udp for a in ("--udp", str(p))]
     Path(pod.log).unlink(missing_ok=True)
     proc = subprocess.Popen(
@@ -291,3 +291,41 @@ def pod_log(pod: Pod) -> list[dict]:
         return [json.loads(line) for line in Path(pod.log).read_text().splitlines() if line.strip()]
     except FileNotFoundError:
         return []
+
+
+def demo(spec_path: str | Path | None = None, prefix: str = DEFAULT_PREFIX, keep: bool = False,
+         out_dir: str | Path | None = None) -> dict:
+    """The walk end to end: lab up, compile, load on every node, requests from the client
+    to a NodePort on a node whose backend is remote; returns what each step showed."""
+    from . import views
+    from .build import compile_spec
+    from .loader import load
+
+    path = str(spec_path or DEFAULT_SPEC)
+    spec = load_spec(path)
+    svc = next((s for s in spec.services if s.type == "NodePort" and s.backends), None)
+    if svc is None:
+        raise UsageError(f"{path}: the demo needs a NodePort service with a backend")
+    hosts = {b.node for b in svc.backends}
+    node = next((n for n in spec.nodes if n.name not in hosts), spec.nodes[0])
+    owned = Lab.load(prefix) is None
+    lab = up(path, prefix) if owned else Lab.load(prefix)
+    try:
+        build = compile_spec(path, out_dir)
+        loaded = [load(NODE_IFACE, build=build.dir, netns=lab.node_ns(n.name)).node for n in spec.nodes]
+        requests = [client_request(lab, p.protocol, str(node.address), p.node_port) for p in svc.ports]
+        return {
+            "spec": path,
+            "build": str(build.dir),
+            "loaded": loaded,
+            "node": node.name,
+            "requests": requests,
+            "services": views.service_list(node.name),
+            "conntrack": views.ct_list(node.name),
+            "nat": views.nat_list(node.name),
+            "pods": {p.name: {"address": p.address, "node": p.node, "saw": pod_log(p)} for p in lab.pods},
+            "kept": not owned or keep,
+        }
+    finally:
+        if owned and not keep:
+            down(prefix)

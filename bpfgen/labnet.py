@@ -32,7 +32,7 @@ class _Log:
                 self.file.write(data.decode())
 
 
-def serve(tcp_ports: list[int], udp_ports: list[int], log_path: str | None) -> None:
+def serve(tcp_ports: list[int], udp_ports: list[int], log_path: str | None, bind: str = "0.0.0.0") -> None:
     log = _Log(log_path)
 
     class TcpHandler(socketserver.BaseRequestHandler):
@@ -58,8 +58,8 @@ def serve(tcp_ports: list[int], udp_ports: list[int], log_path: str | None) -> N
         daemon_threads = True
         request_queue_size = 1024
 
-    servers: list[socketserver.BaseServer] = [TcpServer(("0.0.0.0", p), TcpHandler) for p in tcp_ports]
-    servers += [socketserver.ThreadingUDPServer(("0.0.0.0", p), UdpHandler) for p in udp_ports]
+    servers: list[socketserver.BaseServer] = [TcpServer((bind, p), TcpHandler) for p in tcp_ports]
+    servers += [socketserver.ThreadingUDPServer((bind, p), UdpHandler) for p in udp_ports]
     threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in servers]
     for t in threads:
         t.start()
@@ -106,13 +106,14 @@ def main(argv: list[str] | None = None) -> int:
     p_serve.add_argument("--tcp", type=int, action="append", default=[])
     p_serve.add_argument("--udp", type=int, action="append", default=[])
     p_serve.add_argument("--log")
+    p_serve.add_argument("--bind", default="0.0.0.0")
     p_req = sub.add_parser("request")
     p_req.add_argument("proto", choices=["tcp", "udp", "TCP", "UDP"])
     p_req.add_argument("host")
     p_req.add_argument("port", type=int)
     args = parser.parse_args(argv)
     if args.cmd == "serve":
-        serve(args.tcp, args.udp, args.log)
+        serve(args.tcp, args.udp, args.log, args.bind)
         return 0
     try:
         print(json.dumps(request(args.proto, args.host, args.port)))

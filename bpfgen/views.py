@@ -1,0 +1,276 @@
+"""What is in a node's pinned maps: generic dumps decoded by the kernel's BTF, and the
+operator's tables (services, conntrack, NAT) read from the kernel, not from a spec.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from . import layout
+from . import libbpf as bpf
+from .btf import Btf
+from .errors import UsageError
+from .state import pin_dir
+
+MAP_TYPE_NAMES = {
+    bpf.BPF_MAP_TYPE_HASH: "hash",
+    bpf.BPF_MAP_TYPE_ARRAY: "array",
+    bpf.BPF_MAP_TYPE_PERCPU_HASH: "percpu_hash",
+    bpf.BPF_MAP_TYPE_PERCPU_ARRAY: "percpu_array",
+    bpf.BPF_MAP_TYPE_LRU_HASH: "lru_hash",
+    bpf.BPF_MAP_TYPE_LRU_PERCPU_HASH: "lru_percpu_hash",
+}
+# Keys that are an index into a table the BTF cannot name.
+KEY_LABELS = {"drop_stats": layout.DROP_REASONS.label}
+PROTO_NAMES = {v: k for k, v in layout.PROTOCOLS.items()}
+
+
+def pinned_map_names(node: str) -> list[str]:
+    d = pin_dir(node)
+    order = {m.name: i for i, m in enumerate(layout.MAPS)}
+    return sorted((p.name for p in d.iterdir()), key=lambda n: (order.get(n, len(order)), n)) if d.is_dir() else []
+
+
+@contextmanager
+def open_maps(node: str, names: list[str] | None = None) -> Iterator[dict[str, bpf.MapFd]]:
+    available = pinned_map_names(node)
+    for name in names or []:
+        if name not in available:
+            raise UsageError(f"node {node} has no map '{name}' (maps: {', '.join(available) or 'none'})")
+    with ExitStack() as stack:
+        yield {n: stack.enter_context(bpf.MapFd.from_pin(pin_dir(node) / n)) for n in (names or available)}
+
+
+@lru_cache(maxsize=16)
+def _kernel_btf(btf_id: int) -> Btf:
+    return Btf.parse(bpf.btf_raw_by_id(btf_id))
+
+
+class _Codec:
+    """Decodes one map's keys and values by its BTF (raw hex where it has none)."""
+
+    def __init__(self, m: bpf.MapFd):
+        info = m.info
+        self.btf = _kernel_btf(info.btf_id) if info.btf_id else None
+        self.key_id = info.btf_key_type_id
+        self.value_id = info.btf_value_type_id
+
+    def _decode(self, type_id: int, data: bytes) -> Any:
+        if self.btf is None or not type_id:
+            return data.hex(" ")
+        return self.btf.decode(type_id, data)
+
+    def key(self, data: bytes) -> Any:
+        return self._decode(self.key_id, data)
+
+    def value(self, data: bytes) -> Any:
+        return self._decode(self.value_id, data)
+
+
+def dump_map(m: bpf.MapFd) -> dict:
+    """One map in bpftool's JSON shape: entries of key/value, or key/values per CPU."""
+    codec = _Codec(m)
+    entries = []
+    for k, v in m.items():
+        if m.percpu:
+            step = (m.value_size + 7) & ~7
+            values = [
+                {"cpu": cpu, "value": codec.value(v[cpu * step : cpu * step + m.value_size])}
+                for cpu in range(len(v) // step)
+            ]
+            entries.append({"key": codec.key(k), "values": values})
+        else:
+            entries.append({"key": codec.key(k), "value": codec.value(v)})
+    info = m.info
+    return {
+        "name": info.name,
+        "type": MAP_TYPE_NAMES.get(info.type, str(info.type)),
+        "id": info.id,
+        "key_size": info.key_size,
+        "value_size": info.value_size,
+        "max_entries": info.max_entries,
+        "entries": entries,
+    }
+
+
+def dump(node: str, map_name: str | None = None) -> list[dict]:
+    with open_maps(node, [map_name] if map_name else None) as maps:
+        return [dump_map(m) for m in maps.values()]
+
+
+# ---------------------------------------------------------------- text forms
+
+
+def _pairs(d: dict) -> dict:
+    """Join <p>addr with <p>port into one "a.b.c.d:port" field named after p."""
+    out: dict = {}
+    names = {"s": "src", "d": "dst", "": "addr"}
+    for k, v in d.items():
+        if k.endswith("port") and k[:-4] + "addr" in d:
+            continue
+        if k.endswith("addr") and k[:-4] + "port" in d:
+            prefix = k[:-4]
+            out[names.get(prefix, prefix.rstrip("_"))] = f"{v}:{d[prefix + 'port']}"
+        else:
+            out[k] = v
+    return out
+
+
+def compact(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}={compact(v)}" for k, v in _pairs(value).items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(compact(v) for v in value) + "]"
+    return str(value)
+
+
+def _sum(values: list[Any]) -> Any:
+    """Per-CPU values summed field by field (what an operator wants to read)."""
+    first = values[0]
+    if isinstance(first, dict):
+        return {k: _sum([v[k] for v in values]) for k in first}
+    if isinstance(first, (int, float)) and not isinstance(first, bool):
+        return sum(values)
+    return first
+
+
+def _is_zero(value: Any) -> bool:
+    if isinstance(value, dict):
+        return all(_is_zero(v) for v in value.values())
+    return value == 0
+
+
+def format_dump(maps: list[dict]) -> str:
+    lines = []
+    for m in maps:
+        label = KEY_LABELS.get(m["name"])
+        shown = 0
+        body = []
+        for e in m["entries"]:
+            value = _sum([v["value"] for v in e["values"]]) if "values" in e else e["value"]
+            if m["type"].endswith("array") and _is_zero(value):
+                continue  # arrays hold every index: show the ones in use
+            key = label(e["key"]) if label and isinstance(e["key"], int) else compact(e["key"])
+            body.append(f"  {key} => {compact(value)}")
+            shown += 1
+        note = "" if shown == len(m["entries"]) else f", {len(m['entries']) - shown} zero entries not shown"
+        summed = ", per-CPU values summed" if any("values" in e for e in m["entries"]) else ""
+        lines.append(f"{m['name']} ({m['type']}, {len(m['entries'])} entries{note}{summed})")
+        lines += body
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- operator tables
+
+
+def _ep(addr: Any, port: int) -> str:
+    return f"{addr}:{port}"
+
+
+def service_list(node: str) -> list[dict]:
+    """The service table of node, read from its pinned maps."""
+    with open_maps(node, ["svc_v4", "backend_v4"]) as maps:
+        backends = {layout.ID_KEY.unpack(k): layout.BACKEND.unpack(v) for k, v in maps["backend_v4"].items()}
+        masters, slots = {}, {}
+        for k, v in maps["svc_v4"].items():
+            key, val = layout.SVC_KEY.unpack(k), layout.SVC_VALUE.unpack(v)
+            fe = (key["addr"], key["port"], key["proto"])
+            if key["slot"] == 0:
+                masters[fe] = val
+            else:
+                slots.setdefault(fe, {})[key["slot"]] = val["backend_id"]
+    rows = []
+    for fe, val in masters.items():
+        addr, port, proto = fe
+        kind = "NodePort" if val["flags"] & layout.FLAGS["SVC_NODEPORT"] else "ClusterIP"
+        bes = []
+        for slot in range(1, val["count"] + 1):
+            be = backends.get(slots.get(fe, {}).get(slot, -1))
+            if be is not None:
+                bes.append({
+                    "slot": slot, "address": _ep(be["addr"], be["port"]), "protocol": PROTO_NAMES.get(be["proto"], be["proto"]),
+                    "local": bool(be["flags"] & layout.FLAGS["BACKEND_LOCAL"]),
+                })
+        rows.append({"id": val["id"], "frontend": _ep(addr, port), "protocol": PROTO_NAMES.get(proto, proto),
+                     "type": kind, "backends": bes})
+    return sorted(rows, key=lambda r: r["id"])
+
+
+def format_service_list(rows: list[dict]) -> str:
+    lines = [f"{'ID':<5}{'Frontend':<27}{'Service Type':<15}Backend"]
+    for r in rows:
+        bes = [f"{b['slot']} => {b['address']}/{b['protocol']}" for b in r["backends"]] or ["(no backends)"]
+        lines.append(f"{r['id']:<5}{r['frontend'] + '/' + r['protocol']:<27}{r['type']:<15}{bes[0]}")
+        lines += [" " * 47 + b for b in bes[1:]]
+    return "\n".join(lines) + "\n"
+
+
+def _now_sec() -> int:
+    return int(time.clock_gettime(time.CLOCK_MONOTONIC))  # the clock of bpf_ktime_get_ns
+
+
+CT_DIRS = {layout.FLAGS["CT_SERVICE"]: "SVC", layout.FLAGS["CT_OUT"]: "OUT"}
+NAT_DIRS = {layout.FLAGS["NAT_OUT"]: "OUT", layout.FLAGS["NAT_IN"]: "IN"}
+
+
+def _tuple(t: dict) -> tuple[str, str, str]:
+    return PROTO_NAMES.get(t["proto"], str(t["proto"])), _ep(t["saddr"], t["sport"]), _ep(t["daddr"], t["dport"])
+
+
+def ct_list(node: str) -> list[dict]:
+    now = _now_sec()
+    rows = []
+    with open_maps(node, ["ct_v4"]) as maps:
+        for k, v in maps["ct_v4"].items():
+            t, e = layout.TUPLE.unpack(k), layout.CT_ENTRY.unpack(v)
+            proto, src, dst = _tuple(t)
+            flags = [n for n, bit in (("closing", "CT_CLOSING"), ("established", "CT_ESTABLISHED"), ("snat", "CT_SNAT"))
+                     if e["flags"] & layout.FLAGS[bit]]
+            rows.append({
+                "proto": proto, "dir": CT_DIRS.get(t["dir"], str(t["dir"])), "src": src, "dst": dst,
+                "expires_in": e["expires"] - now, "backend_id": e["backend_id"], "rev_nat_id": e["rev_nat_id"],
+                "flags": flags, "snat": _ep(e["snat_addr"], e["snat_port"]) if e["flags"] & layout.FLAGS["CT_SNAT"] else None,
+            })
+    return sorted(rows, key=lambda r: (r["dir"], r["src"], r["dst"]))
+
+
+def format_ct_list(rows: list[dict]) -> str:
+    out = []
+    for r in rows:
+        extra = f" snat={r['snat']}" if r["snat"] else ""
+        out.append(
+            f"{r['proto']} {r['dir']} {r['src']} -> {r['dst']} expires={r['expires_in']}s "
+            f"backend={r['backend_id']} rev_nat={r['rev_nat_id']} flags={','.join(r['flags']) or '-'}{extra}"
+        )
+    return "\n".join(out) + ("\n" if out else "")
+
+
+def nat_list(node: str) -> list[dict]:
+    rows = []
+    with open_maps(node, ["snat_v4"]) as maps:
+        for k, v in maps["snat_v4"].items():
+            t, e = layout.TUPLE.unpack(k), layout.NAT_ENTRY.unpack(v)
+            proto, src, dst = _tuple(t)
+            d = NAT_DIRS.get(t["dir"], str(t["dir"]))
+            rows.append({"proto": proto, "dir": d, "src": src, "dst": dst,
+                         "xlate": "XLATE_SRC" if d == "OUT" else "XLATE_DST", "to": _ep(e["addr"], e["port"])})
+    return sorted(rows, key=lambda r: (r["dir"] != "OUT", r["src"], r["dst"]))
+
+
+def format_nat_list(rows: list[dict]) -> str:
+    return "".join(f"{r['proto']} {r['dir']} {r['src']} -> {r['dst']} {r['xlate']} {r['to']}\n" for r in rows)
+
+
+def drop_counts(node: str) -> dict[str, int]:
+    with open_maps(node, ["drop_stats"]) as maps:
+        m = maps["drop_stats"]
+        counts = {}
+        for name, value, label in layout.DROP_REASONS.members:
+            per_cpu = m.lookup_percpu(layout.ID_KEY.pack(value)) or []
+            counts[label] = sum(layout.DROP_STATS.unpack(v)["packets"] for v in per_cpu)
+    return counts
