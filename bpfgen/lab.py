@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .errors import BpfgenError, UsageError
 from .spec import Spec, load_spec
-from .state import RUN_DIR
+from .state import run_dir
 
 DEFAULT_SPEC = Path(__file__).resolve().parent.parent / "examples" / "seed.yaml"
 DEFAULT_PREFIX = "bgl"
@@ -78,10 +78,10 @@ class Lab:
 
     @staticmethod
     def record_path(prefix: str) -> Path:
-        return RUN_DIR / f"lab-{prefix}.json"
+        return run_dir() / f"lab-{prefix}.json"
 
     def save(self) -> None:
-        RUN_DIR.mkdir(parents=True, exist_ok=True)
+        run_dir().mkdir(parents=True, exist_ok=True)
         self.record_path(self.prefix).write_text(json.dumps(asdict(self), indent=2) + "\n")
 
     @classmethod
@@ -120,7 +120,7 @@ def plan(spec: Spec, spec_path: str, prefix: str) -> Lab:
             if pod is None:
                 i = len(pods)
                 pod = pods[str(b.address)] = Pod(
-                    f"pod{i}", f"{prefix}-pod{i}", str(b.address), b.node, [], [], str(RUN_DIR / f"{prefix}-pod{i}.log")
+                    f"pod{i}", f"{prefix}-pod{i}", str(b.address), b.node, [], [], str(run_dir() / f"{prefix}-pod{i}.log")
                 )
             for p in svc.ports:
                 ports = pod.tcp if p.protocol == "TCP" else pod.udp

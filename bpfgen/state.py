@@ -23,9 +23,21 @@ from .errors import BpfgenError, UsageError
 from .netns import under_ip_netns_exec
 
 BPFFS = Path(os.environ.get("BPFGEN_BPFFS", "/sys/fs/bpf"))
-PIN_ROOT = BPFFS / "bpfgen"
-RUN_DIR = Path(os.environ.get("BPFGEN_RUN_DIR", "/run/bpfgen"))
-RECORD_DIR = RUN_DIR / "nodes"
+
+
+def pin_root() -> Path:
+    """Where nodes' pins live (BPFGEN_PIN_ROOT moves it, e.g. for tests; it must be on bpffs)."""
+    return Path(os.environ.get("BPFGEN_PIN_ROOT", BPFFS / "bpfgen"))
+
+
+def run_dir() -> Path:
+    """Records, locks and lab files (BPFGEN_RUN_DIR moves it)."""
+    return Path(os.environ.get("BPFGEN_RUN_DIR", "/run/bpfgen"))
+
+
+def record_dir() -> Path:
+    return run_dir() / "nodes"
+
 
 CAP_NET_ADMIN = 12
 CAP_SYS_ADMIN = 21
@@ -37,7 +49,7 @@ class PrivilegeError(BpfgenError):
 
 
 def pin_dir(node: str) -> Path:
-    return PIN_ROOT / node
+    return pin_root() / node
 
 
 def check_privileges() -> None:
@@ -108,10 +120,10 @@ class NodeRecord:
 
     @property
     def path(self) -> Path:
-        return RECORD_DIR / f"{self.node}.json"
+        return record_dir() / f"{self.node}.json"
 
     def save(self) -> None:
-        RECORD_DIR.mkdir(parents=True, exist_ok=True)
+        record_dir().mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
         tmp.replace(self.path)
@@ -121,7 +133,7 @@ class NodeRecord:
 
     @classmethod
     def load(cls, node: str) -> NodeRecord | None:
-        path = RECORD_DIR / f"{node}.json"
+        path = record_dir() / f"{node}.json"
         try:
             return cls(**json.loads(path.read_text()))
         except FileNotFoundError:
@@ -131,13 +143,13 @@ class NodeRecord:
 
     @classmethod
     def all(cls) -> list[NodeRecord]:
-        if not RECORD_DIR.is_dir():
+        if not record_dir().is_dir():
             return []
-        return [r for p in sorted(RECORD_DIR.glob("*.json")) if (r := cls.load(p.stem)) is not None]
+        return [r for p in sorted(record_dir().glob("*.json")) if (r := cls.load(p.stem)) is not None]
 
 
 def pinned_nodes() -> list[str]:
-    return sorted(p.name for p in PIN_ROOT.iterdir() if p.is_dir()) if PIN_ROOT.is_dir() else []
+    return sorted(p.name for p in pin_root().iterdir() if p.is_dir()) if pin_root().is_dir() else []
 
 
 def resolve_loaded_node(node: str | None, netns: str | None = None) -> str:
@@ -160,15 +172,15 @@ def resolve_loaded_node(node: str | None, netns: str | None = None) -> str:
     if len(loaded) == 1:
         return loaded[0]
     if not loaded:
-        raise UsageError("nothing of bpfgen is loaded (no pins under " f"{PIN_ROOT}); run `bpfgen load` first")
+        raise UsageError("nothing of bpfgen is loaded (no pins under " f"{pin_root()}); run `bpfgen load` first")
     raise UsageError(f"several nodes are loaded ({', '.join(loaded)}); choose one with --node")
 
 
 @contextmanager
 def node_lock(node: str) -> Iterator[None]:
     """An exclusive lock for changing a node; a second one fails at once."""
-    RUN_DIR.mkdir(parents=True, exist_ok=True)
-    fd = os.open(RUN_DIR / f"{node}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    run_dir().mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir() / f"{node}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -191,7 +203,7 @@ def remove_pins(node: str) -> list[str]:
             removed.append(str(p))
         d.rmdir()
     try:
-        PIN_ROOT.rmdir()  # only when no other node is left
+        pin_root().rmdir()  # only when no other node is left
     except OSError:
         pass
     return removed

@@ -36,3 +36,76 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"kernel test cannot run in CI: {reason}", pytrace=False)
     pytest.skip(f"kernel test: {reason}")
+
+
+# ---------------------------------------------------------------- shared fixtures
+
+import secrets
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SEED = REPO / "examples" / "seed.yaml"
+
+
+def _ensure_bpffs() -> None:
+    with open("/proc/self/mountinfo") as f:
+        if any(line.split()[4] == "/sys/fs/bpf" and " - bpf " in line for line in f):
+            return
+    subprocess.run(["mount", "-t", "bpf", "bpf", "/sys/fs/bpf"], check=True)
+
+
+@pytest.fixture
+def isolated_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Pins under a private dir of bpffs and records in tmp_path, so tests never meet a
+    real node's state or each other's; everything is removed afterwards."""
+    _ensure_bpffs()
+    pins = Path("/sys/fs/bpf") / f"bpfgen-test-{secrets.token_hex(4)}"
+    monkeypatch.setenv("BPFGEN_PIN_ROOT", str(pins))
+    monkeypatch.setenv("BPFGEN_RUN_DIR", str(tmp_path / "run"))
+    yield pins
+    subprocess.run(["rm", "-rf", str(pins)], check=False)
+
+
+class Netns:
+    """A network namespace holding a veth pair eth0 <-> peer0 (both ends inside it)."""
+
+    def __init__(self, address: str | None = "172.26.50.101/24"):
+        self.name = f"bgt-{secrets.token_hex(4)}"
+        subprocess.run(["ip", "netns", "add", self.name], check=True)
+        try:
+            self.ip("link", "add", "eth0", "type", "veth", "peer", "name", "peer0")
+            if address:
+                self.ip("addr", "add", address, "dev", "eth0")
+            for dev in ("eth0", "peer0", "lo"):
+                self.ip("link", "set", dev, "up")
+        except BaseException:
+            self.remove()
+            raise
+
+    def ip(self, *args: str) -> str:
+        return subprocess.run(["ip", "-n", self.name, *args], check=True, capture_output=True, text=True).stdout
+
+    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        """A command inside the namespace via nsenter (which keeps the host's bpffs)."""
+        return subprocess.run(["nsenter", f"--net=/run/netns/{self.name}", *args], check=check,
+                              capture_output=True, text=True)
+
+    def remove(self) -> None:
+        subprocess.run(["ip", "netns", "del", self.name], check=False, capture_output=True)
+
+
+@pytest.fixture
+def netns():
+    """A fresh namespace with eth0 carrying node0's address (172.26.50.101/24)."""
+    ns = Netns()
+    yield ns
+    ns.remove()
+
+
+@pytest.fixture(scope="session")
+def seed_build(tmp_path_factory: pytest.TempPathFactory):
+    """examples/seed.yaml compiled once per session."""
+    from bpfgen.build import compile_spec
+
+    return compile_spec(SEED, tmp_path_factory.mktemp("seed-build"))
