@@ -109,3 +109,7 @@ def seed_build(tmp_path_factory: pytest.TempPathFactory):
     from bpfgen.build import compile_spec
 
     return compile_spec(SEED, tmp_path_factory.mktemp("seed-build"))
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--update-golden", action="store_true", help="Rewrite tests/golden from the current output.")
