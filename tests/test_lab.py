@@ -1,0 +1,195 @@
+"""End to end in the lab: real TCP/UDP clients and servers in namespaces, the datapath
+loaded on every node, checked from both ends of each connection and in the maps."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import secrets
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from bpfgen import lab as labmod
+from bpfgen.build import compile_spec
+from bpfgen.cli import cli
+from bpfgen.loader import load
+from bpfgen.netns import enter_netns
+from bpfgen.spec import load_spec
+
+pytestmark = pytest.mark.kernel
+
+REPO = Path(__file__).resolve().parent.parent
+SEED = REPO / "examples" / "seed.yaml"
+SPEC = load_spec(SEED)
+NODE0, NODE1 = (str(n.address) for n in SPEC.nodes)
+NODEPORT = SPEC.services[0].ports[0].node_port
+CLUSTER_IP = str(SPEC.services[0].cluster_ip)
+POD = str(SPEC.services[0].backends[0].address)
+SNAT = SPEC.cluster.snat_port_range
+
+
+def _namespaces() -> set[str]:
+    return set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory):
+    """The seed lab, loaded on both nodes, with private pins and records."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")  # conftest turns this into a failure under CI
+    tmp = tmp_path_factory.mktemp("lab")
+    env = {"BPFGEN_PIN_ROOT": f"/sys/fs/bpf/bpfgen-test-{secrets.token_hex(4)}", "BPFGEN_RUN_DIR": str(tmp / "run")}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    prefix = f"t{secrets.token_hex(3)}"
+    the_lab = labmod.up(SEED, prefix)
+    try:
+        build = compile_spec(SEED, tmp / "build")
+        for name in the_lab.nodes:
+            load("eth0", build=build.dir, netns=the_lab.node_ns(name))
+        yield the_lab
+    finally:
+        labmod.down(prefix)
+        subprocess.run(["rm", "-rf", env["BPFGEN_PIN_ROOT"]])
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        assert not any(ns.startswith(prefix + "-") for ns in _namespaces())
+
+
+def _port(endpoint: str) -> int:
+    return int(endpoint.rsplit(":", 1)[1])
+
+
+def _addr(endpoint: str) -> str:
+    return endpoint.rsplit(":", 1)[0]
+
+
+@pytest.mark.parametrize("proto", ["TCP", "UDP"])
+def test_nodeport_to_a_remote_backend_is_snated_and_reversed(lab, proto: str) -> None:
+    r = labmod.client_request(lab, proto, NODE0, NODEPORT)
+    assert r["pod"] == f"{POD}:80"
+    assert _addr(r["pod_saw_peer"]) == NODE0  # SNAT to node0's address...
+    assert _port(r["pod_saw_peer"]) in SNAT  # ...and a port of snatPortRange
+    assert r["reply_from"] == f"{NODE0}:{NODEPORT}"  # the client sees exactly what it sent to
+    assert _addr(r["client"]) == lab.client_address
+
+
+@pytest.mark.parametrize("proto", ["TCP", "UDP"])
+def test_nodeport_to_a_local_backend_keeps_the_client_address(lab, proto: str) -> None:
+    r = labmod.client_request(lab, proto, NODE1, NODEPORT)
+    assert r["pod_saw_peer"] == r["client"]  # no SNAT: the pod sees the client itself
+    assert r["reply_from"] == f"{NODE1}:{NODEPORT}"
+
+
+def test_200_concurrent_connections_get_distinct_snat_ports(lab) -> None:
+    with enter_netns(lab.client_ns):
+        socks = [socket.create_connection((NODE0, NODEPORT), timeout=10) for _ in range(200)]
+    try:
+        for s in socks:
+            s.sendall(b"hi\n")
+        seen = []
+        for s in socks:
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = s.recv(4096)
+                assert chunk, "connection closed without an answer"
+                data += chunk
+            seen.append(json.loads(data)["peer"])
+            assert s.getpeername() == (NODE0, NODEPORT)
+    finally:
+        for s in socks:
+            s.close()
+    assert len(seen) == 200
+    assert {_addr(p) for p in seen} == {NODE0}
+    ports = [_port(p) for p in seen]
+    assert len(set(ports)) == 200 and all(p in SNAT for p in ports)
+
+
+def test_clusterip_is_reachable_from_the_node(lab) -> None:
+    proc = subprocess.run(
+        ["nsenter", f"--net=/run/netns/{lab.node_ns('node0')}", "python3", "-m", "bpfgen.labnet", "request", "tcp",
+         CLUSTER_IP, "80"], capture_output=True, text=True, timeout=30,
+    )
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout)
+    assert r["reply_from"] == f"{CLUSTER_IP}:80"
+    assert _addr(r["pod_saw_peer"]) == NODE0
+
+
+def test_maps_dump_shows_a_live_connection(lab) -> None:
+    with enter_netns(lab.client_ns):
+        s = socket.create_connection((NODE0, NODEPORT), timeout=10)
+    try:
+        client_ip, client_port = s.getsockname()
+        r = CliRunner().invoke(cli, ["maps", "dump", "ct_v4", "--node", "node0", "-o", "json"])
+        assert r.exit_code == 0, r.stderr
+        [ct] = json.loads(r.stdout)
+        mine = [e for e in ct["entries"] if e["key"]["saddr"] == client_ip and e["key"]["sport"] == client_port]
+        assert {(e["key"]["daddr"], e["key"]["dport"]) for e in mine} == {(NODE0, NODEPORT), (POD, 80)}
+        assert all(e["key"]["proto"] == "TCP" and e["value"]["snat_addr"] == NODE0 for e in mine)
+        snat_port = mine[0]["value"]["snat_port"]
+
+        r = CliRunner().invoke(cli, ["maps", "dump", "snat_v4", "--node", "node0", "-o", "json"])
+        [nat] = json.loads(r.stdout)
+        pairs = {(e["key"]["saddr"], e["key"]["sport"], e["value"]["addr"], e["value"]["port"]) for e in nat["entries"]}
+        assert (client_ip, client_port, NODE0, snat_port) in pairs  # OUT: XLATE_SRC
+        assert (POD, 80, client_ip, client_port) in pairs  # IN: XLATE_DST
+
+        r = CliRunner().invoke(cli, ["nat", "list", "--node", "node0"])
+        assert f"TCP OUT {client_ip}:{client_port} -> {POD}:80 XLATE_SRC {NODE0}:{snat_port}" in r.stdout
+        assert f"TCP IN {POD}:80 -> {NODE0}:{snat_port} XLATE_DST {client_ip}:{client_port}" in r.stdout
+    finally:
+        s.close()
+
+
+def test_service_list_reads_the_kernel(lab) -> None:
+    r = CliRunner().invoke(cli, ["service", "list", "--node", "node0", "-o", "json"])
+    assert r.exit_code == 0, r.stderr
+    rows = {(x["frontend"], x["protocol"]): x for x in json.loads(r.stdout)}
+    np = rows[(f"{NODE0}:{NODEPORT}", "TCP")]
+    assert np["type"] == "NodePort" and [b["address"] for b in np["backends"]] == [f"{POD}:80"]
+    assert rows[(f"{CLUSTER_IP}:80", "TCP")]["type"] == "ClusterIP"
+    text = CliRunner().invoke(cli, ["service", "list", "--node", "node0"]).stdout
+    assert text.splitlines()[0].split() == ["ID", "Frontend", "Service", "Type", "Backend"]
+    assert f"1 => {POD}:80/TCP" in text
+
+
+def test_counters_count_frontend_packets(lab) -> None:
+    labmod.client_request(lab, "TCP", NODE0, NODEPORT)
+    r = CliRunner().invoke(cli, ["maps", "dump", "svc_stats", "--node", "node0", "-o", "json"])
+    [stats] = json.loads(r.stdout)
+    total = sum(v["value"]["packets"] for e in stats["entries"] for v in e["values"])
+    assert total > 0
+    text = CliRunner().invoke(cli, ["maps", "dump", "svc_stats", "--node", "node0"]).stdout
+    assert "per-CPU values summed" in text
+
+
+def test_the_node_of_the_namespace_is_picked_without_flags(lab) -> None:
+    proc = subprocess.run(
+        ["nsenter", f"--net=/run/netns/{lab.node_ns('node1')}", "python3", "-m", "bpfgen.cli", "service", "list",
+         "-o", "json"], capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert any(r["frontend"] == f"{NODE1}:{NODEPORT}" for r in json.loads(proc.stdout))
+
+
+def test_lab_demo_runs_the_walk_and_cleans_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             isolated_state: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    prefix = f"d{secrets.token_hex(3)}"
+    r = CliRunner().invoke(cli, ["lab", "demo", "--prefix", prefix, "-o", "json"])
+    assert r.exit_code == 0, r.stderr
+    report = json.loads(r.stdout)
+    tcp = report["requests"][0]
+    assert tcp["reply_from"] == f"{NODE0}:{NODEPORT}" and _addr(tcp["pod_saw_peer"]) == NODE0
+    assert any(n["xlate"] == "XLATE_SRC" for n in report["nat"])
+    assert not any(ns.startswith(prefix + "-") for ns in _namespaces())
+    assert not any(isolated_state.glob("*/*"))
