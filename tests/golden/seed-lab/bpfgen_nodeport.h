@@ -535,9 +535,13 @@ static __always_inline int nodeport_from_netdev(struct __sk_buff *skb)
 		}
 	}
 
-	svc = lookup_frontend(&p);
-	if (svc)
-		return lb_forward(skb, &p, svc, 0);
+	/* The node's address is a frontend only on NodePorts (a clusterIP is never a node's). */
+	dport = bpf_ntohs(p.t.dport);
+	if (p.t.daddr != NODE_IP || (dport >= NODEPORT_MIN && dport <= NODEPORT_MAX)) {
+		svc = lookup_frontend(&p);
+		if (svc)
+			return lb_forward(skb, &p, svc, 0);
+	}
 
 	if (p.t.daddr == NODE_IP) {
 		/* A reply to a flow this node opened to a ClusterIP: backend -> node. */
