@@ -38,6 +38,8 @@ def handle_errors(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except BpfgenError as e:
             if debug and debug.debug:
+                if getattr(e, "verifier_log", None):
+                    click.echo(e.verifier_log, err=True)  # the whole log, not only its tail
                 raise
             lines = e.lines()
             if len(lines) > 1 and getattr(e, "problems", None):
@@ -138,13 +140,23 @@ def schema() -> None:
 @click.option("--build", "build_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Build directory (default: the single build under out/).")
 @click.option("--spec", type=click.Path(dir_okay=False, path_type=Path), help="Compile SPEC first and load that.")
+@click.option("--verifier-log", type=click.Path(dir_okay=False, path_type=Path),
+              help="If the verifier rejects the program, write its whole log to this file.")
 @node_options
 @handle_errors
-def load(iface: str, build_dir: Path | None, spec: Path | None, node: str | None, netns: str | None) -> None:
+def load(iface: str, build_dir: Path | None, spec: Path | None, node: str | None, netns: str | None,
+         verifier_log: Path | None) -> None:
     """Load a node's datapath, pin its maps, fill them and attach to IFACE (tc)."""
+    from .libbpf import LibbpfError
     from .loader import load as do_load
 
-    result = do_load(iface, build=build_dir, spec=spec, node=node, netns=netns)
+    try:
+        result = do_load(iface, build=build_dir, spec=spec, node=node, netns=netns)
+    except LibbpfError as e:
+        if verifier_log and e.verifier_log:
+            verifier_log.write_text(e.verifier_log)
+            info(f"the whole verifier log is in {verifier_log}")
+        raise
     for message in result.messages:
         info(message)
     progs = ", ".join(f"{hook} {p['name']} id {p['id']}" for hook, p in result.programs.items())
