@@ -396,10 +396,15 @@ class Btf:
             raise BtfError(f"type [{type_id}] contains itself") from None
 
     def _decode(self, type_id: int, data: bytes) -> Any:
+        """Decode `data`, which is exactly the bytes of a value of type `type_id`."""
         t = self.type(type_id)
         while t.kind in _MODIFIER_KINDS:
-            if t.kind == Kind.TYPEDEF and t.name in DISPLAY_HINTS:
-                return DISPLAY_HINTS[t.name](data[: self.size(t.id)])
+            hint = DISPLAY_HINTS.get(t.name) if t.kind == Kind.TYPEDEF else None
+            if hint is not None:
+                try:
+                    return hint(data)
+                except (ValueError, IndexError):
+                    pass  # a typedef of an unexpected size: decode it plainly
             t = self.type(t.type)
         if t.kind in (Kind.INT, Kind.ENUM, Kind.ENUM64):
             if t.kind == Kind.INT and (t.int_offset or t.bits != t.size * 8):
@@ -420,7 +425,9 @@ class Btf:
             return self._decode(t.type, data)
         if t.kind == Kind.DATASEC:
             return {
-                self.name(s.type): self._decode(s.type, data[s.offset : s.offset + s.size])
+                self.name(s.type): self._decode(
+                    s.type, self._part(data, s.offset, s.type, f"variable {self.name(s.type)!r}")
+                )
                 for s in t.secinfo
             }
         raise BtfError(f"cannot decode a value of type [{t.id}] ({t.kind.name} {t.name!r})")
@@ -430,7 +437,10 @@ class Btf:
         if elem.kind == Kind.INT and elem.size == 1 and (elem.encoding & INT_CHAR or elem.name == "char"):
             return data[: t.nelems].split(b"\0", 1)[0].decode("utf-8", "replace")
         step = self.size(t.type)
-        return [self._decode(t.type, data[i * step : (i + 1) * step]) for i in range(t.nelems)]
+        return [
+            self._decode(t.type, self._part(data, i * step, t.type, f"element {i}"))
+            for i in range(t.nelems)
+        ]
 
     def _decode_struct(self, t: BtfType, data: bytes) -> dict[str, Any]:
         result: dict[str, Any] = {}
@@ -443,9 +453,16 @@ class Btf:
                     member, self._bits(data, m.bit_offset, m.bitfield_size), m.bitfield_size
                 )
             else:
-                start = m.bit_offset // 8
-                result[m.name] = self._decode(m.type, data[start : start + self.size(m.type)])
+                part = self._part(data, m.bit_offset // 8, m.type, f"member {m.name!r}")
+                result[m.name] = self._decode(m.type, part)
         return result
+
+    def _part(self, data: bytes, offset: int, type_id: int, what: str) -> bytes:
+        """The bytes of a value of type `type_id` at `offset` within `data`."""
+        size = self.size(type_id)
+        if offset + size > len(data):
+            raise BtfError(f"{what} ({size} bytes at offset {offset}) lies outside the {len(data)}-byte value")
+        return data[offset : offset + size]
 
     def _bits(self, data: bytes, bit_offset: int, nbits: int) -> int:
         """The unsigned value of `nbits` bits at `bit_offset` (in the BTF's bit numbering)."""
@@ -493,6 +510,8 @@ def _parse_type(reader: _Reader, type_id: int, string: Callable[[int], str]) -> 
     if kind == Kind.INT:
         (word,) = reader.read("I")
         t.encoding, t.int_offset, t.bits = (word >> 24) & 0x0F, (word >> 16) & 0xFF, word & 0xFF
+        if t.size not in (1, 2, 4, 8, 16) or not 0 < t.bits <= 128 or t.int_offset + t.bits > t.size * 8:
+            raise BtfError(f"type [{type_id}]: bad INT size {t.size}, offset {t.int_offset}, bits {t.bits}")
     elif kind == Kind.ARRAY:
         t.type, t.index_type, t.nelems = reader.read("III")
     elif kind in (Kind.STRUCT, Kind.UNION):

@@ -12,6 +12,8 @@ import json
 import subprocess
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
+from typing import Any
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +31,7 @@ from .state import (
     node_lock,
     pin_dir,
     remove_pins,
+    require_host_bpffs,
 )
 
 TC_HANDLE = 0xB9F
@@ -196,13 +199,18 @@ def resolve_build(build: str | Path | None, spec: str | Path | None) -> Build:
 
 
 class _Undo:
-    """Steps to take back, newest first, if the load fails part-way."""
+    """Steps to take back, newest first, if the load fails part-way, and what they need
+    kept open until then (map fds, the fd of a replaced program)."""
 
     def __init__(self) -> None:
         self.steps: list[tuple[str, Callable[[], None]]] = []
+        self.held = ExitStack()
 
     def push(self, what: str, fn: Callable[[], None]) -> None:
         self.steps.append((what, fn))
+
+    def hold(self, resource: Any) -> Any:
+        return self.held.enter_context(resource)
 
     def run(self) -> list[str]:
         failures = []
@@ -272,19 +280,15 @@ def _load_node(
             for name in created:
                 undo.push(f"pin {pins / name}", lambda p=pins / name: p.unlink(missing_ok=True))
 
-            maps = {name: obj.map(name).map_fd() for name in SERVICE_MAPS}
-            try:
-                snapshots = {name: dict(m.items()) for name, m in maps.items()}
-                want = desired_entries(spec, n, maps)
-                for name in ("backend_v4", "revnat_v4", "svc_v4"):
-                    undo.push(f"contents of map {name}", lambda m=maps[name], s=snapshots[name]: _restore_map(m, s))
-                    sync_map(maps[name], want[name], snapshots[name], masters_last=name == "svc_v4")
-            finally:
-                for m in maps.values():
-                    m.close()
+            maps = {name: undo.hold(obj.map(name).map_fd()) for name in SERVICE_MAPS}
+            snapshots = {name: dict(m.items()) for name, m in maps.items()}
+            want = desired_entries(spec, n, maps)
+            for name in ("backend_v4", "revnat_v4", "svc_v4"):
+                undo.push(f"contents of map {name}", lambda m=maps[name], s=snapshots[name]: _restore_map(m, s))
+                sync_map(maps[name], want[name], snapshots[name], masters_last=name == "svc_v4")
 
-            programs = _attach(obj, ifindex, netns, undo)
-        created_qdisc = programs.pop("_created_qdisc", False) or bool(previous and previous.created_qdisc)
+            programs, created_qdisc = _attach(obj, ifindex, netns, undo)
+            created_qdisc = created_qdisc or bool(previous and previous.created_qdisc)
         now = _now()
         record = NodeRecord(
             node=n.name, iface=iface, ifindex=ifindex, netns=netns, netns_inode=ns_inode, pin_dir=str(pins),
@@ -299,14 +303,17 @@ def _load_node(
         if failures and isinstance(e, BpfgenError):
             raise BpfgenError(f"{e}; and undoing it failed: {'; '.join(failures)}") from e
         raise
+    finally:
+        undo.held.close()
 
 
-def _attach(obj: bpf.BpfObject, ifindex: int, netns: str | None, undo: _Undo) -> dict:
-    """Attach (or atomically replace) both programs; returns their records."""
+def _attach(obj: bpf.BpfObject, ifindex: int, netns: str | None, undo: _Undo) -> tuple[dict, bool]:
+    """Attach (or atomically replace) both programs; returns their records and whether
+    the clsact qdisc was created."""
     programs: dict = {}
     with enter_netns(netns):
-        if bpf.tc_hook_create(ifindex, bpf.BPF_TC_INGRESS):
-            programs["_created_qdisc"] = True
+        created_qdisc = bpf.tc_hook_create(ifindex, bpf.BPF_TC_INGRESS)
+        if created_qdisc:
             undo.push("clsact qdisc", lambda: _in_netns(netns, bpf.tc_hook_destroy, ifindex))
         for hook, point, prog_name in HOOKS:
             prog = obj.program(prog_name)
@@ -316,23 +323,20 @@ def _attach(obj: bpf.BpfObject, ifindex: int, netns: str | None, undo: _Undo) ->
                 if _prog_record(prog_name, old_id)["tag"] == new_tag:
                     programs[hook] = _prog_record(prog_name, old_id)  # unchanged: keep it
                     continue
+            # Hold the replaced program: once tc lets go of it, only this fd keeps it alive.
+            old_fd = undo.hold(bpf.prog_get_fd_by_id(old_id)) if old_id is not None else None
             prog_id = bpf.tc_attach(ifindex, point, prog.fd, TC_HANDLE, TC_PRIORITY, replace=old_id is not None)
-            if old_id is None:
+            if old_fd is None:
                 undo.push(f"{hook} filter", lambda p=point: _in_netns(netns, bpf.tc_detach, ifindex, p, TC_HANDLE, TC_PRIORITY))
             else:
-                undo.push(f"{hook} program", lambda p=point, o=old_id: _in_netns(netns, _reattach, ifindex, p, o))
+                undo.push(f"{hook} program", lambda p=point, fd=old_fd: _in_netns(netns, bpf.tc_attach, ifindex, p, fd, TC_HANDLE, TC_PRIORITY, True))
             programs[hook] = _prog_record(prog_name, prog_id)
-    return programs
+    return programs, created_qdisc
 
 
 def _in_netns(netns: str | None, fn: Callable, *args: object) -> None:
     with enter_netns(netns):
         fn(*args)
-
-
-def _reattach(ifindex: int, point: int, prog_id: int) -> None:
-    with bpf.prog_get_fd_by_id(prog_id) as fd:
-        bpf.tc_attach(ifindex, point, fd, TC_HANDLE, TC_PRIORITY, replace=True)
 
 
 # ---------------------------------------------------------------- unload
@@ -358,6 +362,7 @@ def _node_for_unload(iface: str, node: str | None, ns_inode: int) -> str:
 
 def unload(iface: str, node: str | None = None, netns: str | None = None) -> UnloadResult:
     check_privileges()
+    require_host_bpffs()
     with enter_netns(netns):
         ifindex = if_index(iface)
         name = _node_for_unload(iface, node, netns_inode())
@@ -387,6 +392,7 @@ def unload(iface: str, node: str | None = None, netns: str | None = None) -> Unl
 
 def status() -> list[dict]:
     """What is loaded, per node, checked against the kernel where it can be."""
+    require_host_bpffs()
     rows = []
     for r in NodeRecord.all():
         row = {

@@ -79,15 +79,20 @@ def is_bpffs(path: Path) -> bool:
     return False
 
 
-def ensure_bpffs() -> str | None:
-    """Make sure the host's bpffs is at BPFFS; returns a message when it mounted it."""
-    if is_bpffs(BPFFS):
-        return None
-    if under_ip_netns_exec():
+def require_host_bpffs() -> None:
+    """Refuse to work on a throwaway bpffs: `ip netns exec` hides the host's."""
+    if not is_bpffs(BPFFS) and under_ip_netns_exec():
         raise UsageError(
             "started under `ip netns exec`, whose private /sys hides the host's bpffs; "
             "run `bpfgen ... --netns NAME` or `nsenter --net=/run/netns/NAME bpfgen ...` instead"
         )
+
+
+def ensure_bpffs() -> str | None:
+    """Make sure the host's bpffs is at BPFFS; returns a message when it mounted it."""
+    require_host_bpffs()
+    if is_bpffs(BPFFS):
+        return None
     libc = ctypes.CDLL(None, use_errno=True)
     BPFFS.mkdir(parents=True, exist_ok=True)
     if libc.mount(b"bpf", str(BPFFS).encode(), b"bpf", 0, b"mode=0700") != 0:
@@ -157,6 +162,7 @@ def resolve_loaded_node(node: str | None, netns: str | None = None) -> str:
     current (or --netns) network namespace, else the only node loaded."""
     from .netns import enter_netns
 
+    require_host_bpffs()
     if node:
         if node not in pinned_nodes():
             raise UsageError(f"nothing of bpfgen is loaded for node '{node}' (no pins in {pin_dir(node)})")
