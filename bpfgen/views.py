@@ -8,23 +8,15 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 from . import layout
 from . import libbpf as bpf
 from .btf import Btf
 from .errors import UsageError
+from .inspect import map_type_name
 from .state import pin_dir
 
-MAP_TYPE_NAMES = {
-    bpf.BPF_MAP_TYPE_HASH: "hash",
-    bpf.BPF_MAP_TYPE_ARRAY: "array",
-    bpf.BPF_MAP_TYPE_PERCPU_HASH: "percpu_hash",
-    bpf.BPF_MAP_TYPE_PERCPU_ARRAY: "percpu_array",
-    bpf.BPF_MAP_TYPE_LRU_HASH: "lru_hash",
-    bpf.BPF_MAP_TYPE_LRU_PERCPU_HASH: "lru_percpu_hash",
-}
 # Keys that are an index into a table the BTF cannot name.
 KEY_LABELS = {"drop_stats": layout.DROP_REASONS.label}
 PROTO_NAMES = {v: k for k, v in layout.PROTOCOLS.items()}
@@ -89,7 +81,7 @@ def dump_map(m: bpf.MapFd) -> dict:
     info = m.info
     return {
         "name": info.name,
-        "type": MAP_TYPE_NAMES.get(info.type, str(info.type)),
+        "type": map_type_name(info.type),
         "id": info.id,
         "key_size": info.key_size,
         "value_size": info.value_size,
