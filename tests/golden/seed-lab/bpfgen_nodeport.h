@@ -463,6 +463,18 @@ static __always_inline int lb_forward(struct __sk_buff *skb, struct pkt *p, cons
 	return forward(skb, p, &xlated, egress);
 }
 
+/* The CT_OUT key of the flow a reply t (backend -> client) belongs to. */
+static __always_inline void reply_ct_key(const struct bpfgen_tuple *t, struct bpfgen_tuple *key)
+{
+	key->saddr = t->daddr;
+	key->daddr = t->saddr;
+	key->sport = t->dport;
+	key->dport = t->sport;
+	key->proto = t->proto;
+	key->dir = CT_OUT;
+	key->pad = 0;
+}
+
 /*
  * The reply path: a packet backend -> client (after reverse SNAT, if any) gets the
  * frontend as its source again. ct is the flow's CT_OUT entry, found at ct_key.
@@ -545,13 +557,7 @@ static __always_inline int nodeport_from_netdev(struct __sk_buff *skb)
 
 	if (p.t.daddr == NODE_IP) {
 		/* A reply to a flow this node opened to a ClusterIP: backend -> node. */
-		key.saddr = p.t.daddr;
-		key.daddr = p.t.saddr;
-		key.sport = p.t.dport;
-		key.dport = p.t.sport;
-		key.proto = p.t.proto;
-		key.dir = CT_OUT;
-		key.pad = 0;
+		reply_ct_key(&p.t, &key);
 		return rev_nat(skb, &p, bpf_map_lookup_elem(&ct_v4, &key), &key, p.t.daddr, p.t.dport, 0);
 	}
 	return TC_ACT_OK;
@@ -568,13 +574,7 @@ static __always_inline int nodeport_to_netdev(struct __sk_buff *skb)
 		return TC_ACT_OK;
 
 	/* A reply of a local backend: backend -> client. */
-	key.saddr = p.t.daddr;
-	key.daddr = p.t.saddr;
-	key.sport = p.t.dport;
-	key.dport = p.t.sport;
-	key.proto = p.t.proto;
-	key.dir = CT_OUT;
-	key.pad = 0;
+	reply_ct_key(&p.t, &key);
 	ct = bpf_map_lookup_elem(&ct_v4, &key);
 	if (ct && !(ct->flags & CT_SNAT))
 		return rev_nat(skb, &p, ct, &key, p.t.daddr, p.t.dport, 0);
