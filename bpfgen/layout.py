@@ -153,6 +153,7 @@ NAT_ENTRY = _s(
     "bpfgen_nat_entry",
     "An SNAT translation: NAT_OUT rewrites the source to addr:port, NAT_IN the destination.",
     ("addr", "ip4"), ("port", "port"), ("pad", "u16"),
+    ("rests_until", "u32", "NAT_IN: 0 while its flow owns the port, else when the port may be reused"),
 )
 SVC_STATS = _s("bpfgen_svc_stats", "Per-CPU packet and byte counts of one frontend.", ("packets", "u64"), ("bytes", "u64"))
 DROP_STATS = _s("bpfgen_drop_stats", "Per-CPU count of drops of one reason.", ("packets", "u64"))
@@ -201,8 +202,7 @@ DROP_REASONS = Enum(
         ("MALFORMED", 3, "malformed packet"),
         ("CT_NO_SYN", 4, "TCP packet of no known flow without SYN"),
         ("CT_FULL", 5, "conntrack insert failed"),
-        ("BACKEND_GONE", 6, "backend of a flow is gone"),
-        ("REWRITE_FAILED", 7, "packet rewrite failed"),
+        ("REWRITE_FAILED", 6, "packet rewrite failed"),
     ),
 )
 ENUMS = (DROP_REASONS,)

@@ -76,10 +76,11 @@ def frontends(spec: Spec, node: Node) -> list[Frontend]:
     return result
 
 
-def _allocate(wanted: list, existing: dict, limit: int) -> dict:
-    """Ids for wanted keys: an existing key keeps its id, a new one gets the lowest free."""
+def _allocate(wanted: list, existing: dict, limit: int, held: set[int] = frozenset()) -> dict:
+    """Ids for wanted keys: an existing key keeps its id, a new one gets the lowest id
+    that is neither in use nor held (still referred to by conntrack)."""
     ids = {k: existing[k] for k in wanted if k in existing}
-    used = set(ids.values())
+    used = set(ids.values()) | set(held)
     next_id = 1
     for k in wanted:
         if k in ids:
@@ -93,8 +94,24 @@ def _allocate(wanted: list, existing: dict, limit: int) -> dict:
     return ids
 
 
-def desired_entries(spec: Spec, node: Node, maps: dict[str, bpf.MapFd]) -> dict[str, dict[bytes, bytes]]:
-    """The contents of the service maps for node, keeping the ids already in the maps."""
+def conntrack_refs(ct: bpf.MapFd) -> tuple[set[int], set[int]]:
+    """Backend ids and reverse-NAT ids that conntrack entries refer to. A removed
+    backend's or frontend's id is not handed out again while a flow may still use it,
+    or the flow would silently follow the newcomer."""
+    backends, revnats = set(), set()
+    for _, v in ct.lookup_batch():
+        entry = layout.CT_ENTRY.unpack(v)
+        backends.add(entry["backend_id"])
+        revnats.add(entry["rev_nat_id"])
+    return backends, revnats
+
+
+def desired_entries(
+    spec: Spec, node: Node, maps: dict[str, bpf.MapFd], ct: bpf.MapFd | None = None
+) -> dict[str, dict[bytes, bytes]]:
+    """The contents of the service maps for node, keeping the ids already in the maps
+    and holding back the ids conntrack (ct_v4, if given) still refers to."""
+    held_backends, held_revnats = conntrack_refs(ct) if ct is not None else (set(), set())
     fes = frontends(spec, node)
     old_fe, old_be = {}, {}
     for k, v in maps["svc_v4"].items():
@@ -104,9 +121,9 @@ def desired_entries(spec: Spec, node: Node, maps: dict[str, bpf.MapFd]) -> dict[
     for k, v in maps["backend_v4"].items():
         be = layout.BACKEND.unpack(v)
         old_be[(be["addr"], be["port"], be["proto"])] = layout.ID_KEY.unpack(k)
-    fe_ids = _allocate([f.key for f in fes], old_fe, maps["revnat_v4"].info.max_entries)
+    fe_ids = _allocate([f.key for f in fes], old_fe, maps["revnat_v4"].info.max_entries, held_revnats)
     be_keys = list(dict.fromkeys(b[:3] for f in fes for b in f.backends))
-    be_ids = _allocate(be_keys, old_be, 1 << 32)
+    be_ids = _allocate(be_keys, old_be, 1 << 32, held_backends)
 
     svc, backends, revnat = {}, {}, {}
     for f in fes:
@@ -282,7 +299,8 @@ def _load_node(
 
             maps = {name: undo.hold(obj.map(name).map_fd()) for name in SERVICE_MAPS}
             snapshots = {name: dict(m.items()) for name, m in maps.items()}
-            want = desired_entries(spec, n, maps)
+            with obj.map("ct_v4").map_fd() as ct:
+                want = desired_entries(spec, n, maps, ct)
             for name in ("backend_v4", "revnat_v4", "svc_v4"):
                 undo.push(f"contents of map {name}", lambda m=maps[name], s=snapshots[name]: _restore_map(m, s))
                 sync_map(maps[name], want[name], snapshots[name], masters_last=name == "svc_v4")

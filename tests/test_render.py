@@ -79,6 +79,14 @@ def test_examples_compile_and_objdump_agrees(example: Path, tmp_path: Path) -> N
             assert f"VAR '{m.name}'" in btf
 
 
+def test_every_map_of_the_object_is_pinned(seed_build) -> None:
+    """No internal (.rodata/.data) maps: everything the datapath uses survives a reload."""
+    from bpfgen.inspect import inspect_object
+
+    maps = inspect_object(seed_build.object_path("node0")).maps
+    assert [(m.name, m.pinning) for m in maps] == [(m.name, "by_name") for m in layout.MAPS]
+
+
 def test_layout_matches_compiled_btf(seed_build) -> None:
     """The Python layout and the C clang compiled agree on every field offset."""
     from bpfgen.btf import Btf

@@ -27,9 +27,8 @@ enum bpfgen_drop_reason {
 	DROP_MALFORMED = 3, /* malformed packet */
 	DROP_CT_NO_SYN = 4, /* TCP packet of no known flow without SYN */
 	DROP_CT_FULL = 5, /* conntrack insert failed */
-	DROP_BACKEND_GONE = 6, /* backend of a flow is gone */
-	DROP_REWRITE_FAILED = 7, /* packet rewrite failed */
-	DROP_MAX = 8,
+	DROP_REWRITE_FAILED = 6, /* packet rewrite failed */
+	DROP_MAX = 7,
 };
 
 /* A service frontend; slot 0 is the frontend itself, slots 1..count its backends. */
@@ -101,8 +100,9 @@ struct bpfgen_nat_entry {
 	bpfgen_ip4_t addr;
 	bpfgen_port_t port;
 	__u16 pad;
+	__u32 rests_until; /* NAT_IN: 0 while its flow owns the port, else when the port may be reused */
 };
-_Static_assert(sizeof(struct bpfgen_nat_entry) == 8, "bpfgen_nat_entry layout");
+_Static_assert(sizeof(struct bpfgen_nat_entry) == 12, "bpfgen_nat_entry layout");
 
 /* Per-CPU packet and byte counts of one frontend. */
 struct bpfgen_svc_stats {

@@ -221,16 +221,26 @@ static __always_inline struct bpfgen_svc_value *lookup_frontend(const struct pkt
 	return bpf_map_lookup_elem(&svc_v4, &key);
 }
 
-/* A flow hash: one flow always maps to the same backend slot. */
-static __always_inline __u32 flow_hash(const struct bpfgen_tuple *t)
+/* murmur3's finaliser: every input bit reaches every output bit. */
+static __always_inline __u32 mix32(__u32 h)
 {
-	__u32 h = t->saddr * 0x9e3779b1u;
-
-	h = (h ^ t->daddr) * 0x85ebca6bu;
-	h = (h ^ (((__u32)t->sport << 16) | t->dport)) * 0xc2b2ae35u;
-	h ^= t->proto;
+	h ^= h >> 16;
+	h *= 0x85ebca6bu;
+	h ^= h >> 13;
+	h *= 0xc2b2ae35u;
 	h ^= h >> 16;
 	return h;
+}
+
+/* A flow hash: one flow always maps to the same backend slot, and flows spread evenly
+ * whatever the number of backends. */
+static __always_inline __u32 flow_hash(const struct bpfgen_tuple *t)
+{
+	__u32 h = mix32(t->saddr ^ 0x9e3779b9u);
+
+	h = mix32(h ^ t->daddr);
+	h = mix32(h ^ (((__u32)t->sport << 16) | t->dport));
+	return mix32(h ^ t->proto);
 }
 
 static __always_inline __u32 ct_lifetime(const struct pkt *p, __u8 flags)
@@ -299,6 +309,8 @@ static __always_inline int snat_is_stale(const struct bpfgen_tuple *in_key, __u3
 
 	if (!nat)
 		return 1;
+	if (nat->rests_until)
+		return now > nat->rests_until; /* released when its tuple started a new flow */
 	ct_key.saddr = nat->addr;
 	ct_key.daddr = in_key->saddr;
 	ct_key.sport = nat->port;
@@ -341,7 +353,7 @@ static __always_inline __be16 snat_alloc(const struct pkt *p, const struct bpfge
 		.proto = p->t.proto,
 		.dir = NAT_OUT,
 	};
-	struct bpfgen_nat_entry out_val = { .addr = NODE_IP };
+	struct bpfgen_nat_entry out_val = {}; /* filled below: a constant initialiser would land in .rodata */
 	__u16 port = bpf_ntohs(p->t.sport);
 	int i, claimed = 0;
 
@@ -358,12 +370,40 @@ static __always_inline __be16 snat_alloc(const struct pkt *p, const struct bpfge
 	}
 	if (!claimed)
 		return 0;
+	out_val.addr = NODE_IP;
 	out_val.port = in_key.dport;
 	if (bpf_map_update_elem(&snat_v4, &out_key, &out_val, BPF_ANY) != 0) {
 		bpf_map_delete_elem(&snat_v4, &in_key);
 		return 0;
 	}
 	return in_key.dport;
+}
+
+/*
+ * The flow of old is over and its tuple starts a new one (with a new SNAT port): the
+ * old port rests SNAT_REUSE_GRACE after the old flow's end before it is reused.
+ */
+static __always_inline void snat_release(const struct bpfgen_ct_entry *old, __u8 proto, __u32 now)
+{
+	struct bpfgen_tuple in_key = {};
+	struct bpfgen_nat_entry *nat;
+	struct bpfgen_backend *be;
+	__u32 backend_id = old->backend_id;
+
+	if (!(old->flags & CT_SNAT))
+		return;
+	be = bpf_map_lookup_elem(&backend_v4, &backend_id);
+	if (!be)
+		return; /* a removed backend holds no TIME_WAIT worth waiting for */
+	in_key.saddr = be->addr;
+	in_key.daddr = NODE_IP;
+	in_key.sport = be->port;
+	in_key.dport = old->snat_port;
+	in_key.proto = proto;
+	in_key.dir = NAT_IN;
+	nat = bpf_map_lookup_elem(&snat_v4, &in_key);
+	if (nat)
+		nat->rests_until = (old->expires > now ? old->expires : now) + SNAT_REUSE_GRACE;
 }
 
 /* ---- the service path: frontend -> backend ---- */
@@ -387,8 +427,10 @@ static __always_inline int lb_forward(struct __sk_buff *skb, struct pkt *p, cons
 	svc_key.dir = CT_SERVICE;
 	ct = bpf_map_lookup_elem(&ct_v4, &svc_key);
 	if (ct && (!ct_is_live(ct, now) ||
-		   ((ct->flags & CT_CLOSING) && (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN)))
+		   ((ct->flags & CT_CLOSING) && (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN))) {
+		snat_release(ct, p->t.proto, now);
 		ct = NULL; /* dead, or a closed flow's tuple reused by a new connection */
+	}
 	if (ct) {
 		backend_id = ct->backend_id;
 		be = bpf_map_lookup_elem(&backend_v4, &backend_id);

@@ -1,0 +1,897 @@
+"""The generated NodePort datapath, run on packets with BPF_PROG_TEST_RUN.
+
+Every test compiles a spec (cached per session), loads the node's object with its maps
+pinned under the test's private bpffs directory, fills the service maps as
+`bpfgen load` does (desired_entries + sync_map) and runs from_netdev (tc ingress) or
+to_netdev (tc egress) on hand-built frames, inside a network namespace of its own, so
+the programs' fib lookups see only that namespace:
+
+    eth0 (node address, MAC NODE_MAC) -- neighbours with fixed MACs: the client, the
+    other nodes; a route to every other node's pod CIDR via that node.
+
+Two tests need what BPF_PROG_TEST_RUN cannot give (frames shorter than an IPv4
+header, CHECKSUM_PARTIAL skbs): they attach a program to eth0 of the test namespace,
+never to an interface of the root namespace (`attached` checks it).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import struct
+import time
+from collections import Counter
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from bpfgen import layout
+from bpfgen import libbpf as bpf
+from bpfgen.build import Build, compile_spec
+from bpfgen.loader import SERVICE_MAPS, desired_entries, sync_map
+from bpfgen.netns import enter_netns, ifindex as if_index
+from bpfgen.render import TIMEOUTS
+from bpfgen.spec import Spec, load_spec
+
+import packets as pk  # tests/packets.py (tests/ is on sys.path: rootdir conftest)
+
+pytestmark = pytest.mark.kernel
+
+TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
+
+REPO = Path(__file__).resolve().parent.parent
+SEED = REPO / "examples" / "seed.yaml"
+SPECS = Path(__file__).parent / "specs" / "datapath"
+SEVERAL, TINY_SNAT, GROWN, REPLACED = (SPECS / f"{n}.yaml" for n in ("several", "tiny-snat", "grown", "replaced"))
+
+# The walk-through's addresses (examples/seed.yaml).
+CLIENT = "172.26.50.180"
+OTHER_CLIENT = "172.26.50.190"
+NODE0, NODE1 = "172.26.50.101", "172.26.50.102"
+NODEPORT = 30645
+BACKEND, BACKEND_PORT = "10.0.1.72", 80
+SNAT_RANGE = range(32768, 65536)
+
+NODE_MAC = pk.NODE_MAC  # eth0 of the node under test
+CLIENT_MAC = pk.CLIENT_MAC
+PEER_MACS = {NODE0: bytes.fromhex("02000000aa01"), NODE1: bytes.fromhex("02000000aa02")}
+
+TIMEOUT = dict(TIMEOUTS)
+FLAGS = layout.FLAGS
+TCP, UDP = pk.IPPROTO_TCP, pk.IPPROTO_UDP
+
+# struct __sk_buff as BPF_PROG_TEST_RUN takes it: only ifindex (offset 40) is set, so
+# the skb comes from eth0 of the test namespace (fib lookups start there).
+SKB_CTX_SIZE = 192
+SKB_IFINDEX_OFFSET = 40
+
+
+def skb_ctx(ifindex: int) -> bytes:
+    ctx = bytearray(SKB_CTX_SIZE)
+    ctx[SKB_IFINDEX_OFFSET : SKB_IFINDEX_OFFSET + 4] = ifindex.to_bytes(4, "little")
+    return bytes(ctx)
+
+
+def now_sec() -> int:
+    """The datapath's clock: bpf_ktime_get_ns() (CLOCK_MONOTONIC) in seconds."""
+    return int(time.clock_gettime(time.CLOCK_MONOTONIC))
+
+
+# ---------------------------------------------------------------- the datapath under test
+
+
+@dataclass
+class Run:
+    """One BPF_PROG_TEST_RUN: the verdict and the frame as the program left it."""
+
+    retval: int
+    frame: bytes
+
+    @property
+    def pkt(self) -> pk.Packet:
+        return pk.parse(self.frame)
+
+
+@dataclass
+class Datapath:
+    """A node's object, loaded with pins in the test's bpffs dir, service maps filled."""
+
+    spec: Spec
+    node: str
+    address: str
+    obj: bpf.BpfObject
+    ifindex: int
+    maps: dict[str, bpf.MapFd] = field(default_factory=dict)
+
+    # -- running programs
+
+    def _run(self, prog: str, frame: bytes) -> Run:
+        res = bpf.prog_test_run(self.obj.program(prog).fd, frame, ctx_in=skb_ctx(self.ifindex))
+        return Run(res.retval, res.data_out)
+
+    def from_netdev(self, frame: bytes) -> Run:
+        return self._run("from_netdev", frame)
+
+    def to_netdev(self, frame: bytes) -> Run:
+        return self._run("to_netdev", frame)
+
+    # -- the service maps
+
+    def sync(self, spec_path: Path) -> None:
+        """Fill the service maps for this node from a spec, as `bpfgen load` does."""
+        spec = load_spec(spec_path)
+        service = {name: self.maps[name] for name in SERVICE_MAPS}
+        want = desired_entries(spec, spec.node(self.node), service, self.maps["ct_v4"])
+        for name in ("backend_v4", "revnat_v4", "svc_v4"):
+            sync_map(self.maps[name], want[name], dict(self.maps[name].items()), masters_last=name == "svc_v4")
+
+    def frontend_id(self, port: int = NODEPORT, proto: int = TCP, addr: str | None = None) -> int:
+        key = layout.SVC_KEY.pack(addr=addr or self.address, port=port, proto=proto, slot=0)
+        raw = self.maps["svc_v4"].lookup(key)
+        assert raw is not None, f"no frontend {addr or self.address}:{port}/{proto}"
+        return layout.SVC_VALUE.unpack(raw)["id"]
+
+    def backend(self, backend_id: int) -> tuple[str, int] | None:
+        raw = self.maps["backend_v4"].lookup(layout.ID_KEY.pack(backend_id))
+        if raw is None:
+            return None
+        be = layout.BACKEND.unpack(raw)
+        return str(be["addr"]), be["port"]
+
+    # -- state maps
+
+    def ct(self, flow: tuple[str, int, str, int], direction: str, proto: int = TCP) -> dict | None:
+        raw = self.maps["ct_v4"].lookup(tuple_key(flow, direction, proto))
+        return None if raw is None else layout.CT_ENTRY.unpack(raw)
+
+    def put_ct(self, flow: tuple[str, int, str, int], direction: str, proto: int = TCP, **entry: object) -> None:
+        self.maps["ct_v4"].update(tuple_key(flow, direction, proto), layout.CT_ENTRY.pack(**entry))
+
+    def nat(self, flow: tuple[str, int, str, int], direction: str, proto: int = TCP) -> tuple[str, int] | None:
+        raw = self.maps["snat_v4"].lookup(tuple_key(flow, direction, proto))
+        if raw is None:
+            return None
+        e = layout.NAT_ENTRY.unpack(raw)
+        return str(e["addr"]), e["port"]
+
+    def put_nat(self, flow: tuple[str, int, str, int], direction: str, to: tuple[str, int], proto: int = TCP) -> None:
+        self.maps["snat_v4"].update(tuple_key(flow, direction, proto), layout.NAT_ENTRY.pack(addr=to[0], port=to[1]))
+
+    def entries(self, name: str) -> dict[bytes, bytes]:
+        return dict(self.maps[name].items())
+
+    def forget_flows(self) -> None:
+        """Empty conntrack and SNAT (a fresh node with the same services)."""
+        for name in ("ct_v4", "snat_v4"):
+            for key in list(self.maps[name].keys()):
+                self.maps[name].delete(key)
+
+    # -- counters (per-CPU, summed)
+
+    def drops(self, reason: str) -> int:
+        values = self.maps["drop_stats"].lookup_percpu(layout.ID_KEY.pack(layout.DROP_REASONS.value(reason)))
+        return sum(layout.DROP_STATS.unpack(v)["packets"] for v in values)
+
+    def all_drops(self) -> dict[str, int]:
+        return {name: self.drops(name) for name, _, _ in layout.DROP_REASONS.members}
+
+    def frontend_stats(self, frontend_id: int) -> tuple[int, int]:
+        values = self.maps["svc_stats"].lookup_percpu(layout.ID_KEY.pack(frontend_id))
+        rows = [layout.SVC_STATS.unpack(v) for v in values]
+        return sum(r["packets"] for r in rows), sum(r["bytes"] for r in rows)
+
+
+def tuple_key(flow: tuple[str, int, str, int], direction: str, proto: int = TCP) -> bytes:
+    saddr, sport, daddr, dport = flow
+    return layout.TUPLE.pack(saddr=saddr, daddr=daddr, sport=sport, dport=dport, proto=proto, dir=FLAGS[direction])
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="session")
+def build_of(tmp_path_factory: pytest.TempPathFactory):
+    """Compile a spec once per session: build_of(spec_path) -> Build."""
+    cache: dict[Path, Build] = {}
+
+    def get(spec_path: Path) -> Build:
+        if spec_path not in cache:
+            cache[spec_path] = compile_spec(spec_path, tmp_path_factory.mktemp(spec_path.stem))
+        return cache[spec_path]
+
+    return get
+
+
+def _prepare_namespace(ns, spec: Spec, node: str) -> None:
+    """eth0 carries the node's address and NODE_MAC; the client and the other nodes are
+    neighbours with fixed MACs; other nodes' pod CIDRs are routed via them; forwarding on
+    (the programs' ingress fib lookups need it)."""
+    me = spec.node(node)
+    ns.ip("addr", "flush", "dev", "eth0")
+    ns.ip("addr", "add", f"{me.address}/24", "dev", "eth0")
+    ns.ip("link", "set", "dev", "eth0", "address", NODE_MAC.hex(":"))
+    ns.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
+    ns.ip("neigh", "replace", CLIENT, "lladdr", CLIENT_MAC.hex(":"), "dev", "eth0", "nud", "permanent")
+    ns.ip("neigh", "replace", OTHER_CLIENT, "lladdr", CLIENT_MAC.hex(":"), "dev", "eth0", "nud", "permanent")
+    for other in spec.nodes:
+        if other.name == node:
+            continue
+        mac = PEER_MACS.get(str(other.address), bytes.fromhex("02000000aaff"))
+        ns.ip("neigh", "replace", str(other.address), "lladdr", mac.hex(":"), "dev", "eth0", "nud", "permanent")
+        if other.pod_cidr is not None:
+            ns.ip("route", "replace", str(other.pod_cidr), "via", str(other.address), "dev", "eth0")
+
+
+@pytest.fixture
+def datapath(netns, isolated_state: Path, build_of):
+    """A factory: datapath(spec_path=SEED, node="node0") -> Datapath, run in `netns`.
+
+    The test's thread stays inside the namespace until teardown; objects and map fds are
+    closed, then isolated_state removes the pins and netns the namespace."""
+    stack = ExitStack()
+    stack.enter_context(enter_netns(netns.name))
+    counter = itertools.count()
+
+    def make(spec_path: Path = SEED, node: str = "node0") -> Datapath:
+        build = build_of(spec_path)
+        spec = build.spec()
+        _prepare_namespace(netns, spec, node)
+        pins = isolated_state / f"{next(counter)}-{node}"
+        pins.mkdir(parents=True)
+        obj = stack.enter_context(bpf.BpfObject.open(build.object_path(node), pin_root_path=pins))
+        obj.load()
+        dp = Datapath(spec, node, str(spec.node(node).address), obj, if_index("eth0"))
+        for m in layout.MAPS:
+            dp.maps[m.name] = stack.enter_context(obj.map(m.name).map_fd())
+        dp.sync(spec_path)
+        return dp
+
+    with stack:
+        yield make
+
+
+@pytest.fixture
+def node0(datapath) -> Datapath:
+    """node0 of the seed spec: its backend 10.0.1.72 is remote (DNAT + SNAT)."""
+    return datapath(SEED, "node0")
+
+
+@pytest.fixture
+def node1(datapath) -> Datapath:
+    """node1 of the seed spec: its backend 10.0.1.72 is local (DNAT only)."""
+    return datapath(SEED, "node1")
+
+
+# ---------------------------------------------------------------- helpers
+
+
+@contextmanager
+def attached(dp: Datapath, netns, prog: str, point: int):
+    """prog attached to eth0 of the test namespace (for what BPF_PROG_TEST_RUN cannot
+    reproduce); the clsact qdisc, and with it the filter, is removed afterwards."""
+    here = os.stat("/proc/thread-self/ns/net")
+    ns = os.stat(f"/run/netns/{netns.name}")
+    assert (here.st_dev, here.st_ino) == (ns.st_dev, ns.st_ino), "refusing to attach outside the test namespace"
+    assert dp.ifindex == if_index("eth0")
+    bpf.tc_hook_create(dp.ifindex, bpf.BPF_TC_INGRESS)
+    try:
+        bpf.tc_attach(dp.ifindex, point, dp.obj.program(prog).fd, handle=1, priority=1)
+        yield
+    finally:
+        bpf.tc_hook_destroy(dp.ifindex)
+
+
+def syn(sport: int, dst: str = NODE0, dport: int = NODEPORT, src: str = CLIENT, **kw) -> bytes:
+    return pk.tcp(src, sport, dst, dport, pk.SYN, **kw)
+
+
+def assert_translated(run: Run, flow: tuple[str, int, str, int], original: bytes, ttl: int = 64) -> pk.Packet:
+    """The output frame carries flow, valid checksums, the original payload and ttl."""
+    p = run.pkt
+    assert p.flow == flow
+    assert p.ip_csum_ok(), "IPv4 header checksum"
+    assert p.l4_csum_ok(), f"{'TCP' if p.proto == TCP else 'UDP'} checksum {p.l4_csum:#06x}"
+    assert p.ttl == ttl
+    assert pk.payload_of(p) == pk.payload_of(pk.parse(original))
+    assert len(run.frame) == len(original)
+    return p
+
+
+def assert_forwarded_to(run: Run, mac: bytes) -> None:
+    """Redirected out of eth0 with the MACs of the fib answer."""
+    assert run.retval == TC_ACT_REDIRECT
+    assert run.frame[0:6] == mac
+    assert run.frame[6:12] == NODE_MAC
+
+
+# ================================================================ 1. not for a service
+
+
+def _frag(first: bool) -> bytes:
+    seg = pk.tcp_segment(CLIENT, NODE0, 40000, NODEPORT, pk.SYN)
+    frag = pk.IP_MF if first else 100  # offset 100*8, no MF: a last fragment
+    return pk.ether(pk.ipv4_header(CLIENT, NODE0, TCP, len(seg), frag=frag) + seg)
+
+
+NOT_FOR_A_SERVICE = {
+    "other-port": pk.tcp(CLIENT, 40000, NODE0, 22, pk.SYN),
+    "snat-range-port-without-nat": pk.tcp(BACKEND, 80, NODE0, 40000, pk.SYN | pk.ACK),
+    "other-address": pk.tcp(CLIENT, 40000, "172.26.50.50", NODEPORT, pk.SYN),
+    "udp-other-port": pk.udp(CLIENT, 40000, NODE0, 53, b"query"),
+    "icmp": pk.icmp_echo(CLIENT, NODE0),
+    "arp": pk.arp_request(CLIENT, NODE0),
+    "ipv6": pk.ipv6_tcp_syn(),
+    "first-fragment": _frag(first=True),
+    "later-fragment": _frag(first=False),
+    "sctp-to-nodeport": pk.ether(pk.ipv4_header(CLIENT, NODE0, 132, 12) + bytes(12)),
+}
+
+
+@pytest.mark.parametrize("prog", ["from_netdev", "to_netdev"])
+@pytest.mark.parametrize("name", NOT_FOR_A_SERVICE)
+def test_packet_not_for_a_service_passes_unchanged(node0, prog, name):
+    frame = NOT_FOR_A_SERVICE[name]
+    run = getattr(node0, prog)(frame)
+    assert (run.retval, run.frame) == (TC_ACT_OK, frame)
+    assert node0.entries("ct_v4") == {} and node0.entries("snat_v4") == {}
+    assert not any(node0.all_drops().values())
+
+
+# ================================================================ 2. local backend: DNAT
+
+
+def test_syn_to_local_backend_is_dnated(node1):
+    frame = pk.tcp(CLIENT, 40000, NODE1, NODEPORT, pk.SYN, b"hello")
+    run = node1.from_netdev(frame)
+
+    assert run.retval == TC_ACT_OK  # the stack delivers it to the local pod
+    assert_translated(run, (CLIENT, 40000, BACKEND, BACKEND_PORT), frame)
+    assert run.frame[:12] == frame[:12]  # MACs untouched
+
+    fid = node1.frontend_id()
+    service = node1.ct((CLIENT, 40000, NODE1, NODEPORT), "CT_SERVICE")
+    out = node1.ct((CLIENT, 40000, BACKEND, BACKEND_PORT), "CT_OUT")
+    for entry in (service, out):
+        assert entry is not None
+        assert node1.backend(entry["backend_id"]) == (BACKEND, BACKEND_PORT)
+        assert entry["rev_nat_id"] == fid
+        assert not entry["flags"] & FLAGS["CT_SNAT"]
+        assert now_sec() < entry["expires"] <= now_sec() + TIMEOUT["CT_SYN_TIMEOUT"] + 1
+    assert node1.entries("snat_v4") == {}
+    assert node1.frontend_stats(fid) == (1, len(frame))
+
+
+# ================================================================ 3. remote backend: DNAT + SNAT
+
+
+@pytest.mark.parametrize("client_port", [40000, 10000], ids=["port-in-snat-range", "port-outside-snat-range"])
+def test_syn_to_remote_backend_is_dnated_and_snated(node0, client_port):
+    frame = pk.tcp(CLIENT, client_port, NODE0, NODEPORT, pk.SYN, b"hello")
+    run = node0.from_netdev(frame)
+
+    assert_forwarded_to(run, PEER_MACS[NODE1])  # the route to 10.0.1.0/24 is via node1
+    p = run.pkt
+    snat_port = p.sport
+    if client_port in SNAT_RANGE:
+        assert snat_port == client_port
+    else:
+        assert snat_port in SNAT_RANGE
+    assert_translated(run, (NODE0, snat_port, BACKEND, BACKEND_PORT), frame, ttl=63)
+
+    # The NAT pair, as the walk-through lists it.
+    assert node0.nat((CLIENT, client_port, BACKEND, BACKEND_PORT), "NAT_OUT") == (NODE0, snat_port)
+    assert node0.nat((BACKEND, BACKEND_PORT, NODE0, snat_port), "NAT_IN") == (CLIENT, client_port)
+    assert len(node0.entries("snat_v4")) == 2
+
+    fid = node0.frontend_id()
+    for flow, direction in (((CLIENT, client_port, NODE0, NODEPORT), "CT_SERVICE"),
+                            ((CLIENT, client_port, BACKEND, BACKEND_PORT), "CT_OUT")):
+        entry = node0.ct(flow, direction)
+        assert entry is not None, direction
+        assert node0.backend(entry["backend_id"]) == (BACKEND, BACKEND_PORT)
+        assert entry["rev_nat_id"] == fid
+        assert entry["flags"] & FLAGS["CT_SNAT"]
+        assert (str(entry["snat_addr"]), entry["snat_port"]) == (NODE0, snat_port)
+    assert node0.frontend_stats(fid) == (1, len(frame))
+
+
+def test_remote_backend_without_neighbour_entry_uses_redirect_neigh(node0, netns):
+    netns.ip("neigh", "del", NODE1, "dev", "eth0")
+    frame = syn(40000)
+    run = node0.from_netdev(frame)
+    assert run.retval == TC_ACT_REDIRECT
+    assert_translated(run, (NODE0, 40000, BACKEND, BACKEND_PORT), frame, ttl=63)
+
+
+def test_unroutable_backend_is_a_counted_drop(node0, netns):
+    netns.ip("route", "replace", "unreachable", "10.0.1.0/24")
+    run = node0.from_netdev(syn(40000))
+    assert run.retval == TC_ACT_SHOT
+    assert node0.drops("FIB_FAILED") == 1
+
+
+# ================================================================ 4. reply of a SNATed flow
+
+
+@pytest.mark.parametrize("client_port", [40000, 10000], ids=["port-in-snat-range", "port-outside-snat-range"])
+@pytest.mark.parametrize("proto", [TCP, UDP], ids=["tcp", "udp"])
+def test_reply_through_snat_goes_back_to_client_from_frontend(node0, client_port, proto):
+    if proto == TCP:
+        request = pk.tcp(CLIENT, client_port, NODE0, NODEPORT, pk.SYN)
+    else:
+        request = pk.udp(CLIENT, client_port, NODE0, NODEPORT, b"request")
+    snat_port = node0.from_netdev(request).pkt.sport
+
+    if proto == TCP:
+        reply = pk.tcp(BACKEND, BACKEND_PORT, NODE0, snat_port, pk.SYN | pk.ACK, b"welcome", ttl=62)
+    else:
+        reply = pk.udp(BACKEND, BACKEND_PORT, NODE0, snat_port, b"answer", ttl=62)
+    run = node0.from_netdev(reply)
+
+    assert_forwarded_to(run, CLIENT_MAC)
+    assert_translated(run, (NODE0, NODEPORT, CLIENT, client_port), reply, ttl=61)
+    assert run.pkt.tcp_flags == pk.parse(reply).tcp_flags
+
+
+def test_reply_to_unknown_snat_port_is_untouched(node0):
+    node0.from_netdev(syn(40000))
+    reply = pk.tcp(BACKEND, BACKEND_PORT, NODE0, 40001, pk.SYN | pk.ACK)
+    run = node0.from_netdev(reply)
+    assert (run.retval, run.frame) == (TC_ACT_OK, reply)
+
+
+def test_reply_of_an_expired_flow_is_untouched(node0):
+    node0.from_netdev(syn(40000))
+    out = (CLIENT, 40000, BACKEND, BACKEND_PORT)
+    node0.put_ct(out, "CT_OUT", **{**node0.ct(out, "CT_OUT"), "expires": now_sec() - 1})
+    reply = pk.tcp(BACKEND, BACKEND_PORT, NODE0, 40000, pk.SYN | pk.ACK)
+    run = node0.from_netdev(reply)
+    assert (run.retval, run.frame) == (TC_ACT_OK, reply)
+
+
+# ================================================================ 5. local backend: reply on egress
+
+
+def test_local_backend_reply_gets_frontend_as_source(node1):
+    node1.from_netdev(pk.tcp(CLIENT, 40000, NODE1, NODEPORT, pk.SYN))
+    reply = pk.tcp(BACKEND, BACKEND_PORT, CLIENT, 40000, pk.SYN | pk.ACK, b"welcome")
+    run = node1.to_netdev(reply)
+
+    assert run.retval == TC_ACT_OK
+    assert_translated(run, (NODE1, NODEPORT, CLIENT, 40000), reply)
+
+
+def test_local_backend_traffic_of_no_flow_is_untouched(node1):
+    node1.from_netdev(pk.tcp(CLIENT, 40000, NODE1, NODEPORT, pk.SYN))
+    for frame in (pk.tcp(BACKEND, BACKEND_PORT, CLIENT, 40001, pk.SYN | pk.ACK),  # another client port
+                  pk.tcp(BACKEND, 8080, CLIENT, 40000, pk.SYN | pk.ACK)):  # another backend port
+        run = node1.to_netdev(frame)
+        assert (run.retval, run.frame) == (TC_ACT_OK, frame)
+
+
+# ================================================================ 6. UDP checksums
+
+
+@pytest.mark.parametrize("node", ["node0", "node1"])
+def test_udp_zero_checksum_stays_zero(datapath, node):
+    dp = datapath(SEED, node)
+    frame = pk.udp(CLIENT, 40000, dp.address, NODEPORT, b"no checksum", zero_csum=True)
+    run = dp.from_netdev(frame)
+    p = run.pkt
+    assert p.daddr == BACKEND and p.dport == BACKEND_PORT
+    assert p.l4_csum == 0
+    assert p.ip_csum_ok()
+
+    reply = pk.udp(BACKEND, BACKEND_PORT, p.saddr, p.sport, b"none either", zero_csum=True)
+    back = (dp.from_netdev if node == "node0" else dp.to_netdev)(reply).pkt
+    assert back.flow == (dp.address, NODEPORT, CLIENT, 40000)
+    assert back.l4_csum == 0 and back.ip_csum_ok()
+
+
+@pytest.mark.parametrize("node", ["node0", "node1"])
+def test_udp_checksum_is_updated(datapath, node):
+    dp = datapath(SEED, node)
+    frame = pk.udp(CLIENT, 40000, dp.address, NODEPORT, b"with checksum")
+    run = dp.from_netdev(frame)
+    ttl = 63 if node == "node0" else 64
+    source = (NODE0, 40000) if node == "node0" else (CLIENT, 40000)
+    p = assert_translated(run, (*source, BACKEND, BACKEND_PORT), frame, ttl=ttl)
+    assert p.l4_csum != 0
+
+
+def test_udp_checksum_that_becomes_zero_is_sent_as_ffff(node0):
+    """A translated UDP checksum that computes to 0 must be sent as 0xffff (0 means none)."""
+    # node0 keeps the client's port (inside the SNAT range): the translated header is
+    # known in advance, so a 2-byte payload can make its checksum compute to 0.
+    after = pk.udp_datagram(NODE0, BACKEND, 40000, BACKEND_PORT, b"\0\0", zero_csum=True)
+    pseudo = pk.pseudo_header(pk._ip(NODE0), pk._ip(BACKEND), UDP, len(after))
+    total = (~pk.csum(pseudo + after)) & 0xFFFF  # ones' complement sum with payload 0
+    payload = ((~total) & 0xFFFF).to_bytes(2, "big")
+    assert pk.csum(pseudo + after[:8] + payload) == 0  # the translated checksum computes to 0
+
+    frame = pk.udp(CLIENT, 40000, NODE0, NODEPORT, payload)
+    assert pk.parse(frame).l4_csum != 0
+    p = node0.from_netdev(frame).pkt
+    assert p.flow == (NODE0, 40000, BACKEND, BACKEND_PORT)
+    assert p.l4_csum == 0xFFFF
+    assert p.checksums_ok()
+
+
+TP_STATUS_CSUMNOTREADY = 1 << 3
+SOL_PACKET, PACKET_AUXDATA = 263, 8  # <linux/socket.h>, <linux/if_packet.h>
+AUXDATA = struct.Struct("IIIHHHH")  # struct tpacket_auxdata
+
+
+def test_egress_rewrite_of_partial_checksum_packet(node1, netns):
+    """Local sockets hand veth packets with CHECKSUM_PARTIAL (kernel-notes): their L4
+    checksum field holds the pseudo-header sum, which the address rewrite must update
+    (BPF_F_PSEUDO_HDR). BPF_PROG_TEST_RUN's skbs are never partial, so here to_netdev is
+    attached to eth0's egress inside the test namespace and a local "backend" socket
+    replies; the frame is captured on the veth peer."""
+    node1.from_netdev(pk.udp(CLIENT, 40000, NODE1, NODEPORT, b"request"))  # the flow
+    netns.ip("addr", "add", f"{BACKEND}/32", "dev", "lo")  # the pod, local to the namespace
+    with ExitStack() as stack:
+        capture = stack.enter_context(socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(pk.ETH_P_IP)))
+        capture.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
+        capture.bind(("peer0", 0))
+        capture.settimeout(2)
+        stack.enter_context(attached(node1, netns, "to_netdev", bpf.BPF_TC_EGRESS))
+        backend = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+        backend.bind((BACKEND, BACKEND_PORT))
+        backend.sendto(b"reply from the pod", (CLIENT, 40000))
+        while True:
+            frame, ancillary, _, _ = capture.recvmsg(2048, socket.CMSG_SPACE(AUXDATA.size))
+            p = pk.parse(frame) if frame[23:24] == bytes([UDP]) else None
+            if p is not None and pk.payload_of(p) == b"reply from the pod":
+                break
+    status = next(AUXDATA.unpack(data[: AUXDATA.size])[0] for level, kind, data in ancillary
+                  if (level, kind) == (SOL_PACKET, PACKET_AUXDATA))
+    assert p.flow == (NODE1, NODEPORT, CLIENT, 40000)
+    assert p.ip_csum_ok()
+    assert status & TP_STATUS_CSUMNOTREADY, "veth did not pass a partial checksum: the test proves nothing"
+    done = pk.parse(pk.complete_partial_checksum(frame, 14 + len(p.ip_header), 6))
+    assert done.l4_csum_ok(), "the pseudo-header sum was not updated for the new source address"
+
+
+# ================================================================ 7. conntrack states
+
+
+@pytest.mark.parametrize("node", ["node0", "node1"])
+@pytest.mark.parametrize("flags", [pk.ACK, pk.PSH | pk.ACK, pk.FIN | pk.ACK, pk.RST, pk.SYN | pk.ACK],
+                         ids=["ack", "psh-ack", "fin-ack", "rst", "syn-ack"])
+def test_tcp_without_syn_for_unknown_flow_is_dropped(datapath, node, flags):
+    dp = datapath(SEED, node)
+    run = dp.from_netdev(pk.tcp(CLIENT, 40000, dp.address, NODEPORT, flags))
+    assert run.retval == TC_ACT_SHOT
+    assert dp.drops("CT_NO_SYN") == 1
+    assert dp.entries("ct_v4") == {} and dp.entries("snat_v4") == {}
+
+
+def test_ack_establishes_the_flow(node1):
+    service = (CLIENT, 40000, NODE1, NODEPORT)
+    node1.from_netdev(pk.tcp(*service, pk.SYN))
+    assert not node1.ct(service, "CT_SERVICE")["flags"] & FLAGS["CT_ESTABLISHED"]
+    node1.from_netdev(pk.tcp(*service, pk.ACK))
+    entry = node1.ct(service, "CT_SERVICE")
+    assert entry["flags"] & FLAGS["CT_ESTABLISHED"]
+    assert entry["expires"] >= now_sec() + TIMEOUT["CT_ESTABLISHED_TIMEOUT"] - 1
+
+
+@pytest.mark.parametrize("closer", ["client", "backend"])
+@pytest.mark.parametrize("node", ["node0", "node1"])
+def test_fin_marks_both_entries_closing(datapath, node, closer):
+    dp = datapath(SEED, node)
+    service = (CLIENT, 40000, dp.address, NODEPORT)
+    out = (CLIENT, 40000, BACKEND, BACKEND_PORT)
+    dp.from_netdev(pk.tcp(*service, pk.SYN))
+    dp.from_netdev(pk.tcp(*service, pk.ACK))
+    snat = dp.ct(service, "CT_SERVICE")["snat_port"]
+
+    if closer == "client":
+        run = dp.from_netdev(pk.tcp(*service, pk.FIN | pk.ACK))
+        assert run.pkt.daddr == BACKEND
+    elif node == "node0":  # the reply comes back through the SNAT on ingress
+        run = dp.from_netdev(pk.tcp(BACKEND, BACKEND_PORT, NODE0, snat, pk.FIN | pk.ACK))
+        assert run.pkt.flow == (NODE0, NODEPORT, CLIENT, 40000)
+    else:  # the local backend's reply leaves on egress
+        run = dp.to_netdev(pk.tcp(BACKEND, BACKEND_PORT, CLIENT, 40000, pk.FIN | pk.ACK))
+        assert run.pkt.flow == (NODE1, NODEPORT, CLIENT, 40000)
+
+    for flow, direction in ((service, "CT_SERVICE"), (out, "CT_OUT")):
+        entry = dp.ct(flow, direction)
+        assert entry["flags"] & FLAGS["CT_CLOSING"], direction
+        assert entry["expires"] <= now_sec() + TIMEOUT["CT_CLOSE_TIMEOUT"] + 1, direction
+
+
+@pytest.mark.parametrize("node", ["node0", "node1"])
+def test_syn_after_fin_is_a_new_flow(datapath, node):
+    dp = datapath(SEED, node)
+    service = (CLIENT, 40000, dp.address, NODEPORT)
+    dp.from_netdev(pk.tcp(*service, pk.SYN))
+    first_port = dp.from_netdev(pk.tcp(*service, pk.FIN | pk.ACK)).pkt.sport
+    # The last ACK still belongs to the closing flow.
+    assert dp.from_netdev(pk.tcp(*service, pk.ACK)).pkt.sport == first_port
+    assert dp.ct(service, "CT_SERVICE")["flags"] & FLAGS["CT_CLOSING"]
+
+    frame = pk.tcp(*service, pk.SYN)
+    p = dp.from_netdev(frame).pkt
+    entry = dp.ct(service, "CT_SERVICE")
+    assert not entry["flags"] & FLAGS["CT_CLOSING"]
+    assert entry["expires"] >= now_sec() + TIMEOUT["CT_SYN_TIMEOUT"] - 1
+    assert not dp.ct((CLIENT, 40000, BACKEND, BACKEND_PORT), "CT_OUT")["flags"] & FLAGS["CT_CLOSING"]
+    assert (p.daddr, p.dport) == (BACKEND, BACKEND_PORT) and p.checksums_ok()
+    if node == "node0":
+        # The closed flow's SNAT port rests (the backend holds it in TIME_WAIT): the
+        # new flow gets another one, and its replies are translated.
+        assert p.sport != first_port and p.sport in SNAT_RANGE
+        assert entry["snat_port"] == p.sport
+        assert dp.nat((CLIENT, 40000, BACKEND, BACKEND_PORT), "NAT_OUT") == (NODE0, p.sport)
+        back = dp.from_netdev(pk.tcp(BACKEND, BACKEND_PORT, NODE0, p.sport, pk.SYN | pk.ACK)).pkt
+        assert back.flow == (NODE0, NODEPORT, CLIENT, 40000)
+
+
+# Client ports whose bytes all vary, so that flows spread over backends.
+SPREAD_PORTS = [33001 + 311 * i for i in range(48)]
+
+
+@pytest.mark.parametrize("node", ["node0", "node1"])
+def test_flow_keeps_its_backend_when_backends_are_added(datapath, node):
+    dp = datapath(SEED, node)
+    before = {}
+    for port in SPREAD_PORTS:
+        p = dp.from_netdev(pk.tcp(CLIENT, port, dp.address, NODEPORT, pk.SYN)).pkt
+        before[port] = (p.saddr, p.sport, p.daddr, p.dport)
+    assert {(d, dp_) for _, _, d, dp_ in before.values()} == {(BACKEND, BACKEND_PORT)}
+
+    dp.sync(GROWN)  # 10.0.1.72 stays, three more backends join
+
+    for port in SPREAD_PORTS:
+        run = dp.from_netdev(pk.tcp(CLIENT, port, dp.address, NODEPORT, pk.ACK, b"next"))
+        assert run.pkt.flow == before[port], f"flow from client port {port} moved"
+        assert run.pkt.checksums_ok()
+
+    new = Counter()
+    for port in SPREAD_PORTS:
+        p = dp.from_netdev(pk.tcp(OTHER_CLIENT, port, dp.address, NODEPORT, pk.SYN)).pkt
+        new[p.daddr] += 1
+    grown = {str(b.address) for b in load_spec(GROWN).services[0].backends}
+    assert set(new) <= grown
+    assert len(new) > 1, f"new flows all went to {set(new)}"
+
+
+@pytest.mark.parametrize("node", ["node0", "node1"])
+def test_flow_off_a_removed_backend_stays_translated_both_ways(datapath, node):
+    """The backend of an established flow is removed and another one added: the flow's
+    next packets go to a live backend, and that backend's replies are still
+    reverse-translated to the frontend (never leaked with the pod's address)."""
+    dp = datapath(SEED, node)
+    service = (CLIENT, 40000, dp.address, NODEPORT)
+    dp.from_netdev(pk.tcp(*service, pk.SYN))
+    dp.from_netdev(pk.tcp(*service, pk.ACK))
+
+    dp.sync(REPLACED)  # 10.0.1.72 is gone, 10.0.1.80 is the only backend
+
+    p = dp.from_netdev(pk.tcp(*service, pk.ACK, b"more")).pkt
+    assert (p.daddr, p.dport) == ("10.0.1.80", BACKEND_PORT)
+    if node == "node0":
+        reply = dp.from_netdev(pk.tcp("10.0.1.80", BACKEND_PORT, NODE0, p.sport, pk.ACK, b"answer"))
+    else:
+        reply = dp.to_netdev(pk.tcp("10.0.1.80", BACKEND_PORT, CLIENT, 40000, pk.ACK, b"answer"))
+    assert reply.pkt.flow == (dp.address, NODEPORT, CLIENT, 40000)
+
+
+# ================================================================ 8. SNAT port allocation
+
+
+def _occupy(dp: Datapath, port: int, occupant: tuple[str, int], ct_expires: int | None) -> None:
+    """Make NODE0:port the SNAT port of occupant's flow to BACKEND: its NAT pair, and
+    (unless ct_expires is None) its CT_OUT entry expiring at ct_expires."""
+    dp.put_nat((BACKEND, BACKEND_PORT, NODE0, port), "NAT_IN", occupant)
+    dp.put_nat((*occupant, BACKEND, BACKEND_PORT), "NAT_OUT", (NODE0, port))
+    if ct_expires is not None:
+        dp.put_ct((*occupant, BACKEND, BACKEND_PORT), "CT_OUT", expires=ct_expires, backend_id=1, rev_nat_id=1,
+                  flags=FLAGS["CT_SNAT"], snat_addr=NODE0, snat_port=port)
+
+
+def assert_nat_pair(dp: Datapath, client: tuple[str, int], port: int) -> None:
+    assert dp.nat((*client, BACKEND, BACKEND_PORT), "NAT_OUT") == (NODE0, port)
+    assert dp.nat((BACKEND, BACKEND_PORT, NODE0, port), "NAT_IN") == client
+
+
+@pytest.mark.parametrize(
+    "occupant_state, taken_over",
+    [
+        ("live", False),
+        ("closed-within-grace", False),
+        ("no-ct-entry", True),
+        ("expired-beyond-grace", True),
+    ],
+)
+def test_client_port_held_by_another_flow(node0, occupant_state, taken_over):
+    now = now_sec()
+    expires = {
+        "live": now + 100,
+        "closed-within-grace": now - 5,
+        "no-ct-entry": None,
+        "expired-beyond-grace": now - TIMEOUT["SNAT_REUSE_GRACE"] - 30,
+    }[occupant_state]
+    occupant = (OTHER_CLIENT, 50000)
+    _occupy(node0, 40000, occupant, expires)
+
+    frame = syn(40000)
+    run = node0.from_netdev(frame)
+    assert_forwarded_to(run, PEER_MACS[NODE1])
+    port = run.pkt.sport
+    assert_translated(run, (NODE0, port, BACKEND, BACKEND_PORT), frame, ttl=63)
+    assert_nat_pair(node0, (CLIENT, 40000), port)
+    if taken_over:
+        assert port == 40000
+    else:
+        assert port != 40000 and port in SNAT_RANGE
+        assert_nat_pair(node0, occupant, 40000)  # the occupant keeps its mapping
+    # Replies to the chosen port reach this client.
+    back = node0.from_netdev(pk.tcp(BACKEND, BACKEND_PORT, NODE0, port, pk.SYN | pk.ACK)).pkt
+    assert back.flow == (NODE0, NODEPORT, CLIENT, 40000)
+
+
+def test_snat_port_range_exhausted_by_live_flows_is_a_counted_drop(datapath):
+    dp = datapath(TINY_SNAT, "node0")  # snatPortRange 40000-40003
+    ports = set()
+    for i in range(4):
+        p = dp.from_netdev(pk.tcp(f"172.26.50.{180 + i}", 50000 + i, NODE0, NODEPORT, pk.SYN)).pkt
+        assert 40000 <= p.sport <= 40003
+        ports.add(p.sport)
+    assert len(ports) == 4
+    snat_before, ct_before = dp.entries("snat_v4"), dp.entries("ct_v4")
+
+    run = dp.from_netdev(pk.tcp("172.26.50.190", 50010, NODE0, NODEPORT, pk.SYN))
+    assert run.retval == TC_ACT_SHOT
+    assert dp.drops("SNAT_EXHAUSTED") == 1
+    assert dp.entries("snat_v4") == snat_before  # no half-written mapping
+    assert dp.entries("ct_v4") == ct_before
+
+
+def test_snat_port_of_a_stale_flow_is_reused_when_range_is_full(datapath):
+    dp = datapath(TINY_SNAT, "node0")
+    clients = [(f"172.26.50.{180 + i}", 50000 + i) for i in range(4)]
+    port_of = {c: dp.from_netdev(pk.tcp(*c, NODE0, NODEPORT, pk.SYN)).pkt.sport for c in clients}
+    # The first client's flow is gone (its conntrack entries expired and were evicted).
+    gone = clients[0]
+    dp.maps["ct_v4"].delete(tuple_key((*gone, BACKEND, BACKEND_PORT), "CT_OUT"))
+    dp.maps["ct_v4"].delete(tuple_key((*gone, NODE0, NODEPORT), "CT_SERVICE"))
+
+    run = dp.from_netdev(pk.tcp("172.26.50.190", 50010, NODE0, NODEPORT, pk.SYN))
+    assert run.retval == TC_ACT_REDIRECT
+    assert run.pkt.sport == port_of[gone]
+    assert_nat_pair(dp, ("172.26.50.190", 50010), port_of[gone])
+
+
+def test_snat_port_of_closed_flow_rests_after_its_client_reconnects(node0):
+    """kernel-notes: a closed flow's SNAT port must not be handed out again for ~2
+    minutes (the backend holds node:port in TIME_WAIT). Here the closed flow's client
+    reconnects on the same tuple (and gets a new port); then another client asks for
+    the closed flow's port."""
+    service = (CLIENT, 40000, NODE0, NODEPORT)
+    node0.from_netdev(pk.tcp(*service, pk.SYN))
+    node0.from_netdev(pk.tcp(*service, pk.FIN | pk.ACK))
+    reconnected = node0.from_netdev(pk.tcp(*service, pk.SYN)).pkt.sport
+    assert reconnected != 40000
+
+    p = node0.from_netdev(pk.tcp(OTHER_CLIENT, 40000, NODE0, NODEPORT, pk.SYN)).pkt
+    assert p.sport != 40000, "the closed flow's SNAT port was handed out within its grace period"
+
+
+# ================================================================ 9. malformed packets
+
+
+def _tcp_to_nodeport() -> bytes:
+    return pk.tcp(CLIENT, 40000, NODE0, NODEPORT, pk.SYN, b"payload")
+
+
+def _malformed() -> dict[str, bytes]:
+    good = _tcp_to_nodeport()
+    ip = good[14:]
+    seg = pk.tcp_segment(CLIENT, NODE0, 40000, NODEPORT, pk.SYN)
+    udp = pk.udp_datagram(CLIENT, NODE0, 40000, NODEPORT, b"")
+    return {
+        "ihl-4": pk.ether(pk.ipv4_header(CLIENT, NODE0, TCP, len(seg), ihl=4) + seg),
+        "ihl-0": pk.ether(pk.ipv4_header(CLIENT, NODE0, TCP, len(seg), ihl=0) + seg),
+        "version-6-in-ipv4-frame": good[:14] + bytes([0x65]) + ip[1:],
+        "tot-len-beyond-packet": pk.ether(pk.ipv4_header(CLIENT, NODE0, TCP, 0, tot_len=len(ip) + 40) + ip[20:]),
+        "tot-len-below-headers": pk.ether(pk.ipv4_header(CLIENT, NODE0, TCP, 0, tot_len=30) + seg),
+        "tcp-header-truncated": pk.ether(pk.ipv4_header(CLIENT, NODE0, TCP, 10) + seg[:10]),
+        "udp-header-truncated": pk.ether(pk.ipv4_header(CLIENT, NODE0, UDP, 4) + udp[:4]),
+        "ihl-beyond-packet": pk.ether(pk.ipv4_header(CLIENT, NODE0, TCP, 0, ihl=15) + seg),
+        "options-but-no-tcp-header": pk.ether(
+            pk.ipv4_header(CLIENT, NODE0, TCP, 0, ihl=10, options=bytes(20)) + seg[:8]),
+    }
+
+
+MALFORMED = _malformed()
+
+
+@pytest.mark.parametrize("prog", ["from_netdev", "to_netdev"])
+@pytest.mark.parametrize("name", MALFORMED)
+def test_malformed_packet_is_never_translated(node0, prog, name):
+    frame = MALFORMED[name]
+    run = getattr(node0, prog)(frame)
+    if run.retval == TC_ACT_SHOT:
+        assert node0.drops("MALFORMED") == 1
+    else:
+        assert (run.retval, run.frame) == (TC_ACT_OK, frame)
+    assert node0.entries("ct_v4") == {} and node0.entries("snat_v4") == {}
+    assert sum(node0.all_drops().values()) == node0.drops("MALFORMED")
+
+
+@pytest.mark.parametrize("length", [14, 24, 33], ids=["ethernet-only", "10-byte-ip-header", "19-byte-ip-header"])
+def test_frame_shorter_than_an_ipv4_header_is_a_counted_drop(node0, netns, length):
+    """BPF_PROG_TEST_RUN refuses IPv4 frames shorter than 14 + 20 bytes, so for these
+    from_netdev is attached to eth0's ingress *inside the test namespace* and the frame
+    is sent from the veth peer."""
+    frame = _tcp_to_nodeport()[:length]
+    with attached(node0, netns, "from_netdev", bpf.BPF_TC_INGRESS):
+        with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as s:
+            s.bind(("peer0", 0))
+            s.send(frame)
+        deadline = time.monotonic() + 2
+        while node0.drops("MALFORMED") == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert node0.drops("MALFORMED") == 1
+    assert node0.entries("ct_v4") == {} and node0.entries("snat_v4") == {}
+
+
+def test_ip_options_are_handled(node1):
+    """A valid header with options: the L4 header starts after them."""
+    seg = pk.tcp_segment(CLIENT, NODE1, 40000, NODEPORT, pk.SYN, b"opts")
+    options = bytes([1, 1, 1, 0])  # NOP NOP NOP EOL
+    frame = pk.ether(pk.ipv4_header(CLIENT, NODE1, TCP, len(seg), ihl=6, options=options) + seg)
+    run = node1.from_netdev(frame)
+    assert run.retval == TC_ACT_OK
+    assert_translated(run, (CLIENT, 40000, BACKEND, BACKEND_PORT), frame)
+
+
+# ================================================================ 10. backend selection
+
+
+def _backend_of_new_flow(dp: Datapath, client: str, port: int, nodeport: int) -> str:
+    run = dp.from_netdev(pk.tcp(client, port, NODE1, nodeport, pk.SYN))
+    assert run.retval == TC_ACT_OK
+    return run.pkt.daddr
+
+
+@pytest.mark.parametrize("nodeport, count", [(30003, 3), (30004, 4)], ids=["3-backends", "4-backends"])
+def test_backend_selection_is_deterministic(datapath, nodeport, count):
+    dp = datapath(SEVERAL, "node1")
+    tuples = [(f"172.26.50.{10 + i % 7}", 33001 + 977 * i) for i in range(24)]
+    first = {t: _backend_of_new_flow(dp, *t, nodeport) for t in tuples}
+    dp.forget_flows()
+    again = {t: _backend_of_new_flow(dp, *t, nodeport) for t in tuples}
+    assert first == again
+
+
+SEVERAL_BACKENDS = {30003: {"10.0.1.10", "10.0.1.11", "10.0.1.12"},
+                    30004: {"10.0.1.20", "10.0.1.21", "10.0.1.22", "10.0.1.23"}}
+CONSECUTIVE = "consecutive client ports"
+NEIGHBOURS = "clients of one subnet"
+
+
+@pytest.mark.parametrize(
+    "nodeport, count",
+    [(30003, 3), (30004, 4)],
+    ids=["3-backends", "4-backends"],
+)
+@pytest.mark.parametrize("clients", [CONSECUTIVE, NEIGHBOURS])
+def test_new_flows_spread_over_all_backends(datapath, nodeport, count, clients):
+    dp = datapath(SEVERAL, "node1")
+    if clients == CONSECUTIVE:
+        tuples = [(CLIENT, 40000 + i) for i in range(240)]  # one client, sequential ports
+    else:
+        tuples = [(f"172.26.50.{1 + i}", 40000) for i in range(240)]  # many clients, one port
+    seen = Counter(_backend_of_new_flow(dp, *t, nodeport) for t in tuples)
+    expected = SEVERAL_BACKENDS[nodeport]
+    assert set(seen) == expected, f"backends chosen: {dict(seen)}"
+    fair = len(tuples) / count
+    assert min(seen.values()) >= fair / 2, f"uneven spread: {dict(seen)}"
