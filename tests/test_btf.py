@@ -4,7 +4,6 @@ checked against hand-packed bytes, and malformed input against hand-built BTF.""
 from __future__ import annotations
 
 import json
-import shutil
 import struct
 import subprocess
 from pathlib import Path
@@ -15,42 +14,12 @@ from elftools.elf.elffile import ELFFile
 from bpfgen import btf as btf_module
 from bpfgen.btf import Btf, BtfError, Kind, MapLayout
 
-DATA = Path(__file__).parent / "data"
-BPFTOOL = shutil.which("bpftool") or "/usr/sbin/bpftool"
+# The object-building helpers and the objdir/sample_obj/sample_obj_be fixtures, shared
+# with test_inspect.py, live in conftest.py.
+from conftest import BPFTOOL, DATA, compile_bpf
 
 
-# --- building test objects (also used by test_inspect.py) ----------------------------
-
-
-def _asm_include_dirs() -> list[str]:
-    """<linux/types.h> needs <asm/types.h>, which lives in a multiarch dir on Debian."""
-    return [f"-I{p.parent.parent}" for p in sorted(Path("/usr/include").glob("*/asm/types.h"))[:1]]
-
-
-def compile_bpf(source: Path, out_dir: Path, target: str = "bpf", debug: bool = True) -> Path:
-    """clang -O2 [-g] -target <target> -c source -o out_dir/<stem>[.<target>].o"""
-    if shutil.which("clang") is None:
-        pytest.skip("clang not installed")
-    suffix = "" if target == "bpf" else f".{target}"
-    out = out_dir / f"{source.stem}{suffix}.o"
-    cmd = ["clang", "-O2", *(["-g"] if debug else []), "-target", target, *_asm_include_dirs()]
-    subprocess.run([*cmd, "-c", str(source), "-o", str(out)], check=True)
-    return out
-
-
-@pytest.fixture(scope="session")
-def objdir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("bpfobj")
-
-
-@pytest.fixture(scope="session")
-def sample_obj(objdir) -> Path:
-    return compile_bpf(DATA / "sample.c", objdir)
-
-
-@pytest.fixture(scope="session")
-def sample_obj_be(objdir) -> Path:
-    return compile_bpf(DATA / "sample.c", objdir, target="bpfeb")
+# --- building test objects -------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")

@@ -23,19 +23,19 @@ from bpfgen.inspect import (
     map_type_name,
 )
 
-# The object-building helpers and fixtures live in test_btf.py; share them.
-from test_btf import BPFTOOL, DATA, compile_bpf, objdir, sample_obj, sample_obj_be  # noqa: F401
+# The object-building helpers live in conftest.py, with the objdir/sample_obj/sample_obj_be fixtures.
+from conftest import BPFTOOL, DATA, compile_bpf
 
 OBJDUMP = shutil.which("llvm-objdump") or shutil.which("llvm-objdump-14") or "llvm-objdump"
 
 
 @pytest.fixture(scope="session")
-def legacy_obj(objdir) -> Path:  # noqa: F811
+def legacy_obj(objdir) -> Path:
     return compile_bpf(DATA / "legacy.c", objdir, debug=False)
 
 
 @pytest.fixture(scope="session")
-def asm_obj(objdir) -> Path:  # noqa: F811
+def asm_obj(objdir) -> Path:
     return compile_bpf(DATA / "asm_prog.s", objdir)
 
 
@@ -74,7 +74,7 @@ EXPECTED_SAMPLE_MAPS = [
 ]
 
 
-def test_sample_object(sample_obj):  # noqa: F811
+def test_sample_object(sample_obj):
     info = inspect_object(sample_obj)
     assert info.path == str(sample_obj)
     assert (info.byteorder, info.license, info.kern_version) == ("little", "GPL", None)
@@ -86,26 +86,26 @@ def test_sample_object(sample_obj):  # noqa: F811
     ]
 
 
-def test_programs_match_readelf(sample_obj):  # noqa: F811
+def test_programs_match_readelf(sample_obj):
     info = inspect_object(sample_obj)
     assert {(p.section, p.name, p.insns * 8) for p in info.programs} == func_symbols(sample_obj)
 
 
-def test_internal_map_sizes_match_objdump(sample_obj):  # noqa: F811
+def test_internal_map_sizes_match_objdump(sample_obj):
     sizes = {name: size for name, size in section_sizes(sample_obj).values()}
     for m in inspect_object(sample_obj).maps:
         if m.internal:
             assert m.value_size == sizes[m.section]
 
 
-def test_names_match_libbpf(sample_obj):  # noqa: F811
+def test_names_match_libbpf(sample_obj):
     maps, progs = skeleton_names(sample_obj)
     info = inspect_object(sample_obj)
     assert {m.name.lstrip(".") for m in info.maps} == maps  # skeletons call .rodata "rodata"
     assert {p.name for p in info.programs if not p.subprog} == progs
 
 
-def test_big_endian_object(sample_obj_be):  # noqa: F811
+def test_big_endian_object(sample_obj_be):
     info = inspect_object(sample_obj_be)
     assert info.byteorder == "big"
     assert info.maps == EXPECTED_SAMPLE_MAPS
@@ -131,7 +131,7 @@ def test_function_without_size_uses_section_size(asm_obj):
     assert info.maps == [] and info.license == "GPL"
 
 
-def test_to_dict_is_json(sample_obj):  # noqa: F811
+def test_to_dict_is_json(sample_obj):
     data = json.loads(json.dumps(inspect_object(sample_obj).to_dict()))
     assert data["license"] == "GPL"
     assert data["programs"][1] == {"section": "tc", "name": "tc_ingress", "insns": data["programs"][1]["insns"],
@@ -140,7 +140,7 @@ def test_to_dict_is_json(sample_obj):  # noqa: F811
     assert conntrack["pinning"] == "by_name" and conntrack["internal"] is False
 
 
-def test_format_text(sample_obj):  # noqa: F811
+def test_format_text(sample_obj):
     text = format_text(inspect_object(sample_obj))
     lines = text.splitlines()
     assert lines[0] == f"{sample_obj}: BPF object (little-endian)"
@@ -196,13 +196,13 @@ def test_native_elf():
         assert message == f"{true}: ELF for x86-64, not BPF"
 
 
-def test_truncated_object(sample_obj, tmp_path):  # noqa: F811
+def test_truncated_object(sample_obj, tmp_path):
     path = tmp_path / "cut.o"
     path.write_bytes(sample_obj.read_bytes()[:100])
     assert inspect_error(path).startswith(f"{path}: malformed ELF: ")
 
 
-def test_corrupt_btf(sample_obj, tmp_path):  # noqa: F811
+def test_corrupt_btf(sample_obj, tmp_path):
     raw = bytearray(sample_obj.read_bytes())
     with open(sample_obj, "rb") as f:
         offset = ELFFile(f).get_section_by_name(".BTF")["sh_offset"]

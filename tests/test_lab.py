@@ -9,6 +9,7 @@ import os
 import secrets
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -115,7 +116,7 @@ def test_200_concurrent_connections_get_distinct_snat_ports(lab) -> None:
 
 def test_clusterip_is_reachable_from_the_node(lab) -> None:
     proc = subprocess.run(
-        ["nsenter", f"--net=/run/netns/{lab.node_ns('node0')}", "python3", "-m", "bpfgen.labnet", "request", "tcp",
+        ["nsenter", f"--net=/run/netns/{lab.node_ns('node0')}", sys.executable, "-m", "bpfgen.labnet", "request", "tcp",
          CLUSTER_IP, "80"], capture_output=True, text=True, timeout=30,
     )
     assert proc.returncode == 0, proc.stderr
@@ -174,7 +175,7 @@ def test_counters_count_frontend_packets(lab) -> None:
 
 def test_the_node_of_the_namespace_is_picked_without_flags(lab) -> None:
     proc = subprocess.run(
-        ["nsenter", f"--net=/run/netns/{lab.node_ns('node1')}", "python3", "-m", "bpfgen.cli", "service", "list",
+        ["nsenter", f"--net=/run/netns/{lab.node_ns('node1')}", sys.executable, "-m", "bpfgen.cli", "service", "list",
          "-o", "json"], capture_output=True, text=True,
     )
     assert proc.returncode == 0, proc.stderr

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import jinja2
@@ -12,7 +14,7 @@ import pytest
 
 from bpfgen import layout
 from bpfgen.build import CompileError, compile_object, compile_spec
-from bpfgen.render import map_sizes, render
+from bpfgen.render import _environment, map_sizes, render
 from bpfgen.spec import load_spec
 
 REPO = Path(__file__).resolve().parent.parent
@@ -34,10 +36,25 @@ def test_seed_renders_as_golden(request: pytest.FixtureRequest) -> None:
         assert (GOLDEN / name).read_text() == text, f"{name} differs from golden (pytest --update-golden)"
 
 
+_RENDER_SEED = """
+import json, sys
+from bpfgen.render import render
+from bpfgen.spec import load_spec
+sys.stdout.write(json.dumps(render(load_spec(sys.argv[1]), "seed.yaml"), sort_keys=True))
+"""
+
+
 def test_rendering_is_deterministic() -> None:
-    a = render(load_spec(SEED), "seed.yaml")
-    b = render(load_spec(SEED), "seed.yaml")
-    assert a == b
+    """Byte for byte the same across processes, whatever the hash seed (set/dict order)."""
+    outputs = []
+    for hashseed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": hashseed}
+        proc = subprocess.run([sys.executable, "-c", _RENDER_SEED, str(SEED)], capture_output=True, env=env,
+                              cwd=REPO, timeout=120)
+        assert proc.returncode == 0, proc.stderr.decode()
+        outputs.append(proc.stdout)
+    assert outputs[0], "the render subprocess printed nothing"
+    assert outputs[0] == outputs[1]
 
 
 def test_every_file_says_generated_do_not_edit() -> None:
@@ -46,7 +63,7 @@ def test_every_file_says_generated_do_not_edit() -> None:
 
 
 def test_templates_reject_undefined_values() -> None:
-    env = jinja2.Environment(loader=jinja2.PackageLoader("bpfgen.templates", "."), undefined=jinja2.StrictUndefined)
+    env = _environment()
     with pytest.raises(jinja2.UndefinedError):
         env.get_template("node.bpf.c.j2").render(banner="x")
 
