@@ -89,7 +89,8 @@ def check_headers() -> None:
 def compile_object(source: Path, output: Path) -> None:
     clang = find_clang()
     check_headers()
-    cmd = [clang, "-O2", "-g", "-target", "bpf", "-Wall", "-Werror", "-c", source.name, "-o", output.name]
+    # -mcpu=v3: atomic compare-and-swap (SNAT port takeover) and 32-bit jumps.
+    cmd = [clang, "-O2", "-g", "-target", "bpf", "-mcpu=v3", "-Wall", "-Werror", "-c", source.name, "-o", output.name]
     for d in include_dirs():
         cmd[1:1] = ["-I", d]
     proc = subprocess.run(cmd, cwd=source.parent, capture_output=True, text=True)

@@ -153,6 +153,7 @@ NAT_ENTRY = _s(
     "bpfgen_nat_entry",
     "An SNAT translation: NAT_OUT rewrites the source to addr:port, NAT_IN the destination.",
     ("addr", "ip4"), ("port", "port"), ("pad", "u16"),
+    ("claimed", "u32", "NAT_IN: when a flow took the port (seconds, the clock of expires)"),
     ("rests_until", "u32", "NAT_IN: 0 while its flow owns the port, else when the port may be reused"),
 )
 SVC_STATS = _s("bpfgen_svc_stats", "Per-CPU packet and byte counts of one frontend.", ("packets", "u64"), ("bytes", "u64"))
@@ -203,6 +204,8 @@ DROP_REASONS = Enum(
         ("CT_NO_SYN", 4, "TCP packet of no known flow without SYN"),
         ("CT_FULL", 5, "conntrack insert failed"),
         ("REWRITE_FAILED", 6, "packet rewrite failed"),
+        ("TTL_EXCEEDED", 7, "TTL exceeded in forwarding"),
+        ("LOCAL_FROM_NODE", 8, "node's own flow to a backend on the node (not translatable at its interface)"),
     ),
 )
 ENUMS = (DROP_REASONS,)

@@ -20,6 +20,7 @@ import itertools
 import os
 import socket
 import struct
+import subprocess
 import time
 from collections import Counter
 from contextlib import ExitStack, contextmanager
@@ -32,7 +33,7 @@ from bpfgen import layout
 from bpfgen import libbpf as bpf
 from bpfgen.build import Build, compile_spec
 from bpfgen.loader import SERVICE_MAPS, desired_entries, sync_map
-from bpfgen.netns import enter_netns, ifindex as if_index
+from bpfgen.netns import current_netns, enter_netns, ifindex as if_index
 from bpfgen.render import TIMEOUTS
 from bpfgen.spec import Spec, load_spec
 
@@ -123,6 +124,7 @@ class Datapath:
     def sync(self, spec_path: Path) -> None:
         """Fill the service maps for this node from a spec, as `bpfgen load` does."""
         spec = load_spec(spec_path)
+        _route_backends(spec, self.node)
         service = {name: self.maps[name] for name in SERVICE_MAPS}
         want = desired_entries(spec, spec.node(self.node), service, self.maps["ct_v4"])
         for name in ("backend_v4", "revnat_v4", "svc_v4"):
@@ -205,10 +207,30 @@ def build_of(tmp_path_factory: pytest.TempPathFactory):
     return get
 
 
+def _route_backends(spec: Spec, node: str) -> None:
+    """Routes, as the lab has them, in the namespace this thread is in: other nodes' pod
+    CIDRs via those nodes, and remote backends outside them /32 via their node (the
+    datapath drops what it cannot route)."""
+    ns = current_netns()
+    assert ns, "the datapath runs inside the test namespace"
+
+    def route(prefix: str, via: str) -> None:
+        subprocess.run(["ip", "-n", ns, "route", "replace", prefix, "via", via, "dev", "eth0"], check=True)
+
+    for other in spec.nodes:
+        if other.name != node and other.pod_cidr is not None:
+            route(str(other.pod_cidr), str(other.address))
+    for svc in spec.services:
+        for b in svc.backends:
+            host = spec.node(b.node)
+            if b.node != node and not (host.pod_cidr and b.address in host.pod_cidr):
+                route(f"{b.address}/32", str(host.address))
+
+
 def _prepare_namespace(ns, spec: Spec, node: str) -> None:
     """eth0 carries the node's address and NODE_MAC; the client and the other nodes are
-    neighbours with fixed MACs; other nodes' pod CIDRs are routed via them; forwarding on
-    (the programs' ingress fib lookups need it)."""
+    neighbours with fixed MACs; forwarding on (the programs' ingress fib lookups need
+    it). Routes come with each sync (_route_backends)."""
     me = spec.node(node)
     ns.ip("addr", "flush", "dev", "eth0")
     ns.ip("addr", "add", f"{me.address}/24", "dev", "eth0")
@@ -221,8 +243,6 @@ def _prepare_namespace(ns, spec: Spec, node: str) -> None:
             continue
         mac = PEER_MACS.get(str(other.address), bytes.fromhex("02000000aaff"))
         ns.ip("neigh", "replace", str(other.address), "lladdr", mac.hex(":"), "dev", "eth0", "nud", "permanent")
-        if other.pod_cidr is not None:
-            ns.ip("route", "replace", str(other.pod_cidr), "via", str(other.address), "dev", "eth0")
 
 
 @pytest.fixture
@@ -762,6 +782,13 @@ def test_snat_port_of_a_stale_flow_is_reused_when_range_is_full(datapath):
     gone = clients[0]
     dp.maps["ct_v4"].delete(tuple_key((*gone, BACKEND, BACKEND_PORT), "CT_OUT"))
     dp.maps["ct_v4"].delete(tuple_key((*gone, NODE0, NODEPORT), "CT_SERVICE"))
+    nat_key = tuple_key((BACKEND, BACKEND_PORT, NODE0, port_of[gone]), "NAT_IN")
+    fresh = layout.NAT_ENTRY.unpack(dp.maps["snat_v4"].lookup(nat_key))
+    # Claimed a moment ago, a port without conntrack is a flow still being set up: kept.
+    blocked = dp.from_netdev(pk.tcp("172.26.50.190", 50010, NODE0, NODEPORT, pk.SYN))
+    assert blocked.retval == TC_ACT_SHOT and dp.drops("SNAT_EXHAUSTED") >= 1
+    # Claimed long ago: the flow is gone, the port is taken over.
+    dp.maps["snat_v4"].update(nat_key, layout.NAT_ENTRY.pack(**{**fresh, "claimed": fresh["claimed"] - 10}))
 
     run = dp.from_netdev(pk.tcp("172.26.50.190", 50010, NODE0, NODEPORT, pk.SYN))
     assert run.retval == TC_ACT_REDIRECT

@@ -36,7 +36,7 @@ from click.testing import CliRunner
 
 from bpfgen import layout
 from bpfgen import libbpf as L
-from bpfgen.build import compile_spec
+from bpfgen.build import compile_object, compile_spec
 from bpfgen.cli import cli
 
 from conftest import SEED, Netns
@@ -642,8 +642,8 @@ char LICENSE[] SEC("license") = "GPL";
 
 
 def clang_bpf(src: Path, obj: Path) -> None:
-    subprocess.run(["clang", "-O2", "-g", "-target", "bpf", f"-I/usr/include/{platform.machine()}-linux-gnu",
-                    "-c", src.name, "-o", obj.name], cwd=src.parent, check=True)
+    """Compile with the product's own clang invocation (same flags as `bpfgen compile`)."""
+    compile_object(src, obj)
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,9 @@ enum bpfgen_drop_reason {
 	DROP_CT_NO_SYN = 4, /* TCP packet of no known flow without SYN */
 	DROP_CT_FULL = 5, /* conntrack insert failed */
 	DROP_REWRITE_FAILED = 6, /* packet rewrite failed */
-	DROP_MAX = 7,
+	DROP_TTL_EXCEEDED = 7, /* TTL exceeded in forwarding */
+	DROP_LOCAL_FROM_NODE = 8, /* node's own flow to a backend on the node (not translatable at its interface) */
+	DROP_MAX = 9,
 };
 
 /* A service frontend; slot 0 is the frontend itself, slots 1..count its backends. */
@@ -100,9 +102,10 @@ struct bpfgen_nat_entry {
 	bpfgen_ip4_t addr;
 	bpfgen_port_t port;
 	__u16 pad;
+	__u32 claimed; /* NAT_IN: when a flow took the port (seconds, the clock of expires) */
 	__u32 rests_until; /* NAT_IN: 0 while its flow owns the port, else when the port may be reused */
 };
-_Static_assert(sizeof(struct bpfgen_nat_entry) == 12, "bpfgen_nat_entry layout");
+_Static_assert(sizeof(struct bpfgen_nat_entry) == 16, "bpfgen_nat_entry layout");
 
 /* Per-CPU packet and byte counts of one frontend. */
 struct bpfgen_svc_stats {

@@ -145,67 +145,79 @@ static __always_inline int rewrite(struct __sk_buff *skb, const struct pkt *p, c
 	return 0;
 }
 
+/* ---- routing: where a translated packet goes ---- */
+
+enum route_verdict { ROUTE_REDIRECT, ROUTE_NEIGH, ROUTE_STACK };
+
 /*
- * Sends a translated packet on: a fib lookup picks the interface and the MACs.
- * Where the fib says the stack should decide (local delivery, no forwarding), the
- * packet goes to the stack.
+ * Routes the translated tuple t before anything is rewritten or recorded. Returns a
+ * route_verdict, or -1 after counting a drop. From ingress every answer but a next hop
+ * is a drop: the stack would discard a packet whose source is now this node (martian).
+ * tot_len stays 0 so that the kernel's MTU check knows GSO packets.
  */
-static __always_inline int forward(struct __sk_buff *skb, const struct pkt *p, const struct bpfgen_tuple *t,
-				   int egress)
+static __always_inline int route(struct __sk_buff *skb, const struct pkt *p, const struct bpfgen_tuple *t,
+				 int egress, struct bpf_fib_lookup *fib)
 {
-	struct bpf_fib_lookup fib = {};
-	struct bpf_redir_neigh nh = {};
-	__u16 ttl_word_old, ttl_word_new;
 	long rc;
 
-	fib.family = AF_INET;
-	fib.l4_protocol = t->proto;
-	fib.sport = t->sport;
-	fib.dport = t->dport;
-	fib.tot_len = p->len - ETH_HLEN;
-	fib.ipv4_src = t->saddr;
-	fib.ipv4_dst = t->daddr;
-	fib.ifindex = skb->ifindex;
-	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), egress ? BPF_FIB_LOOKUP_OUTPUT : 0);
-	switch (rc) {
-	case BPF_FIB_LKUP_RET_SUCCESS:
-	case BPF_FIB_LKUP_RET_NO_NEIGH:
-		break;
-	case BPF_FIB_LKUP_RET_BLACKHOLE:
-	case BPF_FIB_LKUP_RET_UNREACHABLE:
-	case BPF_FIB_LKUP_RET_PROHIBIT:
-		return drop(DROP_FIB_FAILED);
-	default:
-		return TC_ACT_OK;
+	if (!egress && p->ttl <= 1) {
+		drop(DROP_TTL_EXCEEDED);
+		return -1;
 	}
-	if (egress && fib.ifindex == skb->ifindex && rc == BPF_FIB_LKUP_RET_SUCCESS) {
-		/* Already on its way out of the right interface: just fix the MACs. */
-		if (bpf_skb_store_bytes(skb, 0, fib.dmac, ETH_ALEN, 0) < 0)
+	fib->family = AF_INET;
+	fib->l4_protocol = t->proto;
+	fib->sport = t->sport;
+	fib->dport = t->dport;
+	fib->ipv4_src = t->saddr;
+	fib->ipv4_dst = t->daddr;
+	fib->ifindex = skb->ifindex;
+	rc = bpf_fib_lookup(skb, fib, sizeof(*fib), egress ? BPF_FIB_LOOKUP_OUTPUT : 0);
+	if (rc == BPF_FIB_LKUP_RET_SUCCESS)
+		return ROUTE_REDIRECT;
+	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
+		return ROUTE_NEIGH;
+	if (egress && rc != BPF_FIB_LKUP_RET_BLACKHOLE && rc != BPF_FIB_LKUP_RET_UNREACHABLE &&
+	    rc != BPF_FIB_LKUP_RET_PROHIBIT)
+		return ROUTE_STACK; /* on its way out already: let it go */
+	drop(DROP_FIB_FAILED);
+	return -1;
+}
+
+/* Sends a translated packet where route() said. */
+static __always_inline int send(struct __sk_buff *skb, const struct pkt *p, const struct bpf_fib_lookup *fib,
+				int verdict, int egress)
+{
+	struct bpf_redir_neigh nh = {};
+	__u16 ttl_word_old, ttl_word_new;
+	__u8 ttl;
+
+	if (verdict == ROUTE_STACK)
+		return TC_ACT_OK;
+	if (egress && verdict == ROUTE_REDIRECT && fib->ifindex == skb->ifindex) {
+		/* Already leaving through the right interface: only the next hop's MAC changes. */
+		if (bpf_skb_store_bytes(skb, 0, fib->dmac, ETH_ALEN, 0) < 0)
 			return drop(DROP_REWRITE_FAILED);
 		return TC_ACT_OK;
 	}
 	if (!egress) {
 		/* Forwarded by us rather than the stack: decrement the TTL as a router does. */
-		if (p->ttl <= 1)
-			return TC_ACT_OK; /* the stack answers with ICMP time exceeded */
+		ttl = p->ttl - 1;
 		ttl_word_old = bpf_htons((__u16)p->ttl << 8);
-		ttl_word_new = bpf_htons((__u16)(p->ttl - 1) << 8);
+		ttl_word_new = bpf_htons((__u16)ttl << 8);
 		if (bpf_l3_csum_replace(skb, ETH_HLEN + offsetof(struct iphdr, check), ttl_word_old, ttl_word_new,
-					sizeof(__u16)))
-			return drop(DROP_REWRITE_FAILED);
-		__u8 ttl = p->ttl - 1;
-		if (bpf_skb_store_bytes(skb, ETH_HLEN + offsetof(struct iphdr, ttl), &ttl, 1, 0) < 0)
+					sizeof(__u16)) ||
+		    bpf_skb_store_bytes(skb, ETH_HLEN + offsetof(struct iphdr, ttl), &ttl, 1, 0) < 0)
 			return drop(DROP_REWRITE_FAILED);
 	}
-	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
+	if (verdict == ROUTE_NEIGH) {
 		nh.nh_family = AF_INET;
-		nh.ipv4_nh = fib.ipv4_dst; /* the gateway, where the route has one */
-		return bpf_redirect_neigh(fib.ifindex, &nh, sizeof(nh), 0);
+		nh.ipv4_nh = fib->ipv4_dst; /* the gateway, where the route has one */
+		return bpf_redirect_neigh(fib->ifindex, &nh, sizeof(nh), 0);
 	}
-	if (bpf_skb_store_bytes(skb, 0, fib.dmac, ETH_ALEN, 0) < 0 ||
-	    bpf_skb_store_bytes(skb, ETH_ALEN, fib.smac, ETH_ALEN, 0) < 0)
+	if (bpf_skb_store_bytes(skb, 0, fib->dmac, ETH_ALEN, 0) < 0 ||
+	    bpf_skb_store_bytes(skb, ETH_ALEN, fib->smac, ETH_ALEN, 0) < 0)
 		return drop(DROP_REWRITE_FAILED);
-	return bpf_redirect(fib.ifindex, 0);
+	return bpf_redirect(fib->ifindex, 0);
 }
 
 /* ---- services and conntrack ---- */
@@ -243,6 +255,52 @@ static __always_inline __u32 flow_hash(const struct bpfgen_tuple *t)
 	return mix32(h ^ t->proto);
 }
 
+/* The backend a new flow gets: a slot picked by the flow's hash. */
+static __always_inline struct bpfgen_backend *select_backend(const struct pkt *p,
+							     const struct bpfgen_svc_value *svc, __u32 *backend_id)
+{
+	struct bpfgen_svc_key slot_key = {};
+	struct bpfgen_svc_value *slot;
+
+	if (svc->count == 0)
+		return NULL;
+	slot_key.addr = p->t.daddr;
+	slot_key.port = p->t.dport;
+	slot_key.proto = p->t.proto;
+	slot_key.slot = flow_hash(&p->t) % svc->count + 1;
+	slot = bpf_map_lookup_elem(&svc_v4, &slot_key);
+	if (!slot)
+		return NULL;
+	*backend_id = slot->backend_id;
+	return bpf_map_lookup_elem(&backend_v4, backend_id);
+}
+
+/* The key of a flow's CT_OUT entry: client -> backend. */
+static __always_inline void ct_out_key(struct bpfgen_tuple *key, __be32 client_addr, __be16 client_port,
+				       __be32 backend_addr, __be16 backend_port, __u8 proto)
+{
+	key->saddr = client_addr;
+	key->daddr = backend_addr;
+	key->sport = client_port;
+	key->dport = backend_port;
+	key->proto = proto;
+	key->dir = CT_OUT;
+	key->pad = 0;
+}
+
+/* The key of the NAT_IN entry of node:port towards a backend. */
+static __always_inline void nat_in_key(struct bpfgen_tuple *key, __be32 backend_addr, __be16 backend_port,
+				       __be16 port, __u8 proto)
+{
+	key->saddr = backend_addr;
+	key->daddr = NODE_IP;
+	key->sport = backend_port;
+	key->dport = port;
+	key->proto = proto;
+	key->dir = NAT_IN;
+	key->pad = 0;
+}
+
 static __always_inline __u32 ct_lifetime(const struct pkt *p, __u8 flags)
 {
 	if (p->t.proto != IPPROTO_TCP)
@@ -266,16 +324,39 @@ static __always_inline __u8 ct_flags_after(const struct pkt *p, __u8 flags)
 	return flags;
 }
 
-/* Refreshes an entry in place: writes only when something changed. */
-static __always_inline void ct_touch(struct bpfgen_ct_entry *ct, const struct pkt *p, __u32 now)
+/* Refreshes an entry in place, writing only what changed; returns whether anything did. */
+static __always_inline int ct_touch(struct bpfgen_ct_entry *ct, const struct pkt *p, __u32 now)
 {
 	__u8 flags = ct_flags_after(p, ct->flags);
 	__u32 expires = now + ct_lifetime(p, flags);
+	int changed = 0;
 
-	if (flags != ct->flags)
+	if (flags != ct->flags) {
 		ct->flags = flags;
-	if (expires != ct->expires)
+		changed = 1;
+	}
+	if (expires != ct->expires) {
 		ct->expires = expires;
+		changed = 1;
+	}
+	return changed;
+}
+
+/*
+ * A packet of one direction keeps both entries of its flow alive: when its own entry
+ * changed (at most once a second, or on a state change), the partner at key is
+ * refreshed too. A flow whose replies are rare (UDP) stays translated both ways.
+ */
+static __always_inline void ct_refresh(struct bpfgen_ct_entry *ct, struct bpfgen_tuple *partner,
+				       const struct pkt *p, __u32 now)
+{
+	struct bpfgen_ct_entry *other;
+
+	if (!ct_touch(ct, p, now))
+		return;
+	other = bpf_map_lookup_elem(&ct_v4, partner);
+	if (other)
+		ct_touch(other, p, now);
 }
 
 static __always_inline int ct_is_live(const struct bpfgen_ct_entry *ct, __u32 now)
@@ -283,44 +364,55 @@ static __always_inline int ct_is_live(const struct bpfgen_ct_entry *ct, __u32 no
 	return ct->expires >= now;
 }
 
-/* Marks the entry of key closing (used for the other direction of a flow). */
-static __always_inline void ct_mark_closing(struct bpfgen_tuple *key, const struct pkt *p, __u32 now)
-{
-	struct bpfgen_ct_entry *ct;
-
-	if (p->t.proto != IPPROTO_TCP || !(p->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST)))
-		return;
-	ct = bpf_map_lookup_elem(&ct_v4, key);
-	if (ct)
-		ct_touch(ct, p, now);
-}
-
 /* ---- SNAT ---- */
 
 /*
- * Whether the NAT_IN entry at key may be taken by a new flow: its flow is gone, or
- * closed longer ago than SNAT_REUSE_GRACE (so the backend's TIME_WAIT has ended).
+ * Whether the NAT_IN entry nat at key may be taken by a new flow: it was released and
+ * its rest is over, or its flow is gone, or closed longer ago than SNAT_REUSE_GRACE (so
+ * the backend's TIME_WAIT has ended). An entry claimed in the last second belongs to a
+ * flow still being set up on another CPU.
  */
-static __always_inline int snat_is_stale(const struct bpfgen_tuple *in_key, __u32 now)
+static __always_inline int snat_is_stale(const struct bpfgen_tuple *key, const struct bpfgen_nat_entry *nat,
+					 __u32 claimed, __u32 now)
 {
-	struct bpfgen_nat_entry *nat = bpf_map_lookup_elem(&snat_v4, in_key);
-	struct bpfgen_tuple ct_key = {};
+	struct bpfgen_tuple ct_key;
 	struct bpfgen_ct_entry *ct;
 
-	if (!nat)
-		return 1;
 	if (nat->rests_until)
-		return now > nat->rests_until; /* released when its tuple started a new flow */
-	ct_key.saddr = nat->addr;
-	ct_key.daddr = in_key->saddr;
-	ct_key.sport = nat->port;
-	ct_key.dport = in_key->sport;
-	ct_key.proto = in_key->proto;
-	ct_key.dir = CT_OUT;
+		return now > nat->rests_until;
+	if (now <= claimed + 1)
+		return 0;
+	ct_out_key(&ct_key, nat->addr, nat->port, key->saddr, key->sport, key->proto);
 	ct = bpf_map_lookup_elem(&ct_v4, &ct_key);
-	if (!ct || ct->snat_port != in_key->dport)
+	if (!ct || ct->snat_port != key->dport)
 		return 1;
 	return now > ct->expires + SNAT_REUSE_GRACE;
+}
+
+/*
+ * Claims node:port (the NAT_IN entry at key) for the flow of val: a free port with
+ * no-exist semantics, a stale one by compare-and-swap on its claim time, so that two
+ * CPUs never both win it.
+ */
+static __always_inline int snat_claim(const struct bpfgen_tuple *key, const struct bpfgen_nat_entry *val, __u32 now)
+{
+	struct bpfgen_nat_entry *nat;
+	__u32 claimed;
+
+	if (bpf_map_update_elem(&snat_v4, key, val, BPF_NOEXIST) == 0)
+		return 1;
+	nat = bpf_map_lookup_elem(&snat_v4, key);
+	if (!nat)
+		return 0;
+	claimed = nat->claimed;
+	if (!snat_is_stale(key, nat, claimed, now))
+		return 0;
+	if (__sync_val_compare_and_swap(&nat->claimed, claimed, now) != claimed)
+		return 0; /* another CPU took it first */
+	nat->addr = val->addr;
+	nat->port = val->port;
+	nat->rests_until = 0;
+	return 1;
 }
 
 static __always_inline __u16 snat_next_port(__u16 port, int attempt)
@@ -330,21 +422,42 @@ static __always_inline __u16 snat_next_port(__u16 port, int attempt)
 	return port >= SNAT_PORT_MAX ? SNAT_PORT_MIN : port + 1;
 }
 
+/* The state of one port search, shared with its bpf_loop callback. */
+struct snat_search {
+	struct bpfgen_tuple key;    /* NAT_IN key of the port tried */
+	struct bpfgen_nat_entry val; /* the flow's NAT_IN value */
+	__be32 backend_addr;
+	__be16 backend_port;
+	__u16 port; /* host order */
+	__u32 now;
+	__u8 proto;
+	__u8 found;
+};
+
+/* One try of the search; bpf_loop keeps the verifier's work to one pass, however many
+ * tries there are. */
+static long snat_try_port(__u32 attempt, void *data)
+{
+	struct snat_search *s = data;
+
+	nat_in_key(&s->key, s->backend_addr, s->backend_port, bpf_htons(s->port), s->proto);
+	if (snat_claim(&s->key, &s->val, s->now)) {
+		s->found = 1;
+		return 1;
+	}
+	s->port = snat_next_port(s->port, attempt);
+	return 0;
+}
+
 /*
- * Allocates node:port for the flow client -> backend. The reverse (NAT_IN) entry is
- * claimed first with no-exist semantics; if the forward (NAT_OUT) one cannot be
- * written, the reverse one is removed again. Returns the port (network order) or 0.
+ * Allocates node:port for the flow client -> backend: the client's own port first,
+ * then a random one and the ports after it, SNAT_RETRIES tries. The reverse (NAT_IN)
+ * entry is claimed first; if the forward (NAT_OUT) one cannot be written, the reverse
+ * one is removed again. Returns the port (network order) or 0.
  */
 static __always_inline __be16 snat_alloc(const struct pkt *p, const struct bpfgen_backend *be, __u32 now)
 {
-	struct bpfgen_tuple in_key = {
-		.saddr = be->addr,
-		.daddr = NODE_IP,
-		.sport = be->port,
-		.proto = p->t.proto,
-		.dir = NAT_IN,
-	};
-	struct bpfgen_nat_entry in_val = { .addr = p->t.saddr, .port = p->t.sport };
+	struct snat_search search = {};
 	struct bpfgen_tuple out_key = {
 		.saddr = p->t.saddr,
 		.daddr = be->addr,
@@ -354,38 +467,37 @@ static __always_inline __be16 snat_alloc(const struct pkt *p, const struct bpfge
 		.dir = NAT_OUT,
 	};
 	struct bpfgen_nat_entry out_val = {}; /* filled below: a constant initialiser would land in .rodata */
-	__u16 port = bpf_ntohs(p->t.sport);
-	int i, claimed = 0;
 
-	if (port < SNAT_PORT_MIN || port > SNAT_PORT_MAX)
-		port = snat_next_port(port, 0);
-	for (i = 0; i < SNAT_RETRIES; i++) {
-		in_key.dport = bpf_htons(port);
-		if (bpf_map_update_elem(&snat_v4, &in_key, &in_val, BPF_NOEXIST) == 0 ||
-		    (snat_is_stale(&in_key, now) && bpf_map_update_elem(&snat_v4, &in_key, &in_val, BPF_ANY) == 0)) {
-			claimed = 1;
-			break;
-		}
-		port = snat_next_port(port, i);
-	}
-	if (!claimed)
+	search.val.addr = p->t.saddr;
+	search.val.port = p->t.sport;
+	search.val.claimed = now;
+	search.backend_addr = be->addr;
+	search.backend_port = be->port;
+	search.proto = p->t.proto;
+	search.now = now;
+	search.port = bpf_ntohs(p->t.sport);
+	if (search.port < SNAT_PORT_MIN || search.port > SNAT_PORT_MAX)
+		search.port = snat_next_port(search.port, 0);
+	bpf_loop(SNAT_RETRIES, snat_try_port, &search, 0);
+	if (!search.found)
 		return 0;
 	out_val.addr = NODE_IP;
-	out_val.port = in_key.dport;
+	out_val.port = search.key.dport;
 	if (bpf_map_update_elem(&snat_v4, &out_key, &out_val, BPF_ANY) != 0) {
-		bpf_map_delete_elem(&snat_v4, &in_key);
+		bpf_map_delete_elem(&snat_v4, &search.key);
 		return 0;
 	}
-	return in_key.dport;
+	return search.key.dport;
 }
 
 /*
  * The flow of old is over and its tuple starts a new one (with a new SNAT port): the
- * old port rests SNAT_REUSE_GRACE after the old flow's end before it is reused.
+ * old port rests SNAT_REUSE_GRACE after the old flow's end before it is reused, if the
+ * port still belongs to that tuple.
  */
-static __always_inline void snat_release(const struct bpfgen_ct_entry *old, __u8 proto, __u32 now)
+static __always_inline void snat_release(const struct bpfgen_ct_entry *old, const struct pkt *p, __u32 now)
 {
-	struct bpfgen_tuple in_key = {};
+	struct bpfgen_tuple in_key;
 	struct bpfgen_nat_entry *nat;
 	struct bpfgen_backend *be;
 	__u32 backend_id = old->backend_id;
@@ -395,14 +507,9 @@ static __always_inline void snat_release(const struct bpfgen_ct_entry *old, __u8
 	be = bpf_map_lookup_elem(&backend_v4, &backend_id);
 	if (!be)
 		return; /* a removed backend holds no TIME_WAIT worth waiting for */
-	in_key.saddr = be->addr;
-	in_key.daddr = NODE_IP;
-	in_key.sport = be->port;
-	in_key.dport = old->snat_port;
-	in_key.proto = proto;
-	in_key.dir = NAT_IN;
+	nat_in_key(&in_key, be->addr, be->port, old->snat_port, p->t.proto);
 	nat = bpf_map_lookup_elem(&snat_v4, &in_key);
-	if (nat)
+	if (nat && nat->addr == p->t.saddr && nat->port == p->t.sport)
 		nat->rests_until = (old->expires > now ? old->expires : now) + SNAT_REUSE_GRACE;
 }
 
@@ -412,23 +519,22 @@ static __always_inline int lb_forward(struct __sk_buff *skb, struct pkt *p, cons
 				      int egress)
 {
 	struct bpfgen_tuple svc_key = p->t;
-	struct bpfgen_tuple out_key = {};
+	struct bpfgen_tuple out_key;
 	struct bpfgen_tuple xlated;
-	struct bpfgen_svc_key slot_key = {};
-	struct bpfgen_svc_value *slot;
+	struct bpf_fib_lookup fib = {};
 	struct bpfgen_backend *be = NULL;
 	struct bpfgen_ct_entry *ct;
 	struct bpfgen_ct_entry entry = {};
 	__u32 now = now_sec();
-	__u32 backend_id;
-	int new_flow = 0, must_syn = 1;
+	__u32 backend_id = 0;
+	int verdict = ROUTE_STACK, must_syn = 1, snat;
 
 	count_frontend(svc->id, p->len);
 	svc_key.dir = CT_SERVICE;
 	ct = bpf_map_lookup_elem(&ct_v4, &svc_key);
 	if (ct && (!ct_is_live(ct, now) ||
 		   ((ct->flags & CT_CLOSING) && (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN))) {
-		snat_release(ct, p->t.proto, now);
+		snat_release(ct, p, now);
 		ct = NULL; /* dead, or a closed flow's tuple reused by a new connection */
 	}
 	if (ct) {
@@ -443,78 +549,56 @@ static __always_inline int lb_forward(struct __sk_buff *skb, struct pkt *p, cons
 		if (must_syn && p->t.proto == IPPROTO_TCP &&
 		    (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) != TCP_FLAG_SYN)
 			return drop(DROP_CT_NO_SYN);
-		if (svc->count == 0)
-			return drop(DROP_NO_BACKEND);
-		slot_key.addr = p->t.daddr;
-		slot_key.port = p->t.dport;
-		slot_key.proto = p->t.proto;
-		slot_key.slot = flow_hash(&p->t) % svc->count + 1;
-		slot = bpf_map_lookup_elem(&svc_v4, &slot_key);
-		if (!slot)
-			return drop(DROP_NO_BACKEND);
-		backend_id = slot->backend_id;
-		be = bpf_map_lookup_elem(&backend_v4, &backend_id);
+		be = select_backend(p, svc, &backend_id);
 		if (!be)
 			return drop(DROP_NO_BACKEND);
+		/* This node's own flow to a backend on this node: the reply would never cross
+		 * this interface to be translated back. */
+		if (egress && (be->flags & BACKEND_LOCAL))
+			return drop(DROP_LOCAL_FROM_NODE);
+	}
+
+	/* A remote backend gets SNAT, except for this node's own traffic, whose source is
+	 * already the node. */
+	snat = ct ? !!(ct->flags & CT_SNAT) : !(be->flags & BACKEND_LOCAL) && !egress;
+	xlated = p->t;
+	xlated.daddr = be->addr;
+	xlated.dport = be->port;
+	if (snat) {
+		xlated.saddr = NODE_IP;
+		if (ct)
+			xlated.sport = ct->snat_port;
+	}
+	if (egress || !(be->flags & BACKEND_LOCAL)) {
+		verdict = route(skb, p, &xlated, egress, &fib);
+		if (verdict < 0)
+			return TC_ACT_SHOT;
+	}
+
+	ct_out_key(&out_key, p->t.saddr, p->t.sport, be->addr, be->port, p->t.proto);
+	if (ct) {
+		ct_refresh(ct, &out_key, p, now);
+	} else {
 		entry.backend_id = backend_id;
 		entry.rev_nat_id = svc->id;
 		entry.flags = ct_flags_after(p, 0);
 		entry.expires = now + ct_lifetime(p, entry.flags);
-		/* Traffic from this node already has the node's address as its source. */
-		if (!(be->flags & BACKEND_LOCAL) && !egress) {
+		if (snat && !egress) { /* (egress never SNATs: this keeps the allocator out of to_netdev) */
 			entry.snat_port = snat_alloc(p, be, now);
 			if (!entry.snat_port)
 				return drop(DROP_SNAT_EXHAUSTED);
 			entry.snat_addr = NODE_IP;
 			entry.flags |= CT_SNAT;
+			xlated.sport = entry.snat_port;
 		}
-		if (bpf_map_update_elem(&ct_v4, &svc_key, &entry, BPF_ANY))
+		if (bpf_map_update_elem(&ct_v4, &svc_key, &entry, BPF_ANY) ||
+		    bpf_map_update_elem(&ct_v4, &out_key, &entry, BPF_ANY))
 			return drop(DROP_CT_FULL);
-		ct = &entry;
-		new_flow = 1;
-	} else {
-		ct_touch(ct, p, now);
-	}
-	if (!be)
-		return drop(DROP_NO_BACKEND);
-
-	out_key.saddr = p->t.saddr;
-	out_key.daddr = be->addr;
-	out_key.sport = p->t.sport;
-	out_key.dport = be->port;
-	out_key.proto = p->t.proto;
-	out_key.dir = CT_OUT;
-	if (new_flow) {
-		if (bpf_map_update_elem(&ct_v4, &out_key, &entry, BPF_ANY))
-			return drop(DROP_CT_FULL);
-	} else {
-		ct_mark_closing(&out_key, p, now);
 	}
 
-	xlated = p->t;
-	xlated.daddr = be->addr;
-	xlated.dport = be->port;
-	if (ct->flags & CT_SNAT) {
-		xlated.saddr = ct->snat_addr;
-		xlated.sport = ct->snat_port;
-	}
 	if (rewrite(skb, p, &xlated))
 		return TC_ACT_SHOT;
-	if ((be->flags & BACKEND_LOCAL) && !egress)
-		return TC_ACT_OK; /* the stack delivers it to the local pod */
-	return forward(skb, p, &xlated, egress);
-}
-
-/* The CT_OUT key of the flow a reply t (backend -> client) belongs to. */
-static __always_inline void reply_ct_key(const struct bpfgen_tuple *t, struct bpfgen_tuple *key)
-{
-	key->saddr = t->daddr;
-	key->daddr = t->saddr;
-	key->sport = t->dport;
-	key->dport = t->sport;
-	key->proto = t->proto;
-	key->dir = CT_OUT;
-	key->pad = 0;
+	return send(skb, p, &fib, verdict, egress); /* a local backend: the stack delivers it */
 }
 
 /*
@@ -522,11 +606,14 @@ static __always_inline void reply_ct_key(const struct bpfgen_tuple *t, struct bp
  * frontend as its source again. ct is the flow's CT_OUT entry, found at ct_key.
  */
 static __always_inline int rev_nat(struct __sk_buff *skb, struct pkt *p, struct bpfgen_ct_entry *ct,
-				   struct bpfgen_tuple *ct_key, __be32 client_addr, __be16 client_port, int redirect)
+				   struct bpfgen_tuple *ct_key, __be32 client_addr, __be16 client_port, int forward)
 {
+	struct bpf_fib_lookup fib = {};
 	struct bpfgen_revnat *fe;
 	struct bpfgen_tuple xlated;
+	struct bpfgen_tuple svc_key;
 	__u32 now = now_sec();
+	int verdict = ROUTE_STACK;
 	__u32 id;
 
 	if (!ct || !ct_is_live(ct, now))
@@ -535,25 +622,35 @@ static __always_inline int rev_nat(struct __sk_buff *skb, struct pkt *p, struct 
 	fe = bpf_map_lookup_elem(&revnat_v4, &id);
 	if (!fe)
 		return TC_ACT_OK;
-	ct_touch(ct, p, now);
 
 	xlated = p->t;
 	xlated.saddr = fe->addr;
 	xlated.sport = fe->port;
 	xlated.daddr = client_addr;
 	xlated.dport = client_port;
+	if (forward) {
+		verdict = route(skb, p, &xlated, 0, &fib);
+		if (verdict < 0)
+			return TC_ACT_SHOT;
+	}
 
-	/* Close the service direction too when the backend ends the flow. */
-	ct_key->saddr = client_addr;
-	ct_key->sport = client_port;
-	ct_key->daddr = fe->addr;
-	ct_key->dport = fe->port;
-	ct_key->dir = CT_SERVICE;
-	ct_mark_closing(ct_key, p, now);
+	svc_key = xlated;
+	svc_key.saddr = client_addr;
+	svc_key.sport = client_port;
+	svc_key.daddr = fe->addr;
+	svc_key.dport = fe->port;
+	svc_key.dir = CT_SERVICE;
+	ct_refresh(ct, &svc_key, p, now);
 
 	if (rewrite(skb, p, &xlated))
 		return TC_ACT_SHOT;
-	return redirect ? forward(skb, p, &xlated, 0) : TC_ACT_OK;
+	return send(skb, p, &fib, verdict, 0);
+}
+
+/* The CT_OUT key of the flow a reply t (backend -> client) belongs to. */
+static __always_inline void reply_ct_key(const struct bpfgen_tuple *t, struct bpfgen_tuple *key)
+{
+	ct_out_key(key, t->daddr, t->dport, t->saddr, t->sport, t->proto);
 }
 
 static __always_inline int nodeport_from_netdev(struct __sk_buff *skb)
@@ -571,26 +668,18 @@ static __always_inline int nodeport_from_netdev(struct __sk_buff *skb)
 		return drop(DROP_MALFORMED);
 	}
 
-	if (p.t.daddr == NODE_IP) {
+	dport = bpf_ntohs(p.t.dport);
+	if (p.t.daddr == NODE_IP && dport >= SNAT_PORT_MIN && dport <= SNAT_PORT_MAX) {
 		/* A reply to an SNATed flow: backend -> node:snat_port. */
-		dport = bpf_ntohs(p.t.dport);
-		if (dport >= SNAT_PORT_MIN && dport <= SNAT_PORT_MAX) {
-			key = p.t;
-			key.dir = NAT_IN;
-			nat = bpf_map_lookup_elem(&snat_v4, &key);
-			if (nat) {
-				key.saddr = nat->addr;
-				key.sport = nat->port;
-				key.daddr = p.t.saddr;
-				key.dport = p.t.sport;
-				key.dir = CT_OUT;
-				return rev_nat(skb, &p, bpf_map_lookup_elem(&ct_v4, &key), &key, nat->addr, nat->port, 1);
-			}
+		nat_in_key(&key, p.t.saddr, p.t.sport, p.t.dport, p.t.proto);
+		nat = bpf_map_lookup_elem(&snat_v4, &key);
+		if (nat) {
+			ct_out_key(&key, nat->addr, nat->port, p.t.saddr, p.t.sport, p.t.proto);
+			return rev_nat(skb, &p, bpf_map_lookup_elem(&ct_v4, &key), &key, nat->addr, nat->port, 1);
 		}
 	}
 
 	/* The node's address is a frontend only on NodePorts (a clusterIP is never a node's). */
-	dport = bpf_ntohs(p.t.dport);
 	if (p.t.daddr != NODE_IP || (dport >= NODEPORT_MIN && dport <= NODEPORT_MAX)) {
 		svc = lookup_frontend(&p);
 		if (svc)

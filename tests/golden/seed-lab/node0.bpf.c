@@ -89,7 +89,7 @@ struct {
 /* drops by reason */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 7);
+	__uint(max_entries, 9);
 	__type(key, __u32);
 	__type(value, struct bpfgen_drop_stats);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
