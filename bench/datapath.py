@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import secrets
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -24,7 +25,7 @@ sys.path.insert(0, str(REPO))
 from bpfgen import libbpf as bpf  # noqa: E402
 from bpfgen import layout  # noqa: E402
 from bpfgen.build import compile_object, compile_spec  # noqa: E402
-from bpfgen.loader import desired_entries, sync_map, SERVICE_MAPS  # noqa: E402
+from bpfgen.loader import SERVICE_MAPS, desired_entries, sync_service_maps  # noqa: E402
 from bpfgen.netns import enter_netns  # noqa: E402
 from tests.packets import ACK, SYN, tcp  # noqa: E402
 
@@ -40,10 +41,15 @@ def per_packet(prog_fd: int, packet: bytes, repeat: int) -> float:
     return bpf.prog_test_run(prog_fd, packet, repeat=repeat).duration_ns
 
 
+def median_single(prog_fd: int, packets: list[bytes]) -> float:
+    """The median time of one run per packet, each on a fresh skb."""
+    return statistics.median(bpf.prog_test_run(prog_fd, p, repeat=1).duration_ns for p in packets)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", type=int, default=200_000, help="runs per steady-state case")
-    parser.add_argument("--flows", type=int, default=3000, help="new flows timed (one run each)")
+    parser.add_argument("--repeat", type=int, default=200_000, help="runs of the empty program for the floor")
+    parser.add_argument("--runs", type=int, default=5000, help="single runs timed per case")
     args = parser.parse_args()
 
     ns = f"bgb-{secrets.token_hex(3)}"
@@ -72,27 +78,31 @@ def main() -> int:
             empty.load()
             maps = {n: obj.map(n).map_fd() for n in SERVICE_MAPS}
             want = desired_entries(spec, spec.node("node0"), maps)
-            for n, m in maps.items():
-                sync_map(m, want[n], dict(m.items()), masters_last=n == "svc_v4")
+            sync_service_maps(maps, want, {n: {} for n in maps})
             prog = obj.program("from_netdev").fd
 
-            results = {}
+            empty_fd = empty.program("empty").fd
             floor_packet = tcp(CLIENT, 40000, NODE0, 22, ACK)
-            results["empty tc program (floor)"] = per_packet(empty.program("empty").fd, floor_packet, args.repeat)
-            # A new flow can only be timed one run at a time (the second run finds the
-            # flow); one run carries the harness's timer cost, so that is subtracted.
-            single = [per_packet(empty.program("empty").fd, floor_packet, 1) for _ in range(args.flows)]
-            single_overhead = sum(single) / len(single) - results["empty tc program (floor)"]
-            per_packet(prog, floor_packet, args.repeat)  # warm up
-            results["not for a service (to the node)"] = per_packet(prog, tcp(CLIENT, 40000, NODE0, 22, ACK), args.repeat)
-            results["not for a service (passing by)"] = per_packet(prog, tcp(CLIENT, 40000, "172.26.50.99", 80, ACK), args.repeat)
-            # New flows: distinct client ports below snatPortRange, so SNAT allocates a port too.
-            firsts = [per_packet(prog, tcp(CLIENT, 1024 + i, NODE0, NODEPORT, SYN), 1) for i in range(args.flows)]
-            results["first packet of a new NodePort flow"] = sum(firsts) / len(firsts) - single_overhead
-            results["established flow"] = per_packet(prog, tcp(CLIENT, 1024, NODE0, NODEPORT, ACK), args.repeat)
-            ct = maps_ct(obj)
+            floor = per_packet(empty_fd, floor_packet, args.repeat)
+            # A test run repeats on one skb, which the first run translates: every case is
+            # timed one run at a time on a fresh packet (median of many), and the harness
+            # cost of a single run (the empty program's median, less its floor) comes off.
+            harness = median_single(empty_fd, [floor_packet] * args.runs) - floor
+            established_flow = (CLIENT, 1024, NODE0, NODEPORT)
+            first_packets = [tcp(CLIENT, 1024 + i, NODE0, NODEPORT, SYN) for i in range(args.runs)]
+            results = {
+                "empty tc program (floor)": floor,
+                "not for a service (passing by)": median_single(
+                    prog, [tcp(CLIENT, 40000, "172.26.50.99", 80, ACK)] * args.runs) - harness,
+                "not for a service (to the node)": median_single(prog, [floor_packet] * args.runs) - harness,
+                # distinct client ports below snatPortRange: SNAT allocates a port for each
+                "first packet of a new NodePort flow": median_single(prog, first_packets) - harness,
+                "established flow": median_single(prog, [tcp(*established_flow, ACK)] * args.runs) - harness,
+            }
+            ct = obj.map("ct_v4").map_fd()
             snat_port = ct_snat_port(ct, 1024)
-            results["reply (reverse SNAT + reverse DNAT)"] = per_packet(prog, tcp(POD, 80, NODE0, snat_port, ACK), args.repeat)
+            results["reply (reverse SNAT + reverse DNAT)"] = median_single(
+                prog, [tcp(POD, 80, NODE0, snat_port, ACK)] * args.runs) - harness
             for m in maps.values():
                 m.close()
             ct.close()
@@ -105,10 +115,6 @@ def main() -> int:
     for case, ns_per in results.items():
         print(f"{case:<40}{ns_per:>10.0f}{ns_per / floor:>9.1f}")
     return 0
-
-
-def maps_ct(obj: bpf.BpfObject) -> bpf.MapFd:
-    return obj.map("ct_v4").map_fd()
 
 
 def ct_snat_port(ct: bpf.MapFd, client_port: int) -> int:

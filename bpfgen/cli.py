@@ -41,7 +41,7 @@ def handle_errors(fn: Callable) -> Callable:
                 if getattr(e, "verifier_log", None):
                     click.echo(e.verifier_log, err=True)  # the whole log, not only its tail
                 raise
-            lines = e.lines()
+            lines = e.lines() + list(getattr(e, "__notes__", []))
             if len(lines) > 1 and getattr(e, "problems", None):
                 # Spec problems: one line each, same prefix.
                 for line in lines:
@@ -154,8 +154,11 @@ def load(iface: str, build_dir: Path | None, spec: Path | None, node: str | None
         result = do_load(iface, build=build_dir, spec=spec, node=node, netns=netns)
     except LibbpfError as e:
         if verifier_log and e.verifier_log:
-            verifier_log.write_text(e.verifier_log)
-            info(f"the whole verifier log is in {verifier_log}")
+            try:
+                verifier_log.write_text(e.verifier_log)
+                info(f"the whole verifier log is in {verifier_log}")
+            except OSError as write_error:
+                e.add_note(f"could not write the verifier log to {verifier_log}: {write_error.strerror}")
         raise
     for message in result.messages:
         info(message)

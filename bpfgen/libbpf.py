@@ -695,6 +695,18 @@ def prog_info(fd: int | Fd) -> ProgInfo:
     )
 
 
+def prog_map_ids(fd: int | Fd) -> list[int]:
+    """The ids of the maps a loaded program uses."""
+    fd = fd.fd if isinstance(fd, Fd) else fd
+    count = prog_info(fd).nr_map_ids
+    ids = (c_uint32 * max(count, 1))()
+    raw = BpfProgInfoStruct()
+    raw.nr_map_ids = count
+    raw.map_ids = ctypes.addressof(ids)
+    _obj_info(fd, raw, f"get map ids of program fd {fd}")
+    return sorted(ids[: min(count, raw.nr_map_ids)])
+
+
 def _fd_kind(fd: int) -> str | None:
     """'map' or 'prog' from /proc/self/fdinfo, None when it is neither."""
     try:
@@ -784,8 +796,10 @@ class MapFd(Fd):
         if not self.percpu:
             raise ValueError(f"map {self.label} is not a per-CPU map")
         raw = self.lookup(key)
-        if raw is None:
-            return None
+        return None if raw is None else self.split_percpu(raw)
+
+    def split_percpu(self, raw: bytes) -> list[bytes]:
+        """A per-CPU map's whole value buffer as one value_size slice per possible CPU."""
         stride = _round8(self.value_size)
         return [raw[i : i + self.value_size] for i in range(0, len(raw), stride)]
 

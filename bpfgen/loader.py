@@ -22,7 +22,8 @@ from . import libbpf as bpf
 from .build import Build, compile_spec, find_build, open_build
 from .errors import BpfgenError, UsageError
 from .netns import enter_netns, ifindex as if_index
-from .spec import Node, Spec
+from .services import frontends
+from .spec import Node, PortRange, Spec
 from .state import (
     NodeRecord,
     check_privileges,
@@ -38,7 +39,6 @@ TC_HANDLE = 0xB9F
 TC_PRIORITY = 0xB9F
 HOOKS = (("ingress", bpf.BPF_TC_INGRESS, "from_netdev"), ("egress", bpf.BPF_TC_EGRESS, "to_netdev"))
 SERVICE_MAPS = ("svc_v4", "backend_v4", "revnat_v4")
-PROTO = layout.PROTOCOLS
 
 
 def _now() -> str:
@@ -46,34 +46,6 @@ def _now() -> str:
 
 
 # ---------------------------------------------------------------- what the maps should hold
-
-
-@dataclass(frozen=True)
-class Frontend:
-    addr: ipaddress.IPv4Address
-    port: int
-    proto: int
-    kind: str  # NodePort | ClusterIP
-    service: str  # namespace/name
-    backends: tuple[tuple[ipaddress.IPv4Address, int, int, bool], ...]  # addr, port, proto, local
-
-    @property
-    def key(self) -> tuple:
-        return (self.addr, self.port, self.proto)
-
-
-def frontends(spec: Spec, node: Node) -> list[Frontend]:
-    """Every frontend node serves: ClusterIPs, and NodePorts on the node's address."""
-    result = []
-    for svc in spec.services:
-        for port in svc.ports:
-            proto = PROTO[port.protocol]
-            backends = tuple((b.address, port.target_port, proto, b.node == node.name) for b in svc.backends)
-            if svc.cluster_ip is not None:
-                result.append(Frontend(svc.cluster_ip, port.port, proto, "ClusterIP", svc.key, backends))
-            if port.node_port is not None:
-                result.append(Frontend(node.address, port.node_port, proto, "NodePort", svc.key, backends))
-    return result
 
 
 def _allocate(wanted: list, existing: dict, limit: int, held: set[int] = frozenset()) -> dict:
@@ -98,11 +70,13 @@ def conntrack_refs(ct: bpf.MapFd) -> tuple[set[int], set[int]]:
     """Backend ids and reverse-NAT ids that conntrack entries refer to. A removed
     backend's or frontend's id is not handed out again while a flow may still use it,
     or the flow would silently follow the newcomer."""
+    now = int(time.clock_gettime(time.CLOCK_MONOTONIC))  # the clock of bpf_ktime_get_ns
     backends, revnats = set(), set()
     for _, v in ct.lookup_batch():
         entry = layout.CT_ENTRY.unpack(v)
-        backends.add(entry["backend_id"])
-        revnats.add(entry["rev_nat_id"])
+        if entry["expires"] >= now:  # dead entries the LRU has not evicted hold nothing
+            backends.add(entry["backend_id"])
+            revnats.add(entry["rev_nat_id"])
     return backends, revnats
 
 
@@ -144,23 +118,33 @@ def desired_entries(
     return {"svc_v4": svc, "backend_v4": backends, "revnat_v4": revnat}
 
 
-def _is_master(key: bytes) -> bool:
-    return layout.SVC_KEY.unpack(key)["slot"] == 0
+def _slot_order(key: bytes) -> int:
+    """Backend slots (1..n) of the service map before the frontends (slot 0) that count them."""
+    return 0 if layout.SVC_KEY.unpack(key)["slot"] else 1
 
 
-def sync_map(m: bpf.MapFd, want: dict[bytes, bytes], have: dict[bytes, bytes], masters_last: bool = False) -> None:
-    """Make m hold exactly want. Writes come before deletions; in the service map the
-    backend slots are written before the frontends that count them and deleted after."""
-    changed = [k for k, v in want.items() if have.get(k) != v]
-    if masters_last:
-        changed.sort(key=_is_master)
-    if changed:
-        m.update_batch(changed, [want[k] for k in changed])
-    stale = [k for k in have if k not in want]
-    if masters_last:
-        stale.sort(key=lambda k: not _is_master(k))
-    for k in stale:
-        m.delete(k)
+# The order writes go in, so that no packet meets a reference to a missing entry:
+# backends and reverse NAT first, then the backend slots, then the frontends that
+# count them. Deletions go in the reverse order.
+_WRITE_ORDER = (("backend_v4", None), ("revnat_v4", None), ("svc_v4", _slot_order))
+
+
+def sync_service_maps(maps: dict[str, bpf.MapFd], want: dict[str, dict[bytes, bytes]],
+                      have: dict[str, dict[bytes, bytes]]) -> None:
+    """Make the service maps hold exactly want: every write across the maps first, then
+    every deletion, each in an order that keeps references whole."""
+    for name, order in _WRITE_ORDER:
+        changed = [k for k, v in want[name].items() if have[name].get(k) != v]
+        if order:
+            changed.sort(key=order)
+        if changed:
+            maps[name].update_batch(changed, [want[name][k] for k in changed])
+    for name, order in reversed(_WRITE_ORDER):
+        stale = [k for k in have[name] if k not in want[name]]
+        if order:
+            stale.sort(key=order, reverse=True)
+        for k in stale:
+            maps[name].delete(k)
 
 
 # ---------------------------------------------------------------- load
@@ -174,7 +158,6 @@ class LoadResult:
     updated: bool
     programs: dict[str, dict]
     messages: list[str] = field(default_factory=list)
-    created_pins: list[str] = field(default_factory=list)
 
 
 def interface_addresses(iface: str) -> list[ipaddress.IPv4Address]:
@@ -188,6 +171,31 @@ def interface_addresses(iface: str) -> list[ipaddress.IPv4Address]:
         for a in link.get("addr_info", [])
         if a.get("family") == "inet"
     ]
+
+
+def _port_ranges(text: str) -> set[int]:
+    """Ports of a sysctl list like "1000-1010,2000" (ip_local_reserved_ports)."""
+    ports: set[int] = set()
+    for part in text.replace(",", " ").split():
+        lo, _, hi = part.partition("-")
+        ports.update(range(int(lo), int(hi or lo) + 1))
+    return ports
+
+
+def ephemeral_port_warning(node: str, snat: PortRange) -> str | None:
+    """A warning when the calling thread's namespace hands out ephemeral ports inside
+    snatPortRange: a reply to the node's own connection could be taken for an SNAT reply."""
+    try:
+        lo, hi = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        reserved = _port_ranges(Path("/proc/sys/net/ipv4/ip_local_reserved_ports").read_text())
+    except (OSError, ValueError):
+        return None
+    clash = [p for p in range(max(lo, snat.lo), min(hi, snat.hi) + 1) if p not in reserved]
+    if not clash:
+        return None
+    return (f"warning: node {node} hands out ephemeral ports {lo}-{hi}, {len(clash)} of them inside "
+            f"snatPortRange {snat}; replies to the node's own connections could be taken for SNAT replies. "
+            f"Reserve them (sysctl net.ipv4.ip_local_reserved_ports={snat}) or narrow net.ipv4.ip_local_port_range")
 
 
 def pick_node(spec: Spec, iface: str, node: str | None, addresses: list[ipaddress.IPv4Address]) -> Node:
@@ -239,8 +247,12 @@ class _Undo:
         return failures
 
 
-def _restore_map(m: bpf.MapFd, snapshot: dict[bytes, bytes]) -> None:
-    sync_map(m, snapshot, dict(m.items()))
+def _same_program(prog_id: int, new_fd: int) -> bool:
+    """Same code (tag) on the same maps: the tag ignores which maps a program uses, and
+    after pins were recreated the old program would still use the old maps."""
+    with bpf.prog_get_fd_by_id(prog_id) as old_fd:
+        return (bpf.prog_info(old_fd).tag, bpf.prog_map_ids(old_fd)) == (
+            bpf.prog_info(new_fd).tag, bpf.prog_map_ids(new_fd))
 
 
 def _prog_record(name: str, prog_id: int) -> dict:
@@ -267,6 +279,9 @@ def load(
         ifindex = if_index(iface)
         n = pick_node(the_spec, iface, node, interface_addresses(iface) if node is None else [])
         ns_inode = netns_inode()
+        warning = ephemeral_port_warning(n.name, the_spec.cluster.snat_port_range)
+    if warning:
+        messages.append(warning)
     with node_lock(n.name):
         previous = NodeRecord.load(n.name)
         if previous and (previous.iface, previous.netns_inode) != (iface, ns_inode):
@@ -293,33 +308,31 @@ def _load_node(
     try:
         with bpf.BpfObject.open(b.object_path(n.name), pin_root_path=pins) as obj:
             obj.load()
-            created = sorted(p.name for p in pins.iterdir() if p.name not in existed_before)
-            for name in created:
+            for name in sorted(p.name for p in pins.iterdir() if p.name not in existed_before):
                 undo.push(f"pin {pins / name}", lambda p=pins / name: p.unlink(missing_ok=True))
 
             maps = {name: undo.hold(obj.map(name).map_fd()) for name in SERVICE_MAPS}
-            snapshots = {name: dict(m.items()) for name, m in maps.items()}
+            snapshot = {name: dict(m.items()) for name, m in maps.items()}
             with obj.map("ct_v4").map_fd() as ct:
                 want = desired_entries(spec, n, maps, ct)
-            for name in ("backend_v4", "revnat_v4", "svc_v4"):
-                undo.push(f"contents of map {name}", lambda m=maps[name], s=snapshots[name]: _restore_map(m, s))
-                sync_map(maps[name], want[name], snapshots[name], masters_last=name == "svc_v4")
+            undo.push("contents of the service maps", lambda: sync_service_maps(
+                maps, snapshot, {name: dict(m.items()) for name, m in maps.items()}))
+            sync_service_maps(maps, want, snapshot)
 
             programs, created_qdisc = _attach(obj, ifindex, netns, undo)
             created_qdisc = created_qdisc or bool(previous and previous.created_qdisc)
         now = _now()
         record = NodeRecord(
-            node=n.name, iface=iface, ifindex=ifindex, netns=netns, netns_inode=ns_inode, pin_dir=str(pins),
+            node=n.name, iface=iface, netns=netns, netns_inode=ns_inode, pin_dir=str(pins),
             spec=spec.metadata.name, build=str(b.dir.resolve()),
             loaded_at=previous.loaded_at if previous else now, updated_at=now,
             programs=programs, created_qdisc=created_qdisc,
         )
         record.save()
-        return LoadResult(n.name, iface, str(pins), previous is not None, programs, created_pins=created)
+        return LoadResult(n.name, iface, str(pins), previous is not None, programs)
     except BaseException as e:
-        failures = undo.run()
-        if failures and isinstance(e, BpfgenError):
-            raise BpfgenError(f"{e}; and undoing it failed: {'; '.join(failures)}") from e
+        for failure in undo.run():
+            e.add_note(failure)  # the cause stays the error; what could not be undone follows it
         raise
     finally:
         undo.held.close()
@@ -336,11 +349,9 @@ def _attach(obj: bpf.BpfObject, ifindex: int, netns: str | None, undo: _Undo) ->
         for hook, point, prog_name in HOOKS:
             prog = obj.program(prog_name)
             old_id = bpf.tc_query(ifindex, point, TC_HANDLE, TC_PRIORITY)
-            if old_id is not None:
-                new_tag = bpf.prog_info(prog.fd).tag
-                if _prog_record(prog_name, old_id)["tag"] == new_tag:
-                    programs[hook] = _prog_record(prog_name, old_id)  # unchanged: keep it
-                    continue
+            if old_id is not None and _same_program(old_id, prog.fd):
+                programs[hook] = _prog_record(prog_name, old_id)  # unchanged: keep it
+                continue
             # Hold the replaced program: once tc lets go of it, only this fd keeps it alive.
             old_fd = undo.hold(bpf.prog_get_fd_by_id(old_id)) if old_id is not None else None
             prog_id = bpf.tc_attach(ifindex, point, prog.fd, TC_HANDLE, TC_PRIORITY, replace=old_id is not None)
@@ -375,7 +386,8 @@ def _node_for_unload(iface: str, node: str | None, ns_inode: int) -> str:
     for r in NodeRecord.all():
         if r.iface == iface and r.netns_inode == ns_inode:
             return r.node
-    raise UsageError(f"nothing of bpfgen is loaded on interface '{iface}' here; pass --node to clear a node's pins")
+    raise UsageError(f"nothing of bpfgen is loaded on interface '{iface}' in this network namespace "
+                     "(see `bpfgen status`; --netns NAME reaches another)")
 
 
 def unload(iface: str, node: str | None = None, netns: str | None = None) -> UnloadResult:
@@ -383,11 +395,14 @@ def unload(iface: str, node: str | None = None, netns: str | None = None) -> Unl
     require_host_bpffs()
     with enter_netns(netns):
         ifindex = if_index(iface)
-        name = _node_for_unload(iface, node, netns_inode())
+        here = netns_inode()
+    name = _node_for_unload(iface, node, here)
     with node_lock(name):
         record = NodeRecord.load(name)
-        if record and record.iface != iface:
-            raise UsageError(f"node '{name}' is loaded on interface '{record.iface}', not '{iface}'")
+        if record and (record.iface, record.netns_inode) != (iface, here):
+            where = f"network namespace '{record.netns}'" if record.netns else "another network namespace"
+            raise UsageError(f"node '{name}' is loaded on interface '{record.iface}' in {where}; unload it there"
+                             + (f" (--netns {record.netns})" if record.netns else ""))
         detached = []
         removed_qdisc = False
         with enter_netns(netns):

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import jinja2
 
 from . import layout
+from .services import frontends
 from .spec import Spec
 
 LAYOUT_HEADER = "bpfgen_layout.h"
@@ -49,29 +50,16 @@ class MapSpec:
     doc: str
 
 
-def frontend_count(spec: Spec) -> int:
-    """Frontends: a ClusterIP one per port with a clusterIP, a NodePort one per NodePort port."""
-    n = 0
-    for svc in spec.services:
-        for port in svc.ports:
-            n += (svc.cluster_ip is not None) + (port.node_port is not None)
-    return n
-
-
 def map_sizes(spec: Spec) -> dict[str, int]:
     """max_entries of every map. Sizes round up to powers of two with generous floors,
     so that an ordinary spec change keeps the pinned maps' layout compatible."""
-    frontends = frontend_count(spec)
-    slots = sum(
-        ((svc.cluster_ip is not None) + (p.node_port is not None)) * (1 + len(svc.backends))
-        for svc in spec.services
-        for p in svc.ports
-    )
-    backends = sum(len(svc.backends) * len(svc.ports) for svc in spec.services)
-    id_space = _pow2_at_least(2 * frontends + 1, 256, 1 << 16)
+    fes = frontends(spec, spec.nodes[0])  # every node has the same number
+    slots = sum(1 + len(f.backends) for f in fes)
+    backends = len({b[:3] for f in fes for b in f.backends})
+    id_space = _pow2_at_least(2 * len(fes) + 1, 256, 1 << 16)
     snat = spec.cluster.snat_port_range.size
     return {
-        "svc_v4": _pow2_at_least(2 * (frontends + slots), 1024),
+        "svc_v4": _pow2_at_least(2 * slots, 1024),
         "backend_v4": _pow2_at_least(2 * backends, 1024),
         "revnat_v4": id_space,
         "ct_v4": CT_MAX_ENTRIES,

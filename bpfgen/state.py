@@ -112,7 +112,6 @@ class NodeRecord:
 
     node: str
     iface: str
-    ifindex: int
     netns: str | None
     netns_inode: int
     pin_dir: str

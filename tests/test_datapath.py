@@ -2,7 +2,7 @@
 
 Every test compiles a spec (cached per session), loads the node's object with its maps
 pinned under the test's private bpffs directory, fills the service maps as
-`bpfgen load` does (desired_entries + sync_map) and runs from_netdev (tc ingress) or
+`bpfgen load` does (desired_entries + sync_service_maps) and runs from_netdev (tc ingress) or
 to_netdev (tc egress) on hand-built frames, inside a network namespace of its own, so
 the programs' fib lookups see only that namespace:
 
@@ -32,7 +32,7 @@ import pytest
 from bpfgen import layout
 from bpfgen import libbpf as bpf
 from bpfgen.build import Build, compile_spec
-from bpfgen.loader import SERVICE_MAPS, desired_entries, sync_map
+from bpfgen.loader import SERVICE_MAPS, desired_entries, sync_service_maps
 from bpfgen.netns import current_netns, enter_netns, ifindex as if_index
 from bpfgen.render import TIMEOUTS
 from bpfgen.spec import Spec, load_spec
@@ -127,8 +127,7 @@ class Datapath:
         _route_backends(spec, self.node)
         service = {name: self.maps[name] for name in SERVICE_MAPS}
         want = desired_entries(spec, spec.node(self.node), service, self.maps["ct_v4"])
-        for name in ("backend_v4", "revnat_v4", "svc_v4"):
-            sync_map(self.maps[name], want[name], dict(self.maps[name].items()), masters_last=name == "svc_v4")
+        sync_service_maps(service, want, {name: dict(m.items()) for name, m in service.items()})
 
     def frontend_id(self, port: int = NODEPORT, proto: int = TCP, addr: str | None = None) -> int:
         key = layout.SVC_KEY.pack(addr=addr or self.address, port=port, proto=proto, slot=0)
