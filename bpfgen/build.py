@@ -7,7 +7,6 @@ manifest naming them.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -55,7 +54,11 @@ class Build:
 
     def spec(self) -> Spec:
         path = self.dir / SPEC_JSON
-        return parse_spec(path.read_text(), str(path))
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise UsageError(f"build {self.dir}: cannot read {SPEC_JSON} ({e.strerror}); compile the spec again") from None
+        return parse_spec(text, str(path))
 
 
 def find_clang() -> str:
@@ -123,12 +126,7 @@ def compile_spec(spec_path: str | Path, out_dir: str | Path | None = None) -> Bu
     for node in spec.nodes:
         src, obj = build_dir / source_name(node.name), build_dir / object_name(node.name)
         compile_object(src, obj)
-        nodes[node.name] = {
-            "address": str(node.address),
-            "source": src.name,
-            "object": obj.name,
-            "sha256": hashlib.sha256(obj.read_bytes()).hexdigest(),
-        }
+        nodes[node.name] = {"source": src.name, "object": obj.name}
     manifest = {
         "bpfgen": __version__,
         "name": spec.metadata.name,

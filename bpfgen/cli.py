@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import click
 
-from .errors import EXIT_FAILURE, EXIT_USAGE, BpfgenError
+from .errors import EXIT_FAILURE, BpfgenError
 
 
 class Context:

@@ -16,13 +16,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import BpfgenError, UsageError
 from .spec import Spec, load_spec
-from .state import run_dir
+from .state import check_privileges, run_dir
 
 DEFAULT_SPEC = Path(__file__).resolve().parent.parent / "examples" / "seed.yaml"
 DEFAULT_PREFIX = "bgl"
@@ -86,12 +85,16 @@ class Lab:
 
     @classmethod
     def load(cls, prefix: str) -> Lab | None:
+        path = cls.record_path(prefix)
         try:
-            data = json.loads(cls.record_path(prefix).read_text())
+            data = json.loads(path.read_text())
+            data["pods"] = [Pod(**p) for p in data["pods"]]
+            return cls(**data)
         except FileNotFoundError:
             return None
-        data["pods"] = [Pod(**p) for p in data["pods"]]
-        return cls(**data)
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            raise LabError(f"{path}: unreadable lab record ({e}); remove the lab's namespaces "
+                           f"(ip netns list | grep '^{prefix}-') and the file by hand") from None
 
     def node_ns(self, node: str) -> str:
         return self.nodes[node]["ns"]
@@ -137,6 +140,7 @@ def _local_port_range(spec: Spec) -> str:
 
 
 def up(spec_path: str | Path | None = None, prefix: str = DEFAULT_PREFIX) -> Lab:
+    check_privileges()
     path = str(spec_path or DEFAULT_SPEC)
     spec = load_spec(path)
     if Lab.load(prefix) is not None:
@@ -226,53 +230,58 @@ def _start_server(pod: Pod) -> None:
 
 
 def down(prefix: str = DEFAULT_PREFIX) -> list[str]:
-    """Remove everything lab `prefix` made; returns the namespaces removed."""
+    """Remove everything lab `prefix` made; returns the namespaces removed. What could
+    not be removed is an error naming it (the record stays, so down can be run again)."""
+    check_privileges()
     lab = Lab.load(prefix)
     if lab is None:
         raise UsageError(f"no lab '{prefix}' is up")
     for pod in lab.pods:
-        if pod.pid:
-            try:
-                os.killpg(pod.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+        _stop_server(pod)
         Path(pod.log).unlink(missing_ok=True)
-    _unload_nodes(lab)
+    problems = _unload_nodes(lab)
     existing = set(run("ip", "netns", "list").stdout.split())
     removed = []
     for ns in lab.namespaces:
         if ns in existing:
-            run("ip", "netns", "del", ns, check=False)
-            removed.append(ns)
+            proc = run("ip", "netns", "del", ns, check=False)
+            if proc.returncode == 0:
+                removed.append(ns)
+            else:
+                problems.append(f"namespace {ns}: {proc.stderr.strip()}")
+    if problems:
+        raise LabError(f"lab {prefix} is only partly down: " + "; ".join(problems))
     Lab.record_path(prefix).unlink(missing_ok=True)
     return removed
 
 
-def _unload_nodes(lab: Lab) -> None:
-    """Unload bpfgen from the lab's nodes (pins live in the shared bpffs, not in the namespaces)."""
+def _stop_server(pod: Pod) -> None:
+    """Stop a pod's server: only a process that still is one (the record may be stale)."""
+    try:
+        cmdline = Path(f"/proc/{pod.pid}/cmdline").read_bytes()
+    except OSError:
+        return
+    if pod.pid and b"bpfgen.labnet" in cmdline:
+        try:
+            os.killpg(pod.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+
+def _unload_nodes(lab: Lab) -> list[str]:
+    """Unload bpfgen from the lab's nodes (pins live in the shared bpffs, not in the
+    namespaces); returns what failed."""
     from .loader import unload
     from .state import NodeRecord
 
+    problems = []
     for r in NodeRecord.all():
         if r.netns in {n["ns"] for n in lab.nodes.values()}:
             try:
                 unload(r.iface, node=r.node, netns=r.netns)
-            except BpfgenError:
-                pass
-
-
-def wait_pids_gone(lab: Lab, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(_alive(p.pid) for p in lab.pods):
-        time.sleep(0.05)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
+            except BpfgenError as e:
+                problems.append(f"unload of node {r.node}: {e}")
+    return problems
 
 
 def client_request(lab: Lab, proto: str, host: str, port: int) -> dict:

@@ -16,13 +16,13 @@ from dataclasses import dataclass
 
 # Scalar field types: C type, Python struct code, size (all naturally aligned).
 SCALARS: dict[str, tuple[str, str, int]] = {
-    "u8": ("__u8", "B", 1),
-    "u16": ("__u16", "H", 2),
-    "u32": ("__u32", "I", 4),
-    "u64": ("__u64", "Q", 8),
-    "ip4": ("bpfgen_ip4_t", "4s", 4),  # IPv4 address, network order
+    "u8": ("__u8", "<B", 1),
+    "u16": ("__u16", "<H", 2),
+    "u32": ("__u32", "<I", 4),
+    "u64": ("__u64", "<Q", 8),
+    "ip4": ("bpfgen_ip4_t", "4s", 4),  # IPv4 address, network order (packed bytes)
     "port": ("bpfgen_port_t", ">H", 2),  # L4 port, network order
-    "proto": ("bpfgen_proto_t", "B", 1),  # IP protocol number
+    "proto": ("bpfgen_proto_t", "<B", 1),  # IP protocol number
 }
 
 # The typedefs behind the display types; the BTF decoder keys on these names.
@@ -48,6 +48,10 @@ class Field:
     @property
     def size(self) -> int:
         return SCALARS[self.type][2]
+
+    @property
+    def format(self) -> str:
+        return SCALARS[self.type][1]
 
 
 @dataclass(frozen=True)
@@ -84,12 +88,7 @@ class Struct:
         out = bytearray()
         for f in self.fields:
             v = values.get(f.name, 0)
-            if f.type == "ip4":
-                out += ipaddress.IPv4Address(v or 0).packed
-            elif f.type == "port":
-                out += _struct.pack(">H", int(v))
-            else:
-                out += _struct.pack("<" + SCALARS[f.type][1], int(v))
+            out += _struct.pack(f.format, ipaddress.IPv4Address(v or 0).packed if f.type == "ip4" else int(v))
         return bytes(out)
 
     def unpack(self, data: bytes) -> dict[str, object]:
@@ -99,13 +98,8 @@ class Struct:
         values: dict[str, object] = {}
         offset = 0
         for f in self.fields:
-            raw = data[offset : offset + f.size]
-            if f.type == "ip4":
-                values[f.name] = ipaddress.IPv4Address(raw)
-            elif f.type == "port":
-                values[f.name] = _struct.unpack(">H", raw)[0]
-            else:
-                values[f.name] = _struct.unpack("<" + SCALARS[f.type][1], raw)[0]
+            (v,) = _struct.unpack_from(f.format, data, offset)
+            values[f.name] = ipaddress.IPv4Address(v) if f.type == "ip4" else v
             offset += f.size
         return values
 
@@ -232,19 +226,14 @@ class MapDef:
     key: Struct | Scalar
     value: Struct
     doc: str
-    state: bool = False  # conntrack/NAT state that survives a reload
-
-    @property
-    def percpu(self) -> bool:
-        return "PERCPU" in self.type
 
 
 MAPS = (
     MapDef("svc_v4", "HASH", SVC_KEY, SVC_VALUE, "service frontends and their backend slots"),
     MapDef("backend_v4", "HASH", ID_KEY, BACKEND, "backends by id"),
     MapDef("revnat_v4", "HASH", ID_KEY, REVNAT, "frontend by reverse-NAT id"),
-    MapDef("ct_v4", "LRU_HASH", TUPLE, CT_ENTRY, "conntrack", state=True),
-    MapDef("snat_v4", "LRU_HASH", TUPLE, NAT_ENTRY, "SNAT pairs (like cilium_snat_v4_external)", state=True),
+    MapDef("ct_v4", "LRU_HASH", TUPLE, CT_ENTRY, "conntrack"),
+    MapDef("snat_v4", "LRU_HASH", TUPLE, NAT_ENTRY, "SNAT pairs (like cilium_snat_v4_external)"),
     MapDef("svc_stats", "PERCPU_ARRAY", ID_KEY, SVC_STATS, "packets and bytes per frontend id"),
     MapDef("drop_stats", "PERCPU_ARRAY", ID_KEY, DROP_STATS, "drops by reason"),
 )

@@ -425,6 +425,7 @@ def unload(iface: str, node: str | None = None, netns: str | None = None) -> Unl
 
 def status() -> list[dict]:
     """What is loaded, per node, checked against the kernel where it can be."""
+    check_privileges()
     require_host_bpffs()
     rows = []
     for r in NodeRecord.all():

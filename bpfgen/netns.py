@@ -87,7 +87,7 @@ def ifindex(name: str) -> int:
         raise UsageError(f"interface '{name}' does not exist{where}") from None
 
 
-def _mounts() -> list[tuple[str, str, str]]:
+def mounts() -> list[tuple[str, str, str]]:
     """(mount point, fs type, source) for each line of /proc/self/mountinfo."""
     result = []
     with open("/proc/self/mountinfo") as f:
@@ -116,14 +116,14 @@ def under_ip_netns_exec() -> bool:
     except OSError:
         pass
     try:
-        mounts = _mounts()
+        table = mounts()
         netns_names = set(os.listdir(NETNS_RUN_DIR))
     except OSError:
         return False
-    sys_mounts = [(fstype, source) for point, fstype, source in mounts if point == "/sys"]
+    sys_mounts = [(fstype, source) for point, fstype, source in table if point == "/sys"]
     if not sys_mounts:
         return False
     fstype, source = sys_mounts[-1]
     if fstype != "sysfs" or source not in netns_names:
         return False
-    return not any(point == "/sys/fs/bpf" and fstype == "bpf" for point, fstype, _ in mounts)
+    return not any(point == "/sys/fs/bpf" and fstype == "bpf" for point, fstype, _ in table)

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import BpfgenError, UsageError
-from .netns import under_ip_netns_exec
+from .netns import mounts, under_ip_netns_exec
 
 BPFFS = Path(os.environ.get("BPFGEN_BPFFS", "/sys/fs/bpf"))
 
@@ -70,13 +70,7 @@ def check_privileges() -> None:
 
 
 def is_bpffs(path: Path) -> bool:
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fields = left.split()
-            if len(fields) >= 5 and fields[4] == str(path) and right.split()[:1] == ["bpf"]:
-                return True
-    return False
+    return any(point == str(path) and fstype == "bpf" for point, fstype, _ in mounts())
 
 
 def require_host_bpffs() -> None:
@@ -161,6 +155,7 @@ def resolve_loaded_node(node: str | None, netns: str | None = None) -> str:
     current (or --netns) network namespace, else the only node loaded."""
     from .netns import enter_netns
 
+    check_privileges()
     require_host_bpffs()
     if node:
         if node not in pinned_nodes():

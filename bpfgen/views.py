@@ -70,11 +70,7 @@ def dump_map(m: bpf.MapFd) -> dict:
     entries = []
     for k, v in m.items():
         if m.percpu:
-            step = (m.value_size + 7) & ~7
-            values = [
-                {"cpu": cpu, "value": codec.value(v[cpu * step : cpu * step + m.value_size])}
-                for cpu in range(len(v) // step)
-            ]
+            values = [{"cpu": cpu, "value": codec.value(raw)} for cpu, raw in enumerate(m.split_percpu(v))]
             entries.append({"key": codec.key(k), "values": values})
         else:
             entries.append({"key": codec.key(k), "value": codec.value(v)})
@@ -256,13 +252,3 @@ def nat_list(node: str) -> list[dict]:
 
 def format_nat_list(rows: list[dict]) -> str:
     return "".join(f"{r['proto']} {r['dir']} {r['src']} -> {r['dst']} {r['xlate']} {r['to']}\n" for r in rows)
-
-
-def drop_counts(node: str) -> dict[str, int]:
-    with open_maps(node, ["drop_stats"]) as maps:
-        m = maps["drop_stats"]
-        counts = {}
-        for name, value, label in layout.DROP_REASONS.members:
-            per_cpu = m.lookup_percpu(layout.ID_KEY.pack(value)) or []
-            counts[label] = sum(layout.DROP_STATS.unpack(v)["packets"] for v in per_cpu)
-    return counts
