@@ -28,6 +28,7 @@ struct pkt {
 	__u32 len;
 	__u8 tcp_flags;
 	__u8 ttl;
+	__sum16 ip_check;
 };
 
 static __always_inline __u64 now_sec(void)
@@ -54,17 +55,34 @@ static __always_inline void count_frontend(__u32 id, __u32 len)
 	}
 }
 
-/* Reads headers with bpf_skb_load_bytes, so non-linear skbs parse the same. */
+/* The first bytes of a TCP header, up to its flags. */
+struct tcp_head {
+	__be16 ports[2];
+	__be32 seq;
+	__be32 ack_seq;
+	__u8 doff;
+	__u8 flags;
+};
+
+/*
+ * Reads the IPv4 header in place where it is linear, else (and the L4 header always)
+ * with bpf_skb_load_bytes, so non-linear skbs parse the same.
+ */
 static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 {
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct iphdr *iph = data + ETH_HLEN;
+	struct tcp_head l4 = {};
 	struct iphdr ip;
 	__u16 tot_len;
 	__u32 ihl_len, l4_min;
-	__be16 ports[2];
 
 	if (skb->protocol != bpf_htons(ETH_P_IP))
 		return PARSE_PASS;
-	if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) < 0)
+	if ((void *)(iph + 1) <= data_end)
+		ip = *iph;
+	else if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) < 0)
 		return PARSE_MALFORMED;
 	if (ip.version != 4 || ip.ihl < 5)
 		return PARSE_MALFORMED;
@@ -80,68 +98,108 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 		return PARSE_MALFORMED;
 
 	p->l4_off = ETH_HLEN + ihl_len;
-	if (bpf_skb_load_bytes(skb, p->l4_off, ports, sizeof(ports)) < 0)
-		return PARSE_MALFORMED;
-	p->tcp_flags = 0;
 	if (ip.protocol == IPPROTO_TCP) {
-		if (bpf_skb_load_bytes(skb, p->l4_off + 13, &p->tcp_flags, 1) < 0)
+		if (bpf_skb_load_bytes(skb, p->l4_off, &l4, sizeof(l4)) < 0)
 			return PARSE_MALFORMED;
 		p->csum_off = p->l4_off + offsetof(struct tcphdr, check);
 	} else {
+		if (bpf_skb_load_bytes(skb, p->l4_off, l4.ports, sizeof(l4.ports)) < 0)
+			return PARSE_MALFORMED;
 		p->csum_off = p->l4_off + offsetof(struct udphdr, check);
 	}
+	p->tcp_flags = l4.flags;
 	p->t.saddr = ip.saddr;
 	p->t.daddr = ip.daddr;
-	p->t.sport = ports[0];
-	p->t.dport = ports[1];
+	p->t.sport = l4.ports[0];
+	p->t.dport = l4.ports[1];
 	p->t.proto = ip.protocol;
 	p->t.dir = 0;
 	p->t.pad = 0;
 	p->len = skb->len;
 	p->ttl = ip.ttl;
+	p->ip_check = ip.check;
 	return PARSE_OK;
 }
 
 /* ---- packet rewriting: every rewrite fixes the L3 and L4 checksums ---- */
 
-static __always_inline __u64 l4_csum_flags(const struct pkt *p, __u64 size)
+/* One's complement addition, for checksum differences computed here. */
+static __always_inline __u32 csum_add(__u32 sum, __u32 addend)
+{
+	sum += addend;
+	return sum + (sum < addend);
+}
+
+/* The checksum difference of a 32-bit word changing from `from` to `to`. */
+static __always_inline __u32 csum_change(__u32 from, __u32 to)
+{
+	return csum_add(~from, to);
+}
+
+/* The 16-bit one's complement checksum of a 32-bit sum, as the header holds it. */
+static __always_inline __sum16 csum_fold(__u32 sum)
+{
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	return (__sum16)~sum;
+}
+
+/*
+ * Rewrites the packet's addresses and ports to the tuple t (same protocol), and
+ * decrements the TTL when we forward it ourselves. The IPv4 header is written in place
+ * and its checksum updated here; the ports go through a store, and the L4 checksum
+ * through the kernel's helper, in two differences, because with a partial checksum
+ * (veth, local sockets) only the pseudo-header's addresses count.
+ */
+static __always_inline int rewrite(struct __sk_buff *skb, const struct pkt *p, const struct bpfgen_tuple *t,
+				   int dec_ttl)
 {
 	/* UDP: a zero checksum means "none" and stays zero. */
-	return size | (p->t.proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0);
-}
+	__u64 mangled = p->t.proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
+	__u32 addrs = csum_add(csum_change(p->t.saddr, t->saddr), csum_change(p->t.daddr, t->daddr));
+	/* the two ports are one 32-bit word; any order of their halves folds the same */
+	__u32 l4_ports = csum_change(p->t.sport | (__u32)p->t.dport << 16, t->sport | (__u32)t->dport << 16);
+	__be16 ports[2] = { t->sport, t->dport };
+	__u8 ttl = p->ttl - (dec_ttl ? 1 : 0);
+	/* bytes 8..9 (TTL, protocol) are one 16-bit word of the header checksum */
+	__u32 l3 = csum_add(addrs, csum_change(bpf_htons((__u16)(p->ttl << 8 | p->t.proto)),
+					       bpf_htons((__u16)(ttl << 8 | p->t.proto))));
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct iphdr *ip = data + ETH_HLEN;
 
-static __always_inline int rewrite_addr(struct __sk_buff *skb, const struct pkt *p, int src,
-					__be32 from, __be32 to)
-{
-	__u32 off = ETH_HLEN + (src ? offsetof(struct iphdr, saddr) : offsetof(struct iphdr, daddr));
-
-	if (from == to)
-		return 0;
-	if (bpf_l4_csum_replace(skb, p->csum_off, from, to, l4_csum_flags(p, sizeof(to)) | BPF_F_PSEUDO_HDR))
-		return -1;
-	if (bpf_l3_csum_replace(skb, ETH_HLEN + offsetof(struct iphdr, check), from, to, sizeof(to)))
-		return -1;
-	return bpf_skb_store_bytes(skb, off, &to, sizeof(to), 0);
-}
-
-static __always_inline int rewrite_port(struct __sk_buff *skb, const struct pkt *p, int src,
-					__be16 from, __be16 to)
-{
-	if (from == to)
-		return 0;
-	if (bpf_l4_csum_replace(skb, p->csum_off, from, to, l4_csum_flags(p, sizeof(to))))
-		return -1;
-	return bpf_skb_store_bytes(skb, p->l4_off + (src ? 0 : 2), &to, sizeof(to), 0);
-}
-
-/* Rewrites the packet's source and destination to the tuple t (same protocol). */
-static __always_inline int rewrite(struct __sk_buff *skb, const struct pkt *p, const struct bpfgen_tuple *t)
-{
-	if (rewrite_addr(skb, p, 1, p->t.saddr, t->saddr) ||
-	    rewrite_addr(skb, p, 0, p->t.daddr, t->daddr) ||
-	    rewrite_port(skb, p, 1, p->t.sport, t->sport) ||
-	    rewrite_port(skb, p, 0, p->t.dport, t->dport))
+	if ((void *)(ip + 1) > data_end) {
+		if (bpf_skb_pull_data(skb, ETH_HLEN + sizeof(*ip)))
+			return drop(DROP_REWRITE_FAILED);
+		data = (void *)(long)skb->data;
+		data_end = (void *)(long)skb->data_end;
+		ip = data + ETH_HLEN;
+		if ((void *)(ip + 1) > data_end)
+			return drop(DROP_REWRITE_FAILED);
+	}
+	ip->ttl = ttl;
+	ip->saddr = t->saddr;
+	ip->daddr = t->daddr;
+	ip->check = csum_fold(csum_add(l3, ~(__u32)ip->check));
+	if (bpf_skb_store_bytes(skb, p->l4_off, ports, sizeof(ports), 0) ||
+	    bpf_l4_csum_replace(skb, p->csum_off, 0, addrs, BPF_F_PSEUDO_HDR | mangled) ||
+	    bpf_l4_csum_replace(skb, p->csum_off, 0, l4_ports, mangled))
 		return drop(DROP_REWRITE_FAILED);
+	return 0;
+}
+
+/* Writes the Ethernet addresses (src may be NULL: only the destination changes). */
+static __always_inline int set_macs(struct __sk_buff *skb, const __u8 *dst, const __u8 *src)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+
+	if ((void *)(eth + 1) > data_end)
+		return -1;
+	__builtin_memcpy(eth->h_dest, dst, ETH_ALEN);
+	if (src)
+		__builtin_memcpy(eth->h_source, src, ETH_ALEN);
 	return 0;
 }
 
@@ -184,38 +242,24 @@ static __always_inline int route(struct __sk_buff *skb, const struct pkt *p, con
 }
 
 /* Sends a translated packet where route() said. */
-static __always_inline int send(struct __sk_buff *skb, const struct pkt *p, const struct bpf_fib_lookup *fib,
-				int verdict, int egress)
+static __always_inline int send(struct __sk_buff *skb, const struct bpf_fib_lookup *fib, int verdict, int egress)
 {
 	struct bpf_redir_neigh nh = {};
-	__u16 ttl_word_old, ttl_word_new;
-	__u8 ttl;
 
 	if (verdict == ROUTE_STACK)
 		return TC_ACT_OK;
 	if (egress && verdict == ROUTE_REDIRECT && fib->ifindex == skb->ifindex) {
 		/* Already leaving through the right interface: only the next hop's MAC changes. */
-		if (bpf_skb_store_bytes(skb, 0, fib->dmac, ETH_ALEN, 0) < 0)
+		if (set_macs(skb, fib->dmac, NULL))
 			return drop(DROP_REWRITE_FAILED);
 		return TC_ACT_OK;
-	}
-	if (!egress) {
-		/* Forwarded by us rather than the stack: decrement the TTL as a router does. */
-		ttl = p->ttl - 1;
-		ttl_word_old = bpf_htons((__u16)p->ttl << 8);
-		ttl_word_new = bpf_htons((__u16)ttl << 8);
-		if (bpf_l3_csum_replace(skb, ETH_HLEN + offsetof(struct iphdr, check), ttl_word_old, ttl_word_new,
-					sizeof(__u16)) ||
-		    bpf_skb_store_bytes(skb, ETH_HLEN + offsetof(struct iphdr, ttl), &ttl, 1, 0) < 0)
-			return drop(DROP_REWRITE_FAILED);
 	}
 	if (verdict == ROUTE_NEIGH) {
 		nh.nh_family = AF_INET;
 		nh.ipv4_nh = fib->ipv4_dst; /* the gateway, where the route has one */
 		return bpf_redirect_neigh(fib->ifindex, &nh, sizeof(nh), 0);
 	}
-	if (bpf_skb_store_bytes(skb, 0, fib->dmac, ETH_ALEN, 0) < 0 ||
-	    bpf_skb_store_bytes(skb, ETH_ALEN, fib->smac, ETH_ALEN, 0) < 0)
+	if (set_macs(skb, fib->dmac, fib->smac))
 		return drop(DROP_REWRITE_FAILED);
 	return bpf_redirect(fib->ifindex, 0);
 }
@@ -596,9 +640,10 @@ static __always_inline int lb_forward(struct __sk_buff *skb, struct pkt *p, cons
 			return drop(DROP_CT_FULL);
 	}
 
-	if (rewrite(skb, p, &xlated))
+	/* We forward it ourselves (ingress, a next hop): decrement the TTL as a router does. */
+	if (rewrite(skb, p, &xlated, !egress && verdict != ROUTE_STACK))
 		return TC_ACT_SHOT;
-	return send(skb, p, &fib, verdict, egress); /* a local backend: the stack delivers it */
+	return send(skb, &fib, verdict, egress); /* a local backend: the stack delivers it */
 }
 
 /*
@@ -642,9 +687,9 @@ static __always_inline int rev_nat(struct __sk_buff *skb, struct pkt *p, struct 
 	svc_key.dir = CT_SERVICE;
 	ct_refresh(ct, &svc_key, p, now);
 
-	if (rewrite(skb, p, &xlated))
+	if (rewrite(skb, p, &xlated, verdict != ROUTE_STACK))
 		return TC_ACT_SHOT;
-	return send(skb, p, &fib, verdict, 0);
+	return send(skb, &fib, verdict, 0);
 }
 
 /* The CT_OUT key of the flow a reply t (backend -> client) belongs to. */
