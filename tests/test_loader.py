@@ -954,3 +954,20 @@ def test_ephemeral_ports_inside_the_snat_range_are_warned_about(builds, state, n
     assert "warning" not in load(netns, builds["seed"])
     netns.run("sysctl", "-qw", "net.ipv4.ip_local_reserved_ports=", "net.ipv4.ip_local_port_range=10000 29999")
     assert "warning" not in load(netns, builds["seed"])
+
+
+def test_unload_from_another_namespace_refuses_and_changes_nothing(builds, state, netns: Netns):
+    """A node loaded in one namespace is not unloaded through a same-named interface of
+    another (whose qdisc it would otherwise destroy)."""
+    load(netns, builds["seed"])
+    ids = attached(netns)
+    other = Netns(address=None)
+    try:
+        err = clean_error(bpfgen("unload", "--iface", IFACE, "--node", NODE, "--netns", other.name), exit_code=2)
+        assert f"network namespace '{netns.name}'" in err and f"--netns {netns.name}" in err
+        assert "clsact" not in other.ip("-d", "link", "show", IFACE) and not tc_filters(other, "ingress")
+    finally:
+        other.remove()
+    assert attached(netns) == ids
+    assert state["pins"].is_dir()
+    ok(bpfgen("unload", "--iface", IFACE, "--netns", netns.name))
