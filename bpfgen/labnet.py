@@ -32,6 +32,27 @@ class _Log:
                 self.file.write(data.decode())
 
 
+def _bulk(sock: socket.socket, first: bytes) -> None:
+    """Bulk transfers for tests of large (GSO) packets: a request "send N" is answered
+    with N bytes; "recv N" makes the server read N bytes and answer with the count."""
+    words = first.split()
+    if len(words) != 2 or words[0] not in (b"send", b"recv"):
+        return
+    size = int(words[1])
+    if words[0] == b"send":
+        chunk = b"x" * 65536
+        while size > 0:
+            size -= sock.send(chunk[: min(size, len(chunk))])
+        return
+    got = 0
+    while got < size:
+        data = sock.recv(1 << 20)
+        if not data:
+            break
+        got += len(data)
+    sock.sendall(b"%d\n" % got)
+
+
 def serve(tcp_ports: list[int], udp_ports: list[int], log_path: str | None, bind: str = "0.0.0.0") -> None:
     log = _Log(log_path)
 
@@ -39,10 +60,11 @@ def serve(tcp_ports: list[int], udp_ports: list[int], log_path: str | None, bind
         def handle(self) -> None:
             self.request.settimeout(10)
             try:
-                self.request.recv(4096)
+                first = self.request.recv(4096)
                 data = _reply("TCP", self.request.getsockname(), self.client_address)
                 log.write(data)
                 self.request.sendall(data)
+                _bulk(self.request, first)
             except OSError:
                 pass
 

@@ -194,3 +194,50 @@ def test_lab_demo_runs_the_walk_and_cleans_up(tmp_path: Path, monkeypatch: pytes
     assert any(n["xlate"] == "XLATE_SRC" for n in report["nat"])
     assert not any(ns.startswith(prefix + "-") for ns in _namespaces())
     assert not any(isolated_state.glob("*/*"))
+
+
+def _read_json_line(s: socket.socket) -> tuple[dict, bytes]:
+    data = b""
+    while b"\n" not in data:
+        chunk = s.recv(65536)
+        assert chunk, "closed before the answer"
+        data += chunk
+    line, _, rest = data.partition(b"\n")
+    return json.loads(line), rest
+
+
+def _bulk_download(ns: str, host: str, port: int, size: int) -> int:
+    with enter_netns(ns):
+        s = socket.create_connection((host, port), timeout=20)
+    with s:
+        s.sendall(b"send %d\n" % size)
+        _, got = _read_json_line(s)
+        total = len(got)
+        while total < size:
+            chunk = s.recv(1 << 20)
+            if not chunk:
+                break
+            total += len(chunk)
+    return total
+
+
+@pytest.mark.parametrize("size", [4 << 20])
+def test_bulk_transfers_through_the_nodeport_both_ways(lab, size: int) -> None:
+    """Large segments (GSO/GRO on veth) are translated and forwarded, not dropped."""
+    assert _bulk_download(lab.client_ns, NODE0, NODEPORT, size) == size
+    with enter_netns(lab.client_ns):
+        s = socket.create_connection((NODE0, NODEPORT), timeout=20)
+    with s:
+        s.sendall(b"recv %d\n" % size)
+        _read_json_line(s)
+        s.sendall(b"y" * size)
+        answer = b""
+        while not answer.endswith(b"\n"):
+            chunk = s.recv(64)
+            assert chunk
+            answer += chunk
+    assert int(answer) == size
+
+
+def test_bulk_download_from_a_clusterip_on_the_node(lab) -> None:
+    assert _bulk_download(lab.node_ns("node0"), CLUSTER_IP, 80, 4 << 20) == 4 << 20
