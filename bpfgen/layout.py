@@ -132,7 +132,8 @@ REVNAT = _s(
 )
 TUPLE = _s(
     "bpfgen_tuple",
-    "A flow tuple: conntrack key (dir CT_SERVICE/CT_OUT) and SNAT key (dir NAT_OUT/NAT_IN).",
+    "A flow tuple: conntrack key (dir CT_SERVICE: client -> frontend; CT_OUT: as the flow leaves"
+    " for its backend, from node:snat_port when SNATed) and SNAT key (dir NAT_OUT/NAT_IN).",
     ("saddr", "ip4"), ("daddr", "ip4"), ("sport", "port"), ("dport", "port"),
     ("proto", "proto"), ("dir", "u8"), ("pad", "u16"),
 )
@@ -148,7 +149,6 @@ NAT_ENTRY = _s(
     "An SNAT translation: NAT_OUT rewrites the source to addr:port, NAT_IN the destination.",
     ("addr", "ip4"), ("port", "port"), ("pad", "u16"),
     ("claimed", "u32", "NAT_IN: when a flow took the port (seconds, the clock of expires)"),
-    ("rests_until", "u32", "NAT_IN: 0 while its flow owns the port, else when the port may be reused"),
 )
 SVC_STATS = _s("bpfgen_svc_stats", "Per-CPU packet and byte counts of one frontend.", ("packets", "u64"), ("bytes", "u64"))
 DROP_STATS = _s("bpfgen_drop_stats", "Per-CPU count of drops of one reason.", ("packets", "u64"))

@@ -161,13 +161,19 @@ class LoadResult:
 
 
 def interface_addresses(iface: str) -> list[ipaddress.IPv4Address]:
-    """IPv4 addresses of iface in the calling thread's network namespace."""
-    proc = subprocess.run(["ip", "-j", "-4", "addr", "show", "dev", iface], capture_output=True, text=True)
+    """IPv4 addresses of iface in the calling thread's network namespace; refuses an
+    interface that is not Ethernet (the datapath parses Ethernet frames)."""
+    proc = subprocess.run(["ip", "-j", "addr", "show", "dev", iface], capture_output=True, text=True)
     if proc.returncode != 0:
         raise UsageError(f"interface '{iface}': {proc.stderr.strip() or 'ip addr failed'}")
+    links = json.loads(proc.stdout or "[]")
+    kind = links[0].get("link_type") if links else None
+    if kind != "ether":
+        raise UsageError(f"interface '{iface}' is not an Ethernet interface (link type {kind}); "
+                         "the datapath handles Ethernet frames only")
     return [
         ipaddress.IPv4Address(a["local"])
-        for link in json.loads(proc.stdout or "[]")
+        for link in links
         for a in link.get("addr_info", [])
         if a.get("family") == "inet"
     ]
@@ -277,7 +283,7 @@ def load(
         messages.append(mounted)
     with enter_netns(netns):
         ifindex = if_index(iface)
-        n = pick_node(the_spec, iface, node, interface_addresses(iface) if node is None else [])
+        n = pick_node(the_spec, iface, node, interface_addresses(iface))
         ns_inode = netns_inode()
         warning = ephemeral_port_warning(n.name, the_spec.cluster.snat_port_range)
     if warning:

@@ -406,8 +406,9 @@ def test_syn_to_remote_backend_is_dnated_and_snated(node0, client_port):
     assert len(node0.entries("snat_v4")) == 2
 
     fid = node0.frontend_id()
+    # CT_OUT is keyed by the flow as it leaves: from node0's SNAT port.
     for flow, direction in (((CLIENT, client_port, NODE0, NODEPORT), "CT_SERVICE"),
-                            ((CLIENT, client_port, BACKEND, BACKEND_PORT), "CT_OUT")):
+                            ((NODE0, snat_port, BACKEND, BACKEND_PORT), "CT_OUT")):
         entry = node0.ct(flow, direction)
         assert entry is not None, direction
         assert node0.backend(entry["backend_id"]) == (BACKEND, BACKEND_PORT)
@@ -463,8 +464,8 @@ def test_reply_to_unknown_snat_port_is_untouched(node0):
 
 
 def test_reply_of_an_expired_flow_is_untouched(node0):
-    node0.from_netdev(syn(40000))
-    out = (CLIENT, 40000, BACKEND, BACKEND_PORT)
+    node0.from_netdev(syn(40000))  # the client's port is in snatPortRange: kept
+    out = (NODE0, 40000, BACKEND, BACKEND_PORT)
     node0.put_ct(out, "CT_OUT", **{**node0.ct(out, "CT_OUT"), "expires": now_sec() - 1})
     reply = pk.tcp(BACKEND, BACKEND_PORT, NODE0, 40000, pk.SYN | pk.ACK)
     run = node0.from_netdev(reply)
@@ -604,10 +605,10 @@ def test_ack_establishes_the_flow(node1):
 def test_fin_marks_both_entries_closing(datapath, node, closer):
     dp = datapath(SEED, node)
     service = (CLIENT, 40000, dp.address, NODEPORT)
-    out = (CLIENT, 40000, BACKEND, BACKEND_PORT)
     dp.from_netdev(pk.tcp(*service, pk.SYN))
     dp.from_netdev(pk.tcp(*service, pk.ACK))
     snat = dp.ct(service, "CT_SERVICE")["snat_port"]
+    out = (NODE0, snat, BACKEND, BACKEND_PORT) if node == "node0" else (CLIENT, 40000, BACKEND, BACKEND_PORT)
 
     if closer == "client":
         run = dp.from_netdev(pk.tcp(*service, pk.FIN | pk.ACK))
@@ -640,7 +641,8 @@ def test_syn_after_fin_is_a_new_flow(datapath, node):
     entry = dp.ct(service, "CT_SERVICE")
     assert not entry["flags"] & FLAGS["CT_CLOSING"]
     assert entry["expires"] >= now_sec() + TIMEOUT["CT_SYN_TIMEOUT"] - 1
-    assert not dp.ct((CLIENT, 40000, BACKEND, BACKEND_PORT), "CT_OUT")["flags"] & FLAGS["CT_CLOSING"]
+    out = (NODE0, p.sport, BACKEND, BACKEND_PORT) if node == "node0" else (CLIENT, 40000, BACKEND, BACKEND_PORT)
+    assert not dp.ct(out, "CT_OUT")["flags"] & FLAGS["CT_CLOSING"]
     assert (p.daddr, p.dport) == (BACKEND, BACKEND_PORT) and p.checksums_ok()
     if node == "node0":
         # The closed flow's SNAT port rests (the backend holds it in TIME_WAIT): the
@@ -707,11 +709,12 @@ def test_flow_off_a_removed_backend_stays_translated_both_ways(datapath, node):
 
 def _occupy(dp: Datapath, port: int, occupant: tuple[str, int], ct_expires: int | None) -> None:
     """Make NODE0:port the SNAT port of occupant's flow to BACKEND: its NAT pair, and
-    (unless ct_expires is None) its CT_OUT entry expiring at ct_expires."""
+    (unless ct_expires is None) its CT_OUT entry (keyed NODE0:port -> BACKEND) expiring
+    at ct_expires."""
     dp.put_nat((BACKEND, BACKEND_PORT, NODE0, port), "NAT_IN", occupant)
     dp.put_nat((*occupant, BACKEND, BACKEND_PORT), "NAT_OUT", (NODE0, port))
     if ct_expires is not None:
-        dp.put_ct((*occupant, BACKEND, BACKEND_PORT), "CT_OUT", expires=ct_expires, backend_id=1, rev_nat_id=1,
+        dp.put_ct((NODE0, port, BACKEND, BACKEND_PORT), "CT_OUT", expires=ct_expires, backend_id=1, rev_nat_id=1,
                   flags=FLAGS["CT_SNAT"], snat_addr=NODE0, snat_port=port)
 
 
@@ -779,7 +782,7 @@ def test_snat_port_of_a_stale_flow_is_reused_when_range_is_full(datapath):
     port_of = {c: dp.from_netdev(pk.tcp(*c, NODE0, NODEPORT, pk.SYN)).pkt.sport for c in clients}
     # The first client's flow is gone (its conntrack entries expired and were evicted).
     gone = clients[0]
-    dp.maps["ct_v4"].delete(tuple_key((*gone, BACKEND, BACKEND_PORT), "CT_OUT"))
+    dp.maps["ct_v4"].delete(tuple_key((NODE0, port_of[gone], BACKEND, BACKEND_PORT), "CT_OUT"))
     dp.maps["ct_v4"].delete(tuple_key((*gone, NODE0, NODEPORT), "CT_SERVICE"))
     nat_key = tuple_key((BACKEND, BACKEND_PORT, NODE0, port_of[gone]), "NAT_IN")
     fresh = layout.NAT_ENTRY.unpack(dp.maps["snat_v4"].lookup(nat_key))
@@ -921,3 +924,30 @@ def test_new_flows_spread_over_all_backends(datapath, nodeport, count, clients):
     assert set(seen) == expected, f"backends chosen: {dict(seen)}"
     fair = len(tuples) / count
     assert min(seen.values()) >= fair / 2, f"uneven spread: {dict(seen)}"
+
+
+def test_one_client_port_to_two_frontends_of_one_backend_stays_two_flows(node0):
+    """A client reuses its source port towards two frontends (the NodePort and the
+    ClusterIP) that share a backend: two SNAT ports, and each reply gets its own
+    frontend back."""
+    to_nodeport = node0.from_netdev(pk.tcp(CLIENT, 40000, NODE0, NODEPORT, pk.SYN)).pkt
+    to_clusterip = node0.from_netdev(pk.tcp(CLIENT, 40000, "10.106.91.98", 80, pk.SYN)).pkt
+    assert (to_nodeport.daddr, to_clusterip.daddr) == (BACKEND, BACKEND)
+    assert to_nodeport.sport != to_clusterip.sport
+    for port, frontend in ((to_nodeport.sport, (NODE0, NODEPORT)), (to_clusterip.sport, ("10.106.91.98", 80))):
+        reply = node0.from_netdev(pk.tcp(BACKEND, BACKEND_PORT, NODE0, port, pk.SYN | pk.ACK)).pkt
+        assert reply.flow == (*frontend, CLIENT, 40000)
+        assert reply.checksums_ok()
+
+
+def test_late_fin_of_an_old_flow_leaves_the_new_flow_of_its_tuple_alone(node0):
+    """The client reconnects on the same tuple; a late FIN of the old connection
+    (to the old SNAT port) must not close the new one."""
+    service = (CLIENT, 40000, NODE0, NODEPORT)
+    old_port = node0.from_netdev(pk.tcp(*service, pk.SYN)).pkt.sport
+    node0.from_netdev(pk.tcp(*service, pk.FIN | pk.ACK))
+    new_port = node0.from_netdev(pk.tcp(*service, pk.SYN)).pkt.sport
+    assert new_port != old_port
+    late = node0.from_netdev(pk.tcp(BACKEND, BACKEND_PORT, NODE0, old_port, pk.FIN | pk.ACK)).pkt
+    assert late.flow == (NODE0, NODEPORT, CLIENT, 40000)
+    assert not node0.ct(service, "CT_SERVICE")["flags"] & FLAGS["CT_CLOSING"]

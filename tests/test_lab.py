@@ -133,10 +133,14 @@ def test_maps_dump_shows_a_live_connection(lab) -> None:
         r = CliRunner().invoke(cli, ["maps", "dump", "ct_v4", "--node", "node0", "-o", "json"])
         assert r.exit_code == 0, r.stderr
         [ct] = json.loads(r.stdout)
-        mine = [e for e in ct["entries"] if e["key"]["saddr"] == client_ip and e["key"]["sport"] == client_port]
-        assert {(e["key"]["daddr"], e["key"]["dport"]) for e in mine} == {(NODE0, NODEPORT), (POD, 80)}
-        assert all(e["key"]["proto"] == "TCP" and e["value"]["snat_addr"] == NODE0 for e in mine)
-        snat_port = mine[0]["value"]["snat_port"]
+        [svc] = [e for e in ct["entries"] if (e["key"]["saddr"], e["key"]["sport"]) == (client_ip, client_port)]
+        assert (svc["key"]["daddr"], svc["key"]["dport"], svc["key"]["proto"]) == (NODE0, NODEPORT, "TCP")
+        assert svc["value"]["snat_addr"] == NODE0
+        snat_port = svc["value"]["snat_port"]
+        # the flow as it leaves node0, from the SNAT port
+        [out] = [e for e in ct["entries"] if (e["key"]["saddr"], e["key"]["sport"]) == (NODE0, snat_port)]
+        assert (out["key"]["daddr"], out["key"]["dport"]) == (POD, 80)
+        assert out["value"]["backend_id"] == svc["value"]["backend_id"]
 
         r = CliRunner().invoke(cli, ["maps", "dump", "snat_v4", "--node", "node0", "-o", "json"])
         [nat] = json.loads(r.stdout)

@@ -971,3 +971,10 @@ def test_unload_from_another_namespace_refuses_and_changes_nothing(builds, state
     assert attached(netns) == ids
     assert state["pins"].is_dir()
     ok(bpfgen("unload", "--iface", IFACE, "--netns", netns.name))
+
+
+def test_a_non_ethernet_interface_is_refused(builds, state, netns: Netns):
+    err = clean_error(bpfgen("load", "--iface", "lo", "--build", str(builds["seed"]), "--netns", netns.name,
+                             "--node", NODE), exit_code=2)
+    assert "'lo' is not an Ethernet interface (link type loopback)" in err
+    assert not (state["pins"] / NODE).exists() and not tc_filters(netns, "ingress")

@@ -72,7 +72,7 @@ struct bpfgen_revnat {
 };
 _Static_assert(sizeof(struct bpfgen_revnat) == 8, "bpfgen_revnat layout");
 
-/* A flow tuple: conntrack key (dir CT_SERVICE/CT_OUT) and SNAT key (dir NAT_OUT/NAT_IN). */
+/* A flow tuple: conntrack key (dir CT_SERVICE: client -> frontend; CT_OUT: as the flow leaves for its backend, from node:snat_port when SNATed) and SNAT key (dir NAT_OUT/NAT_IN). */
 struct bpfgen_tuple {
 	bpfgen_ip4_t saddr;
 	bpfgen_ip4_t daddr;
@@ -103,9 +103,8 @@ struct bpfgen_nat_entry {
 	bpfgen_port_t port;
 	__u16 pad;
 	__u32 claimed; /* NAT_IN: when a flow took the port (seconds, the clock of expires) */
-	__u32 rests_until; /* NAT_IN: 0 while its flow owns the port, else when the port may be reused */
 };
-_Static_assert(sizeof(struct bpfgen_nat_entry) == 16, "bpfgen_nat_entry layout");
+_Static_assert(sizeof(struct bpfgen_nat_entry) == 12, "bpfgen_nat_entry layout");
 
 /* Per-CPU packet and byte counts of one frontend. */
 struct bpfgen_svc_stats {

@@ -136,70 +136,49 @@ static __always_inline __u32 csum_change(__u32 from, __u32 to)
 	return csum_add(~from, to);
 }
 
-/* The 16-bit one's complement checksum of a 32-bit sum, as the header holds it. */
-static __always_inline __sum16 csum_fold(__u32 sum)
-{
-	sum = (sum & 0xffff) + (sum >> 16);
-	sum = (sum & 0xffff) + (sum >> 16);
-	return (__sum16)~sum;
-}
+/* IPv4 header bytes 8..19: written in one store (the checksum is fixed up after). */
+struct ip_tail {
+	__u8 ttl;
+	__u8 protocol;
+	__sum16 check;
+	__be32 saddr;
+	__be32 daddr;
+};
 
 /*
  * Rewrites the packet's addresses and ports to the tuple t (same protocol), and
- * decrements the TTL when we forward it ourselves. The IPv4 header is written in place
- * and its checksum updated here; the ports go through a store, and the L4 checksum
- * through the kernel's helper, in two differences, because with a partial checksum
- * (veth, local sockets) only the pseudo-header's addresses count.
+ * decrements the TTL when we forward it ourselves: two stores and three checksum
+ * updates in difference mode, the L4 one in two parts because with a partial checksum
+ * (veth, local sockets) only the pseudo-header's addresses count. Helpers rather than
+ * direct writes: a program that writes packets directly gets a prologue that uncopies
+ * every cloned skb, service traffic or not.
  */
 static __always_inline int rewrite(struct __sk_buff *skb, const struct pkt *p, const struct bpfgen_tuple *t,
 				   int dec_ttl)
 {
+	struct ip_tail tail = {
+		.ttl = p->ttl - (dec_ttl ? 1 : 0),
+		.protocol = p->t.proto,
+		.check = p->ip_check,
+		.saddr = t->saddr,
+		.daddr = t->daddr,
+	};
+	__be16 ports[2] = { t->sport, t->dport };
 	/* UDP: a zero checksum means "none" and stays zero. */
 	__u64 mangled = p->t.proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
 	__u32 addrs = csum_add(csum_change(p->t.saddr, t->saddr), csum_change(p->t.daddr, t->daddr));
 	/* the two ports are one 32-bit word; any order of their halves folds the same */
 	__u32 l4_ports = csum_change(p->t.sport | (__u32)p->t.dport << 16, t->sport | (__u32)t->dport << 16);
-	__be16 ports[2] = { t->sport, t->dport };
-	__u8 ttl = p->ttl - (dec_ttl ? 1 : 0);
 	/* bytes 8..9 (TTL, protocol) are one 16-bit word of the header checksum */
 	__u32 l3 = csum_add(addrs, csum_change(bpf_htons((__u16)(p->ttl << 8 | p->t.proto)),
-					       bpf_htons((__u16)(ttl << 8 | p->t.proto))));
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
-	struct iphdr *ip = data + ETH_HLEN;
+					       bpf_htons((__u16)(tail.ttl << 8 | p->t.proto))));
 
-	if ((void *)(ip + 1) > data_end) {
-		if (bpf_skb_pull_data(skb, ETH_HLEN + sizeof(*ip)))
-			return drop(DROP_REWRITE_FAILED);
-		data = (void *)(long)skb->data;
-		data_end = (void *)(long)skb->data_end;
-		ip = data + ETH_HLEN;
-		if ((void *)(ip + 1) > data_end)
-			return drop(DROP_REWRITE_FAILED);
-	}
-	ip->ttl = ttl;
-	ip->saddr = t->saddr;
-	ip->daddr = t->daddr;
-	ip->check = csum_fold(csum_add(l3, ~(__u32)ip->check));
-	if (bpf_skb_store_bytes(skb, p->l4_off, ports, sizeof(ports), 0) ||
+	if (bpf_skb_store_bytes(skb, ETH_HLEN + offsetof(struct iphdr, ttl), &tail, sizeof(tail), 0) ||
+	    bpf_l3_csum_replace(skb, ETH_HLEN + offsetof(struct iphdr, check), 0, l3, 0) ||
+	    bpf_skb_store_bytes(skb, p->l4_off, ports, sizeof(ports), 0) ||
 	    bpf_l4_csum_replace(skb, p->csum_off, 0, addrs, BPF_F_PSEUDO_HDR | mangled) ||
 	    bpf_l4_csum_replace(skb, p->csum_off, 0, l4_ports, mangled))
 		return drop(DROP_REWRITE_FAILED);
-	return 0;
-}
-
-/* Writes the Ethernet addresses (src may be NULL: only the destination changes). */
-static __always_inline int set_macs(struct __sk_buff *skb, const __u8 *dst, const __u8 *src)
-{
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
-	struct ethhdr *eth = data;
-
-	if ((void *)(eth + 1) > data_end)
-		return -1;
-	__builtin_memcpy(eth->h_dest, dst, ETH_ALEN);
-	if (src)
-		__builtin_memcpy(eth->h_source, src, ETH_ALEN);
 	return 0;
 }
 
@@ -209,8 +188,9 @@ enum route_verdict { ROUTE_REDIRECT, ROUTE_NEIGH, ROUTE_STACK };
 
 /*
  * Routes the translated tuple t before anything is rewritten or recorded. Returns a
- * route_verdict, or -1 after counting a drop. From ingress every answer but a next hop
- * is a drop: the stack would discard a packet whose source is now this node (martian).
+ * route_verdict, or -1 after counting a drop: every answer but a next hop is a drop
+ * (from ingress the stack would discard a packet whose source is now this node, a
+ * martian; from egress it would leave with the link address of the frontend).
  * tot_len stays 0 so that the kernel's MTU check knows GSO packets.
  */
 static __always_inline int route(struct __sk_buff *skb, const struct pkt *p, const struct bpfgen_tuple *t,
@@ -234,9 +214,7 @@ static __always_inline int route(struct __sk_buff *skb, const struct pkt *p, con
 		return ROUTE_REDIRECT;
 	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
 		return ROUTE_NEIGH;
-	if (egress && rc != BPF_FIB_LKUP_RET_BLACKHOLE && rc != BPF_FIB_LKUP_RET_UNREACHABLE &&
-	    rc != BPF_FIB_LKUP_RET_PROHIBIT)
-		return ROUTE_STACK; /* on its way out already: let it go */
+	/* No next hop (no route, forwarding off, too big with DF): no ICMP is sent back. */
 	drop(DROP_FIB_FAILED);
 	return -1;
 }
@@ -250,7 +228,7 @@ static __always_inline int send(struct __sk_buff *skb, const struct bpf_fib_look
 		return TC_ACT_OK;
 	if (egress && verdict == ROUTE_REDIRECT && fib->ifindex == skb->ifindex) {
 		/* Already leaving through the right interface: only the next hop's MAC changes. */
-		if (set_macs(skb, fib->dmac, NULL))
+		if (bpf_skb_store_bytes(skb, 0, fib->dmac, ETH_ALEN, 0) < 0)
 			return drop(DROP_REWRITE_FAILED);
 		return TC_ACT_OK;
 	}
@@ -259,7 +237,8 @@ static __always_inline int send(struct __sk_buff *skb, const struct bpf_fib_look
 		nh.ipv4_nh = fib->ipv4_dst; /* the gateway, where the route has one */
 		return bpf_redirect_neigh(fib->ifindex, &nh, sizeof(nh), 0);
 	}
-	if (set_macs(skb, fib->dmac, fib->smac))
+	if (bpf_skb_store_bytes(skb, 0, fib->dmac, ETH_ALEN, 0) < 0 ||
+	    bpf_skb_store_bytes(skb, ETH_ALEN, fib->smac, ETH_ALEN, 0) < 0)
 		return drop(DROP_REWRITE_FAILED);
 	return bpf_redirect(fib->ifindex, 0);
 }
@@ -319,13 +298,17 @@ static __always_inline struct bpfgen_backend *select_backend(const struct pkt *p
 	return bpf_map_lookup_elem(&backend_v4, backend_id);
 }
 
-/* The key of a flow's CT_OUT entry: client -> backend. */
-static __always_inline void ct_out_key(struct bpfgen_tuple *key, __be32 client_addr, __be16 client_port,
+/*
+ * The key of a flow's CT_OUT entry: the flow as it leaves towards its backend, from
+ * the client (local backend, or this node's own flow) or from node:snat_port (SNAT),
+ * so that every entry is one flow whichever frontend it came through.
+ */
+static __always_inline void ct_out_key(struct bpfgen_tuple *key, __be32 src_addr, __be16 src_port,
 				       __be32 backend_addr, __be16 backend_port, __u8 proto)
 {
-	key->saddr = client_addr;
+	key->saddr = src_addr;
 	key->daddr = backend_addr;
-	key->sport = client_port;
+	key->sport = src_port;
 	key->dport = backend_port;
 	key->proto = proto;
 	key->dir = CT_OUT;
@@ -399,7 +382,9 @@ static __always_inline void ct_refresh(struct bpfgen_ct_entry *ct, struct bpfgen
 	if (!ct_touch(ct, p, now))
 		return;
 	other = bpf_map_lookup_elem(&ct_v4, partner);
-	if (other)
+	/* (a client may reuse its tuple for a new flow while late packets of the old one
+	 * still arrive: those leave the new flow alone) */
+	if (other && other->backend_id == ct->backend_id && other->snat_port == ct->snat_port)
 		ct_touch(other, p, now);
 }
 
@@ -411,26 +396,21 @@ static __always_inline int ct_is_live(const struct bpfgen_ct_entry *ct, __u32 no
 /* ---- SNAT ---- */
 
 /*
- * Whether the NAT_IN entry nat at key may be taken by a new flow: it was released and
- * its rest is over, or its flow is gone, or closed longer ago than SNAT_REUSE_GRACE (so
- * the backend's TIME_WAIT has ended). An entry claimed in the last second belongs to a
+ * Whether the NAT_IN entry at key (claimed at `claimed`) may be taken by a new flow:
+ * the flow of node:port is gone, or ended longer ago than SNAT_REUSE_GRACE (so the
+ * backend's TIME_WAIT has ended). An entry claimed in the last second belongs to a
  * flow still being set up on another CPU.
  */
-static __always_inline int snat_is_stale(const struct bpfgen_tuple *key, const struct bpfgen_nat_entry *nat,
-					 __u32 claimed, __u32 now)
+static __always_inline int snat_is_stale(const struct bpfgen_tuple *key, __u32 claimed, __u32 now)
 {
 	struct bpfgen_tuple ct_key;
 	struct bpfgen_ct_entry *ct;
 
-	if (nat->rests_until)
-		return now > nat->rests_until;
 	if (now <= claimed + 1)
 		return 0;
-	ct_out_key(&ct_key, nat->addr, nat->port, key->saddr, key->sport, key->proto);
+	ct_out_key(&ct_key, NODE_IP, key->dport, key->saddr, key->sport, key->proto);
 	ct = bpf_map_lookup_elem(&ct_v4, &ct_key);
-	if (!ct || ct->snat_port != key->dport)
-		return 1;
-	return now > ct->expires + SNAT_REUSE_GRACE;
+	return !ct || now > ct->expires + SNAT_REUSE_GRACE;
 }
 
 /*
@@ -449,13 +429,12 @@ static __always_inline int snat_claim(const struct bpfgen_tuple *key, const stru
 	if (!nat)
 		return 0;
 	claimed = nat->claimed;
-	if (!snat_is_stale(key, nat, claimed, now))
+	if (!snat_is_stale(key, claimed, now))
 		return 0;
 	if (__sync_val_compare_and_swap(&nat->claimed, claimed, now) != claimed)
 		return 0; /* another CPU took it first */
 	nat->addr = val->addr;
 	nat->port = val->port;
-	nat->rests_until = 0;
 	return 1;
 }
 
@@ -534,29 +513,6 @@ static __always_inline __be16 snat_alloc(const struct pkt *p, const struct bpfge
 	return search.key.dport;
 }
 
-/*
- * The flow of old is over and its tuple starts a new one (with a new SNAT port): the
- * old port rests SNAT_REUSE_GRACE after the old flow's end before it is reused, if the
- * port still belongs to that tuple.
- */
-static __always_inline void snat_release(const struct bpfgen_ct_entry *old, const struct pkt *p, __u32 now)
-{
-	struct bpfgen_tuple in_key;
-	struct bpfgen_nat_entry *nat;
-	struct bpfgen_backend *be;
-	__u32 backend_id = old->backend_id;
-
-	if (!(old->flags & CT_SNAT))
-		return;
-	be = bpf_map_lookup_elem(&backend_v4, &backend_id);
-	if (!be)
-		return; /* a removed backend holds no TIME_WAIT worth waiting for */
-	nat_in_key(&in_key, be->addr, be->port, old->snat_port, p->t.proto);
-	nat = bpf_map_lookup_elem(&snat_v4, &in_key);
-	if (nat && nat->addr == p->t.saddr && nat->port == p->t.sport)
-		nat->rests_until = (old->expires > now ? old->expires : now) + SNAT_REUSE_GRACE;
-}
-
 /* ---- the service path: frontend -> backend ---- */
 
 static __always_inline int lb_forward(struct __sk_buff *skb, struct pkt *p, const struct bpfgen_svc_value *svc,
@@ -577,10 +533,8 @@ static __always_inline int lb_forward(struct __sk_buff *skb, struct pkt *p, cons
 	svc_key.dir = CT_SERVICE;
 	ct = bpf_map_lookup_elem(&ct_v4, &svc_key);
 	if (ct && (!ct_is_live(ct, now) ||
-		   ((ct->flags & CT_CLOSING) && (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN))) {
-		snat_release(ct, p, now);
+		   ((ct->flags & CT_CLOSING) && (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN)))
 		ct = NULL; /* dead, or a closed flow's tuple reused by a new connection */
-	}
 	if (ct) {
 		backend_id = ct->backend_id;
 		be = bpf_map_lookup_elem(&backend_v4, &backend_id);
@@ -619,8 +573,8 @@ static __always_inline int lb_forward(struct __sk_buff *skb, struct pkt *p, cons
 			return TC_ACT_SHOT;
 	}
 
-	ct_out_key(&out_key, p->t.saddr, p->t.sport, be->addr, be->port, p->t.proto);
 	if (ct) {
+		ct_out_key(&out_key, xlated.saddr, xlated.sport, be->addr, be->port, p->t.proto);
 		ct_refresh(ct, &out_key, p, now);
 	} else {
 		entry.backend_id = backend_id;
@@ -635,6 +589,7 @@ static __always_inline int lb_forward(struct __sk_buff *skb, struct pkt *p, cons
 			entry.flags |= CT_SNAT;
 			xlated.sport = entry.snat_port;
 		}
+		ct_out_key(&out_key, xlated.saddr, xlated.sport, be->addr, be->port, p->t.proto);
 		if (bpf_map_update_elem(&ct_v4, &svc_key, &entry, BPF_ANY) ||
 		    bpf_map_update_elem(&ct_v4, &out_key, &entry, BPF_ANY))
 			return drop(DROP_CT_FULL);
@@ -647,11 +602,12 @@ static __always_inline int lb_forward(struct __sk_buff *skb, struct pkt *p, cons
 }
 
 /*
- * The reply path: a packet backend -> client (after reverse SNAT, if any) gets the
- * frontend as its source again. ct is the flow's CT_OUT entry, found at ct_key.
+ * The reply path: a packet backend -> node:snat_port or backend -> client gets the
+ * client as its destination and the frontend as its source again. ct is the flow's
+ * live CT_OUT entry.
  */
 static __always_inline int rev_nat(struct __sk_buff *skb, struct pkt *p, struct bpfgen_ct_entry *ct,
-				   struct bpfgen_tuple *ct_key, __be32 client_addr, __be16 client_port, int forward)
+				   __be32 client_addr, __be16 client_port, int forward)
 {
 	struct bpf_fib_lookup fib = {};
 	struct bpfgen_revnat *fe;
@@ -661,8 +617,6 @@ static __always_inline int rev_nat(struct __sk_buff *skb, struct pkt *p, struct 
 	int verdict = ROUTE_STACK;
 	__u32 id;
 
-	if (!ct || !ct_is_live(ct, now))
-		return TC_ACT_OK; /* not (or no longer) ours: untouched */
 	id = ct->rev_nat_id;
 	fe = bpf_map_lookup_elem(&revnat_v4, &id);
 	if (!fe)
@@ -692,15 +646,21 @@ static __always_inline int rev_nat(struct __sk_buff *skb, struct pkt *p, struct 
 	return send(skb, &fib, verdict, 0);
 }
 
-/* The CT_OUT key of the flow a reply t (backend -> client) belongs to. */
-static __always_inline void reply_ct_key(const struct bpfgen_tuple *t, struct bpfgen_tuple *key)
+/* The live CT_OUT entry of the flow a reply t (backend -> its peer) belongs to, if any. */
+static __always_inline struct bpfgen_ct_entry *reply_flow(const struct bpfgen_tuple *t)
 {
-	ct_out_key(key, t->daddr, t->dport, t->saddr, t->sport, t->proto);
+	struct bpfgen_tuple key;
+	struct bpfgen_ct_entry *ct;
+
+	ct_out_key(&key, t->daddr, t->dport, t->saddr, t->sport, t->proto);
+	ct = bpf_map_lookup_elem(&ct_v4, &key);
+	return ct && ct_is_live(ct, now_sec()) ? ct : NULL;
 }
 
 static __always_inline int nodeport_from_netdev(struct __sk_buff *skb)
 {
 	struct bpfgen_svc_value *svc;
+	struct bpfgen_ct_entry *ct;
 	struct bpfgen_nat_entry *nat;
 	struct bpfgen_tuple key;
 	struct pkt p;
@@ -718,10 +678,10 @@ static __always_inline int nodeport_from_netdev(struct __sk_buff *skb)
 		/* A reply to an SNATed flow: backend -> node:snat_port. */
 		nat_in_key(&key, p.t.saddr, p.t.sport, p.t.dport, p.t.proto);
 		nat = bpf_map_lookup_elem(&snat_v4, &key);
-		if (nat) {
-			ct_out_key(&key, nat->addr, nat->port, p.t.saddr, p.t.sport, p.t.proto);
-			return rev_nat(skb, &p, bpf_map_lookup_elem(&ct_v4, &key), &key, nat->addr, nat->port, 1);
-		}
+		ct = nat ? reply_flow(&p.t) : NULL;
+		if (ct && (ct->flags & CT_SNAT))
+			return rev_nat(skb, &p, ct, nat->addr, nat->port, 1);
+		/* else: a stale NAT entry; the node's own flow may still own the port (below) */
 	}
 
 	/* The node's address is a frontend only on NodePorts (a clusterIP is never a node's). */
@@ -733,8 +693,9 @@ static __always_inline int nodeport_from_netdev(struct __sk_buff *skb)
 
 	if (p.t.daddr == NODE_IP) {
 		/* A reply to a flow this node opened to a ClusterIP: backend -> node. */
-		reply_ct_key(&p.t, &key);
-		return rev_nat(skb, &p, bpf_map_lookup_elem(&ct_v4, &key), &key, p.t.daddr, p.t.dport, 0);
+		ct = reply_flow(&p.t);
+		if (ct && !(ct->flags & CT_SNAT))
+			return rev_nat(skb, &p, ct, p.t.daddr, p.t.dport, 0);
 	}
 	return TC_ACT_OK;
 }
@@ -743,17 +704,15 @@ static __always_inline int nodeport_to_netdev(struct __sk_buff *skb)
 {
 	struct bpfgen_svc_value *svc;
 	struct bpfgen_ct_entry *ct;
-	struct bpfgen_tuple key;
 	struct pkt p;
 
 	if (parse(skb, &p) != PARSE_OK)
 		return TC_ACT_OK;
 
 	/* A reply of a local backend: backend -> client. */
-	reply_ct_key(&p.t, &key);
-	ct = bpf_map_lookup_elem(&ct_v4, &key);
+	ct = reply_flow(&p.t);
 	if (ct && !(ct->flags & CT_SNAT))
-		return rev_nat(skb, &p, ct, &key, p.t.daddr, p.t.dport, 0);
+		return rev_nat(skb, &p, ct, p.t.daddr, p.t.dport, 0);
 
 	/* This node's own traffic to a ClusterIP frontend. */
 	if (p.t.saddr == NODE_IP) {
