@@ -234,52 +234,32 @@ def maps_dump(map_name: str | None, node: str | None, netns: str | None, output:
     _show(dump(resolve_loaded_node(node, netns), map_name), output, format_dump)
 
 
-@cli.group()
-def service() -> None:
-    """The service table as the kernel holds it."""
+def _table(name: str, group_help: str, list_help: str, rows: str, text: str) -> None:
+    """A `bpfgen NAME list` command: an operator's table read from a node's pinned maps
+    (views.<rows> gives the rows, views.<text> their text form)."""
+
+    @cli.group(name=name, help=group_help)
+    def group() -> None:
+        pass
+
+    @group.command(name="list", help=list_help)
+    @read_options
+    @handle_errors
+    def list_cmd(node: str | None, netns: str | None, output: str) -> None:
+        from . import views
+        from .state import resolve_loaded_node
+
+        _show(getattr(views, rows)(resolve_loaded_node(node, netns)), output, getattr(views, text))
 
 
-@service.command(name="list")
-@read_options
-@handle_errors
-def service_list(node: str | None, netns: str | None, output: str) -> None:
-    """ID, frontend, type and backends of every frontend, from the node's pinned maps."""
-    from .state import resolve_loaded_node
-    from .views import format_service_list, service_list as rows
-
-    _show(rows(resolve_loaded_node(node, netns)), output, format_service_list)
-
-
-@cli.group()
-def ct() -> None:
-    """Conntrack entries."""
-
-
-@ct.command(name="list")
-@read_options
-@handle_errors
-def ct_list(node: str | None, netns: str | None, output: str) -> None:
-    """The node's conntrack entries (SVC: client -> frontend, OUT: client -> backend)."""
-    from .state import resolve_loaded_node
-    from .views import ct_list as rows, format_ct_list
-
-    _show(rows(resolve_loaded_node(node, netns)), output, format_ct_list)
-
-
-@cli.group()
-def nat() -> None:
-    """SNAT entries."""
-
-
-@nat.command(name="list")
-@read_options
-@handle_errors
-def nat_list(node: str | None, netns: str | None, output: str) -> None:
-    """The node's SNAT pairs (OUT: XLATE_SRC, IN: XLATE_DST)."""
-    from .state import resolve_loaded_node
-    from .views import format_nat_list, nat_list as rows
-
-    _show(rows(resolve_loaded_node(node, netns)), output, format_nat_list)
+_table("service", "The service table as the kernel holds it.",
+       "ID, frontend, type and backends of every frontend, from the node's pinned maps.",
+       "service_list", "format_service_list")
+_table("ct", "Conntrack entries.",
+       "The node's conntrack entries (SVC: client -> frontend; OUT: the flow as it leaves for its backend).",
+       "ct_list", "format_ct_list")
+_table("nat", "SNAT entries.", "The node's SNAT pairs (OUT: XLATE_SRC, IN: XLATE_DST).",
+       "nat_list", "format_nat_list")
 
 
 @cli.group()
