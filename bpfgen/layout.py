@@ -199,7 +199,7 @@ DROP_REASONS = Enum(
         ("CT_FULL", 5, "conntrack insert failed"),
         ("REWRITE_FAILED", 6, "packet rewrite failed"),
         ("TTL_EXCEEDED", 7, "TTL exceeded in forwarding"),
-        ("LOCAL_FROM_NODE", 8, "node's own flow to a backend on the node (not translatable at its interface)"),
+        ("LOCAL_FROM_NODE", 8, "flow of the node or its pods to a backend on the node (not translatable at its interface)"),
     ),
 )
 ENUMS = (DROP_REASONS,)

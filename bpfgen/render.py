@@ -121,7 +121,17 @@ def render(spec: Spec, source: str) -> dict[str, str]:
         files[source_name(node.name)] = node_template.render(
             banner=banner,
             spec_name=spec.metadata.name,
-            node={"name": node.name, "address": str(node.address), "ip_literal": ip_literal(node.address)},
+            node={
+                "name": node.name,
+                "address": str(node.address),
+                "ip_literal": ip_literal(node.address),
+                "pod_cidr": str(node.pod_cidr) if node.pod_cidr else "none",
+                # With no podCIDR the mask matches no packet's address (0.0.0.0 only).
+                "pod_net_literal": ip_literal(node.pod_cidr.network_address) if node.pod_cidr else ip_literal(
+                    ipaddress.IPv4Address(0)),
+                "pod_mask_literal": ip_literal(node.pod_cidr.netmask) if node.pod_cidr else ip_literal(
+                    ipaddress.IPv4Address(0xFFFFFFFF)),
+            },
             node_port_range=spec.cluster.node_port_range,
             snat_port_range=spec.cluster.snat_port_range,
             snat_retries=SNAT_RETRIES,

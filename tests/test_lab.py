@@ -9,6 +9,7 @@ import os
 import secrets
 import socket
 import subprocess
+from contextlib import contextmanager
 import sys
 from pathlib import Path
 
@@ -38,19 +39,18 @@ def _namespaces() -> set[str]:
     return set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
 
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory):
-    """The seed lab, loaded on both nodes, with private pins and records."""
+@contextmanager
+def _lab(spec: Path, tmp: Path):
+    """spec's lab, loaded on every node, with private pins and records."""
     if os.geteuid() != 0:
         pytest.skip("needs root")  # conftest turns this into a failure under CI
-    tmp = tmp_path_factory.mktemp("lab")
     env = {"BPFGEN_PIN_ROOT": f"/sys/fs/bpf/bpfgen-test-{secrets.token_hex(4)}", "BPFGEN_RUN_DIR": str(tmp / "run")}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     prefix = f"t{secrets.token_hex(3)}"
-    the_lab = labmod.up(SEED, prefix)
+    the_lab = labmod.up(spec, prefix)
     try:
-        build = compile_spec(SEED, tmp / "build")
+        build = compile_spec(spec, tmp / "build")
         for name in the_lab.nodes:
             load("eth0", build=build.dir, netns=the_lab.node_ns(name))
         yield the_lab
@@ -63,6 +63,13 @@ def lab(tmp_path_factory: pytest.TempPathFactory):
             else:
                 os.environ[k] = v
         assert not any(ns.startswith(prefix + "-") for ns in _namespaces())
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory):
+    """The seed lab, loaded on both nodes."""
+    with _lab(SEED, tmp_path_factory.mktemp("lab")) as the_lab:
+        yield the_lab
 
 
 def _port(endpoint: str) -> int:
@@ -245,3 +252,25 @@ def test_bulk_transfers_through_the_nodeport_both_ways(lab, size: int) -> None:
 
 def test_bulk_download_from_a_clusterip_on_the_node(lab) -> None:
     assert _bulk_download(lab.node_ns("node0"), CLUSTER_IP, 80, 4 << 20) == 4 << 20
+
+
+@pytest.fixture(scope="module")
+def pods_lab(tmp_path_factory: pytest.TempPathFactory):
+    with _lab(REPO / "tests" / "specs" / "lab" / "pods.yaml", tmp_path_factory.mktemp("pods-lab")) as the_lab:
+        yield the_lab
+
+
+@pytest.mark.parametrize("proto", ["TCP", "UDP"])
+def test_a_pod_reaches_a_clusterip_whose_backend_is_on_another_node(pods_lab, proto: str) -> None:
+    """pod 10.0.0.10 on node0 -> ClusterIP 10.96.0.80:80 -> 10.0.1.10:8080 on node1: node0's
+    egress translates it, its ingress translates the reply back; no SNAT."""
+    [pod] = [p for p in pods_lab.pods if p.address == "10.0.0.10"]
+    proc = subprocess.run(
+        ["nsenter", f"--net=/run/netns/{pod.ns}", sys.executable, "-m", "bpfgen.labnet", "request", proto,
+         "10.96.0.80", "80"], capture_output=True, text=True, timeout=30,
+    )
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout)
+    assert r["reply_from"] == "10.96.0.80:80"
+    assert r["pod"] == "10.0.1.10:8080"
+    assert r["pod_saw_peer"] == r["client"] and _addr(r["client"]) == "10.0.0.10"

@@ -29,7 +29,7 @@ enum bpfgen_drop_reason {
 	DROP_CT_FULL = 5, /* conntrack insert failed */
 	DROP_REWRITE_FAILED = 6, /* packet rewrite failed */
 	DROP_TTL_EXCEEDED = 7, /* TTL exceeded in forwarding */
-	DROP_LOCAL_FROM_NODE = 8, /* node's own flow to a backend on the node (not translatable at its interface) */
+	DROP_LOCAL_FROM_NODE = 8, /* flow of the node or its pods to a backend on the node (not translatable at its interface) */
 	DROP_MAX = 9,
 };
 

@@ -550,14 +550,14 @@ static __always_inline int lb_forward(struct __sk_buff *skb, struct pkt *p, cons
 		be = select_backend(p, svc, &backend_id);
 		if (!be)
 			return drop(DROP_NO_BACKEND);
-		/* This node's own flow to a backend on this node: the reply would never cross
-		 * this interface to be translated back. */
+		/* A flow of this node (or its pods) to a backend on this node: the reply would
+		 * never cross this interface to be translated back. */
 		if (egress && (be->flags & BACKEND_LOCAL))
 			return drop(DROP_LOCAL_FROM_NODE);
 	}
 
-	/* A remote backend gets SNAT, except for this node's own traffic, whose source is
-	 * already the node. */
+	/* A remote backend gets SNAT, except for traffic leaving this node (its own, whose
+	 * source is already the node, and its pods', whose addresses are routed). */
 	snat = ct ? !!(ct->flags & CT_SNAT) : !(be->flags & BACKEND_LOCAL) && !egress;
 	xlated = p->t;
 	xlated.daddr = be->addr;
@@ -691,8 +691,8 @@ static __always_inline int nodeport_from_netdev(struct __sk_buff *skb)
 			return lb_forward(skb, &p, svc, 0);
 	}
 
-	if (p.t.daddr == NODE_IP) {
-		/* A reply to a flow this node opened to a ClusterIP: backend -> node. */
+	if (p.t.daddr == NODE_IP || (p.t.daddr & POD_MASK) == POD_NET) {
+		/* A reply to a flow this node or one of its pods opened to a ClusterIP. */
 		ct = reply_flow(&p.t);
 		if (ct && !(ct->flags & CT_SNAT))
 			return rev_nat(skb, &p, ct, p.t.daddr, p.t.dport, 0);
@@ -714,12 +714,10 @@ static __always_inline int nodeport_to_netdev(struct __sk_buff *skb)
 	if (ct && !(ct->flags & CT_SNAT))
 		return rev_nat(skb, &p, ct, p.t.daddr, p.t.dport, 0);
 
-	/* This node's own traffic to a ClusterIP frontend. */
-	if (p.t.saddr == NODE_IP) {
-		svc = lookup_frontend(&p);
-		if (svc && (svc->flags & SVC_CLUSTERIP))
-			return lb_forward(skb, &p, svc, 1);
-	}
+	/* Traffic of this node, or of its pods routed out of this interface, to a ClusterIP. */
+	svc = lookup_frontend(&p);
+	if (svc && (svc->flags & SVC_CLUSTERIP))
+		return lb_forward(skb, &p, svc, 1);
 	return TC_ACT_OK;
 }
 

@@ -18,6 +18,9 @@
 
 /* Node constants. */
 #define NODE_IP bpf_htonl(0xac1a3265) /* 172.26.50.101 */
+/* The node's podCIDR (none): replies to its pods' ClusterIP flows. */
+#define POD_NET bpf_htonl(0x00000000) /* 0.0.0.0 */
+#define POD_MASK bpf_htonl(0xffffffff) /* 255.255.255.255 */
 #define NODEPORT_MIN 30000
 #define NODEPORT_MAX 32767
 #define SNAT_PORT_MIN 32768

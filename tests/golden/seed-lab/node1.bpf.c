@@ -18,6 +18,9 @@
 
 /* Node constants. */
 #define NODE_IP bpf_htonl(0xac1a3266) /* 172.26.50.102 */
+/* The node's podCIDR (10.0.1.0/24): replies to its pods' ClusterIP flows. */
+#define POD_NET bpf_htonl(0x0a000100) /* 10.0.1.0 */
+#define POD_MASK bpf_htonl(0xffffff00) /* 255.255.255.0 */
 #define NODEPORT_MIN 30000
 #define NODEPORT_MAX 32767
 #define SNAT_PORT_MIN 32768
