@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct as _struct
+import time
 from dataclasses import dataclass
 
 # Scalar field types: C type, Python struct code, size (all naturally aligned).
@@ -33,6 +34,12 @@ TYPEDEFS = (
 )
 
 PROTOCOLS = {"TCP": 6, "UDP": 17}
+
+
+def datapath_now() -> int:
+    """Now on the datapath's clock (bpf_ktime_get_ns: CLOCK_MONOTONIC), in the seconds
+    that conntrack's `expires` and SNAT's `claimed` hold."""
+    return int(time.clock_gettime(time.CLOCK_MONOTONIC))
 
 
 @dataclass(frozen=True)

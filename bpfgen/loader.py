@@ -70,7 +70,7 @@ def conntrack_refs(ct: bpf.MapFd) -> tuple[set[int], set[int]]:
     """Backend ids and reverse-NAT ids that conntrack entries refer to. A removed
     backend's or frontend's id is not handed out again while a flow may still use it,
     or the flow would silently follow the newcomer."""
-    now = int(time.clock_gettime(time.CLOCK_MONOTONIC))  # the clock of bpf_ktime_get_ns
+    now = layout.datapath_now()
     backends, revnats = set(), set()
     for _, v in ct.lookup_batch():
         entry = layout.CT_ENTRY.unpack(v)

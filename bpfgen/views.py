@@ -4,7 +4,6 @@ operator's tables (services, conntrack, NAT) read from the kernel, not from a sp
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from functools import lru_cache
@@ -198,10 +197,6 @@ def format_service_list(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _now_sec() -> int:
-    return int(time.clock_gettime(time.CLOCK_MONOTONIC))  # the clock of bpf_ktime_get_ns
-
-
 CT_DIRS = {layout.FLAGS["CT_SERVICE"]: "SVC", layout.FLAGS["CT_OUT"]: "OUT"}
 NAT_DIRS = {layout.FLAGS["NAT_OUT"]: "OUT", layout.FLAGS["NAT_IN"]: "IN"}
 
@@ -211,7 +206,7 @@ def _tuple(t: dict) -> tuple[str, str, str]:
 
 
 def ct_list(node: str) -> list[dict]:
-    now = _now_sec()
+    now = layout.datapath_now()
     rows = []
     with open_maps(node, ["ct_v4"]) as maps:
         for k, v in maps["ct_v4"].items():

@@ -76,9 +76,7 @@ def skb_ctx(ifindex: int) -> bytes:
     return bytes(ctx)
 
 
-def now_sec() -> int:
-    """The datapath's clock: bpf_ktime_get_ns() (CLOCK_MONOTONIC) in seconds."""
-    return int(time.clock_gettime(time.CLOCK_MONOTONIC))
+now_sec = layout.datapath_now  # the datapath's clock, in seconds
 
 
 # ---------------------------------------------------------------- the datapath under test
