@@ -118,7 +118,9 @@ def compile_spec(spec_path: str | Path, out_dir: str | Path | None = None) -> Bu
     except OSError as e:
         raise UsageError(f"cannot create build directory {build_dir}: {e.strerror}") from e
     files = render(spec, Path(spec_path).name)
-    files[SPEC_JSON] = json.dumps(spec_to_dict(spec), indent=2) + "\n"
+    # The manifest goes first and comes back last: a build that fails half-way is no
+    # build at all, never old objects beside a new spec.
+    (build_dir / MANIFEST).unlink(missing_ok=True)
     for name, text in files.items():
         _write_if_changed(build_dir / name, text)
 
@@ -127,6 +129,8 @@ def compile_spec(spec_path: str | Path, out_dir: str | Path | None = None) -> Bu
         src, obj = build_dir / source_name(node.name), build_dir / object_name(node.name)
         compile_object(src, obj)
         nodes[node.name] = {"source": src.name, "object": obj.name}
+    files[SPEC_JSON] = json.dumps(spec_to_dict(spec), indent=2) + "\n"
+    _write_if_changed(build_dir / SPEC_JSON, files[SPEC_JSON])
     manifest = {
         "bpfgen": __version__,
         "name": spec.metadata.name,
@@ -136,7 +140,9 @@ def compile_spec(spec_path: str | Path, out_dir: str | Path | None = None) -> Bu
         "maps": map_sizes(spec),
         "files": sorted(files),
     }
-    (build_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    tmp = build_dir / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    tmp.replace(build_dir / MANIFEST)
     return Build(build_dir, manifest)
 
 

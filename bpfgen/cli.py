@@ -48,6 +48,11 @@ def handle_errors(fn: Callable) -> Callable:
                     click.secho(f"bpfgen: {line}", fg="red", err=True)
                 sys.exit(e.exit_code)
             _fail(lines, e.exit_code)
+        except OSError as e:  # a file or tool the library met on its way, not a bug
+            if debug and debug.debug:
+                raise
+            where = f"{e.filename}: " if e.filename else ""
+            _fail([f"{where}{e.strerror or e}"], EXIT_FAILURE)
         except KeyboardInterrupt:
             _fail(["interrupted"], EXIT_FAILURE)
 
@@ -169,7 +174,9 @@ def load(iface: str, build_dir: Path | None, spec: Path | None, node: str | None
 
 @cli.command()
 @click.option("--iface", required=True, help="The interface the node is loaded on.")
-@node_options
+@click.option("--node", help="The node to unload (default: the node loaded on IFACE); also clears a node "
+              "whose namespace is gone.")
+@click.option("--netns", help="Network namespace (/run/netns/NAME) of the node; bpfgen enters it itself.")
 @handle_errors
 def unload(iface: str, node: str | None, netns: str | None) -> None:
     """Detach a node's programs, remove its pins (and the clsact qdisc bpfgen made)."""
@@ -201,6 +208,15 @@ def status(output: str) -> None:
         click.echo(f"{r['node']}: {where} spec {r['spec']} loaded {r['loaded_at']} updated {r['updated_at']}")
         click.echo(f"  programs: {progs}")
         click.echo(f"  pins: {r['pin_dir']}{'' if r['pinned'] else ' (missing!)'}")
+        attached = r.get("attached")
+        if attached is not None:
+            if "error" in attached:
+                click.echo(f"  attached: cannot tell ({attached['error']})")
+            else:
+                wrong = [hook for hook, p in r["programs"].items() if attached.get(hook) != p["id"]]
+                state = "as recorded" if not wrong else "NOT as recorded: " + ", ".join(
+                    f"{hook} has {attached.get(hook) or 'nothing'}" for hook in wrong)
+                click.echo(f"  attached (tc): {state}")
 
 
 def read_options(fn: Callable) -> Callable:

@@ -153,8 +153,8 @@ def up(spec_path: str | Path | None = None, prefix: str = DEFAULT_PREFIX) -> Lab
     lab.save()  # first, so that down can clean up a half-made lab
     try:
         _build(lab, spec)
-    except BaseException:
-        down(prefix)
+    except BaseException as e:
+        _down_after(prefix, e)
         raise
     lab.save()
     return lab
@@ -212,6 +212,7 @@ def _build(lab: Lab, spec: Spec) -> None:
                 ip(n["ns"], "neigh", "replace", str(svc.cluster_ip), "lladdr", mac, "dev", NODE_IFACE, "nud", "permanent")
     for pod in lab.pods:
         _start_server(pod)
+        lab.save()  # its pid, for down
 
 
 def _start_server(pod: Pod) -> None:
@@ -227,6 +228,14 @@ def _start_server(pod: Pod) -> None:
     line = proc.stdout.readline().decode().strip() if proc.stdout else ""
     if line != "ready":
         raise LabError(f"the server of {pod.name} did not start: {line or 'no output'}")
+
+
+def _down_after(prefix: str, failure: BaseException) -> None:
+    """Take the lab down after failure; what that could not do is noted on failure."""
+    try:
+        down(prefix)
+    except BpfgenError as cleanup:
+        failure.add_note(f"and taking the lab down failed: {cleanup}")
 
 
 def down(prefix: str = DEFAULT_PREFIX) -> list[str]:
@@ -292,7 +301,10 @@ def client_request(lab: Lab, proto: str, host: str, port: int) -> dict:
     )
     if proc.returncode != 0:
         raise LabError(f"{proto} request from the client to {host}:{port} failed: {proc.stderr.strip()}")
-    return json.loads(proc.stdout)
+    try:
+        return json.loads(proc.stdout)
+    except ValueError:
+        raise LabError(f"{proto} request from the client to {host}:{port}: unreadable answer {proc.stdout!r}") from None
 
 
 def pod_log(pod: Pod) -> list[dict]:
@@ -317,13 +329,17 @@ def demo(spec_path: str | Path | None = None, prefix: str = DEFAULT_PREFIX, keep
         raise UsageError(f"{path}: the demo needs a NodePort service with a backend")
     hosts = {b.node for b in svc.backends}
     node = next((n for n in spec.nodes if n.name not in hosts), spec.nodes[0])
-    owned = Lab.load(prefix) is None
-    lab = up(path, prefix) if owned else Lab.load(prefix)
+    lab = Lab.load(prefix)
+    owned = lab is None
+    if lab is None:
+        lab = up(path, prefix)
+    elif Path(lab.spec).resolve() != Path(path).resolve():
+        raise UsageError(f"lab '{prefix}' is up for {lab.spec}, not {path}; `bpfgen lab down --prefix {prefix}` first")
     try:
         build = compile_spec(path, out_dir)
         loaded = [load(NODE_IFACE, build=build.dir, netns=lab.node_ns(n.name)).node for n in spec.nodes]
         requests = [client_request(lab, p.protocol, str(node.address), p.node_port) for p in svc.ports]
-        return {
+        report = {
             "spec": path,
             "build": str(build.dir),
             "loaded": loaded,
@@ -335,6 +351,10 @@ def demo(spec_path: str | Path | None = None, prefix: str = DEFAULT_PREFIX, keep
             "pods": {p.name: {"address": p.address, "node": p.node, "saw": pod_log(p)} for p in lab.pods},
             "kept": not owned or keep,
         }
-    finally:
+    except BaseException as e:
         if owned and not keep:
-            down(prefix)
+            _down_after(prefix, e)
+        raise
+    if owned and not keep:
+        down(prefix)
+    return report

@@ -244,4 +244,3 @@ MAPS = (
     MapDef("svc_stats", "PERCPU_ARRAY", ID_KEY, SVC_STATS, "packets and bytes per frontend id"),
     MapDef("drop_stats", "PERCPU_ARRAY", ID_KEY, DROP_STATS, "drops by reason"),
 )
-MAPS_BY_NAME = {m.name: m for m in MAPS}

@@ -26,11 +26,13 @@ from .services import frontends
 from .spec import Node, PortRange, Spec
 from .state import (
     NodeRecord,
+    UnreadableRecord,
     check_privileges,
     ensure_bpffs,
     netns_inode,
     node_lock,
     pin_dir,
+    record_dir,
     remove_pins,
     require_host_bpffs,
 )
@@ -291,11 +293,8 @@ def load(
     with node_lock(n.name):
         previous = NodeRecord.load(n.name)
         if previous and (previous.iface, previous.netns_inode) != (iface, ns_inode):
-            raise UsageError(
-                f"node '{n.name}' is loaded on interface '{previous.iface}'"
-                f"{' in network namespace ' + repr(previous.netns) if previous.netns else ''}; "
-                f"unload it there first"
-            )
+            raise UsageError(f"node '{n.name}' is loaded on {previous.where()}; unload it there first")
+        _refuse_other_owner(n.name, iface, ns_inode)
         result = _load_node(b, the_spec, n, iface, ifindex, netns, ns_inode, previous)
         result.messages[:0] = messages
         return result
@@ -386,29 +385,41 @@ class UnloadResult:
     removed_qdisc: bool
 
 
-def _node_for_unload(iface: str, node: str | None, ns_inode: int) -> str:
+def _refuse_other_owner(name: str, iface: str, ns_inode: int) -> None:
+    """One node per interface: another node's datapath there is not taken over."""
+    for r in NodeRecord.all():
+        if r.node != name and (r.iface, r.netns_inode) == (iface, ns_inode):
+            raise UsageError(f"interface '{iface}' here carries node '{r.node}'; unload it first "
+                             f"(bpfgen unload --iface {iface} --node {r.node})")
+
+
+def _node_for_unload(iface: str, node: str | None, ns_inode: int, netns: str | None) -> str:
     if node:
         return node
     for r in NodeRecord.all():
         if r.iface == iface and r.netns_inode == ns_inode:
             return r.node
-    raise UsageError(f"nothing of bpfgen is loaded on interface '{iface}' in this network namespace "
-                     "(see `bpfgen status`; --netns NAME reaches another)")
+    where = f"network namespace '{netns}'" if netns else "this network namespace"
+    raise UsageError(f"nothing of bpfgen is loaded on interface '{iface}' in {where} (see `bpfgen status`)")
 
 
 def unload(iface: str, node: str | None = None, netns: str | None = None) -> UnloadResult:
     check_privileges()
     require_host_bpffs()
+    if node:
+        cleared = _clear_orphan(node)
+        if cleared:
+            return cleared
     with enter_netns(netns):
         ifindex = if_index(iface)
         here = netns_inode()
-    name = _node_for_unload(iface, node, here)
+    name = _node_for_unload(iface, node, here, netns)
     with node_lock(name):
         record = NodeRecord.load(name)
         if record and (record.iface, record.netns_inode) != (iface, here):
-            where = f"network namespace '{record.netns}'" if record.netns else "another network namespace"
-            raise UsageError(f"node '{name}' is loaded on interface '{record.iface}' in {where}; unload it there"
-                             + (f" (--netns {record.netns})" if record.netns else ""))
+            raise UsageError(f"node '{name}' is loaded on {record.where()}; unload it there")
+        if record is None:
+            _refuse_other_owner(name, iface, here)
         detached = []
         removed_qdisc = False
         with enter_netns(netns):
@@ -424,6 +435,22 @@ def unload(iface: str, node: str | None = None, netns: str | None = None) -> Unl
         if record:
             record.remove()
         return UnloadResult(name, iface, detached, removed, removed_qdisc)
+
+
+def _clear_orphan(node: str) -> UnloadResult | None:
+    """A node whose record is unreadable, or whose namespace is gone (with all it held
+    in the kernel but the pins): its pins and record are removed without tc."""
+    with node_lock(node):
+        try:
+            record = NodeRecord.load(node)
+        except UnreadableRecord:
+            (record_dir() / f"{node}.json").unlink(missing_ok=True)
+            return UnloadResult(node, "?", [], remove_pins(node), False)
+        if record is None or not record.namespace_gone():
+            return None
+        removed = remove_pins(node)
+        record.remove()
+        return UnloadResult(node, record.iface, [], removed, False)
 
 
 # ---------------------------------------------------------------- status

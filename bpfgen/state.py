@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import BpfgenError, UsageError
-from .netns import mounts, under_ip_netns_exec
+from .netns import enter_netns, mounts, under_ip_netns_exec
 
 BPFFS = Path(os.environ.get("BPFGEN_BPFFS", "/sys/fs/bpf"))
 
@@ -46,6 +46,10 @@ CAP_BPF = 39
 
 class PrivilegeError(BpfgenError):
     """Missing root or a capability."""
+
+
+class UnreadableRecord(BpfgenError):
+    """A node record that cannot be parsed."""
 
 
 def pin_dir(node: str) -> Path:
@@ -137,13 +141,35 @@ class NodeRecord:
         except FileNotFoundError:
             return None
         except (ValueError, TypeError) as e:
-            raise BpfgenError(f"{path}: unreadable record ({e}); `bpfgen unload --node {node}` clears it") from None
+            raise UnreadableRecord(
+                f"{path}: unreadable record ({e}); `bpfgen unload --iface IFACE --node {node}` clears it") from None
 
     @classmethod
     def all(cls) -> list[NodeRecord]:
-        if not record_dir().is_dir():
-            return []
-        return [r for p in sorted(record_dir().glob("*.json")) if (r := cls.load(p.stem)) is not None]
+        """Every readable record (an unreadable one is left to `unload --node`)."""
+        records = []
+        for path in sorted(record_dir().glob("*.json")) if record_dir().is_dir() else []:
+            try:
+                record = cls.load(path.stem)
+            except UnreadableRecord:
+                continue
+            if record is not None:
+                records.append(record)
+        return records
+
+    def namespace_gone(self) -> bool:
+        """The named namespace the node was loaded in no longer exists (or is another one
+        by now): nothing of it is left in the kernel but the pins."""
+        if self.netns is None:
+            return False
+        try:
+            return os.stat(f"/run/netns/{self.netns}").st_ino != self.netns_inode
+        except OSError:
+            return True
+
+    def where(self) -> str:
+        ns = f"network namespace '{self.netns}'" if self.netns else "another network namespace"
+        return f"interface '{self.iface}' in {ns}" + (f" (--netns {self.netns})" if self.netns else "")
 
 
 def pinned_nodes() -> list[str]:
@@ -153,8 +179,6 @@ def pinned_nodes() -> list[str]:
 def resolve_loaded_node(node: str | None, netns: str | None = None) -> str:
     """The node whose state a read command shows: --node, else the node loaded in the
     current (or --netns) network namespace, else the only node loaded."""
-    from .netns import enter_netns
-
     check_privileges()
     require_host_bpffs()
     if node:

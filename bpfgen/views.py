@@ -177,12 +177,16 @@ def service_list(node: str) -> list[dict]:
         kind = "NodePort" if val["flags"] & layout.FLAGS["SVC_NODEPORT"] else "ClusterIP"
         bes = []
         for slot in range(1, val["count"] + 1):
-            be = backends.get(slots.get(fe, {}).get(slot, -1))
-            if be is not None:
-                bes.append({
-                    "slot": slot, "address": _ep(be["addr"], be["port"]), "protocol": PROTO_NAMES.get(be["proto"], be["proto"]),
-                    "local": bool(be["flags"] & layout.FLAGS["BACKEND_LOCAL"]),
-                })
+            backend_id = slots.get(fe, {}).get(slot)
+            be = backends.get(backend_id)
+            if be is None:  # shown, not hidden: the datapath drops flows that pick it
+                bes.append({"slot": slot, "address": None, "protocol": None, "local": False,
+                            "missing": f"slot {slot}" if backend_id is None else f"backend id {backend_id}"})
+                continue
+            bes.append({
+                "slot": slot, "address": _ep(be["addr"], be["port"]), "protocol": PROTO_NAMES.get(be["proto"], be["proto"]),
+                "local": bool(be["flags"] & layout.FLAGS["BACKEND_LOCAL"]),
+            })
         rows.append({"id": val["id"], "frontend": _ep(addr, port), "protocol": PROTO_NAMES.get(proto, proto),
                      "type": kind, "backends": bes})
     return sorted(rows, key=lambda r: r["id"])
@@ -191,7 +195,8 @@ def service_list(node: str) -> list[dict]:
 def format_service_list(rows: list[dict]) -> str:
     lines = [f"{'ID':<5}{'Frontend':<27}{'Service Type':<15}Backend"]
     for r in rows:
-        bes = [f"{b['slot']} => {b['address']}/{b['protocol']}" for b in r["backends"]] or ["(no backends)"]
+        bes = [f"{b['slot']} => {b['address']}/{b['protocol']}" if b["address"] else f"{b['slot']} => (missing {b['missing']})"
+               for b in r["backends"]] or ["(no backends)"]
         lines.append(f"{r['id']:<5}{r['frontend'] + '/' + r['protocol']:<27}{r['type']:<15}{bes[0]}")
         lines += [" " * 47 + b for b in bes[1:]]
     return "\n".join(lines) + "\n"

@@ -221,7 +221,7 @@ def _view(shape, formatted):
 
 def bpftool_entries(path: Path) -> list[dict]:
     """A pinned map's entries from bpftool, in bpfgen's form (for comparing)."""
-    mdef = layout.MAPS_BY_NAME[path.name]
+    mdef = next(m for m in layout.MAPS if m.name == path.name)
     result = []
     for e in bpftool("map", "dump", "pinned", str(path)):
         f = e["formatted"]
@@ -978,3 +978,32 @@ def test_a_non_ethernet_interface_is_refused(builds, state, netns: Netns):
                              "--node", NODE), exit_code=2)
     assert "'lo' is not an Ethernet interface (link type loopback)" in err
     assert not (state["pins"] / NODE).exists() and not tc_filters(netns, "ingress")
+
+
+def test_a_second_node_on_the_same_interface_is_refused(builds, state, netns: Netns):
+    load(netns, builds["seed"])
+    ids = attached(netns)
+    err = clean_error(bpfgen("load", "--iface", IFACE, "--build", str(builds["seed"]), "--netns", netns.name,
+                             "--node", "node1"), exit_code=2)
+    assert "carries node 'node0'" in err
+    err = clean_error(bpfgen("unload", "--iface", IFACE, "--node", "node1", "--netns", netns.name), exit_code=2)
+    assert "carries node 'node0'" in err
+    assert attached(netns) == ids and not (state["root"] / "node1").exists()
+
+
+def test_a_node_whose_namespace_is_gone_is_cleared_by_unload_node(builds, state, other_netns):
+    gone = other_netns("172.26.50.101/24")
+    load(gone, builds["seed"])
+    gone.remove()
+    stderr = ok(bpfgen("unload", "--iface", IFACE, "--node", NODE))
+    assert f"unloaded node {NODE}" in stderr
+    assert not state["root"].exists() and not list((state["run"] / "nodes").glob("*.json"))
+
+
+def test_an_unreadable_record_blocks_nothing_and_unload_node_clears_it(builds, state, netns: Netns):
+    load(netns, builds["seed"])
+    record = state["run"] / "nodes" / f"{NODE}.json"
+    record.write_text("{ not json")
+    ok(bpfgen("status"))  # the other records (none here) still show
+    ok(bpfgen("unload", "--iface", IFACE, "--node", NODE, "--netns", netns.name))
+    assert not record.exists() and not state["pins"].exists()

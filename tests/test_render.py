@@ -142,3 +142,16 @@ def test_missing_clang_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setenv("BPFGEN_CLANG", "clang-does-not-exist")
     with pytest.raises(CompileError, match="clang not found"):
         compile_spec(SEED, tmp_path)
+
+
+def test_a_failed_compile_leaves_no_build_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Old objects never stand beside a new spec: without a manifest it is no build."""
+    from bpfgen.build import open_build
+    from bpfgen.errors import UsageError
+
+    compile_spec(SEED, tmp_path)
+    monkeypatch.setenv("BPFGEN_CLANG", "false")  # a clang that fails
+    with pytest.raises(CompileError):
+        compile_spec(REPO / "examples" / "three-nodes.yaml", tmp_path)
+    with pytest.raises(UsageError, match="not a bpfgen build"):
+        open_build(tmp_path)
