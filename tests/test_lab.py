@@ -3,7 +3,6 @@ loaded on every node, checked from both ends of each connection and in the maps.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import secrets

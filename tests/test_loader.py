@@ -23,7 +23,6 @@ import fcntl
 import ipaddress
 import json
 import os
-import platform
 import re
 import shutil
 import subprocess
