@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO))
 from bpfgen import libbpf as bpf  # noqa: E402
 from bpfgen import layout  # noqa: E402
 from bpfgen.build import compile_object, compile_spec  # noqa: E402
-from bpfgen.loader import SERVICE_MAPS, desired_entries, sync_service_maps  # noqa: E402
+from bpfgen.loader import SERVICE_MAPS, open_datapath, sync_service_maps  # noqa: E402
 from bpfgen.netns import enter_netns  # noqa: E402
 from tests.packets import ACK, SYN, tcp  # noqa: E402
 
@@ -72,13 +72,12 @@ def main() -> int:
         compile_object_path.write_text((REPO / "bench" / "empty.bpf.c").read_text())
         compile_object(compile_object_path, tmp / "empty.bpf.o")
         pins.mkdir(parents=True)
-        with enter_netns(ns), bpf.BpfObject.open(build.object_path("node0"), pin_root_path=pins) as obj, \
+        plan = build.plan()
+        with enter_netns(ns), open_datapath(build, plan, plan.node("node0"), pins) as obj, \
                 bpf.BpfObject.open(tmp / "empty.bpf.o") as empty:
-            obj.load()
             empty.load()
             maps = {n: obj.map(n).map_fd() for n in SERVICE_MAPS}
-            want = desired_entries(spec, spec.node("node0"), maps)
-            sync_service_maps(maps, want, {n: {} for n in maps})
+            sync_service_maps(maps, plan, plan.node("node0"))
             prog = obj.program("from_netdev").fd
 
             empty_fd = empty.program("empty").fd

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import click
 
-from .errors import EXIT_FAILURE, BpfgenError
+from .errors import EXIT_FAILURE, BpfgenError, SpecError
 
 
 class Context:
@@ -38,11 +38,13 @@ def handle_errors(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except BpfgenError as e:
             if debug and debug.debug:
-                if getattr(e, "verifier_log", None):
+                from .libbpf import VerifierError
+
+                if isinstance(e, VerifierError):
                     click.echo(e.verifier_log, err=True)  # the whole log, not only its tail
                 raise
             lines = e.lines() + list(getattr(e, "__notes__", []))
-            if len(lines) > 1 and getattr(e, "problems", None):
+            if len(lines) > 1 and isinstance(e, SpecError):
                 # Spec problems: one line each, same prefix.
                 for line in lines:
                     click.secho(f"bpfgen: {line}", fg="red", err=True)
@@ -106,15 +108,13 @@ def validate(spec: Path) -> None:
               help="Build directory (default: out/<metadata.name>/).")
 @handle_errors
 def compile_cmd(spec: Path, out_dir: Path | None) -> None:
-    """Validate SPEC, render the datapath's C and compile one BPF object per node."""
+    """Validate SPEC, plan it, render the datapath's C and compile its one BPF object."""
     from .build import compile_spec
 
     build = compile_spec(spec, out_dir)
     for name in build.manifest["files"]:
         click.echo(str(build.dir / name))
-    for node in build.nodes:
-        click.echo(str(build.object_path(node)))
-    info(f"compiled {build.name}: {len(build.nodes)} node object(s) in {build.dir}")
+    info(f"compiled {build.name}: one object for {len(build.nodes)} node(s) in {build.dir}")
 
 
 @cli.command()
@@ -152,13 +152,17 @@ def schema() -> None:
 def load(iface: str, build_dir: Path | None, spec: Path | None, node: str | None, netns: str | None,
          verifier_log: Path | None) -> None:
     """Load a node's datapath, pin its maps, fill them and attach to IFACE (tc)."""
-    from .libbpf import LibbpfError
+    from .build import compile_spec
+    from .errors import UsageError
+    from .libbpf import VerifierError
     from .loader import load as do_load
 
+    if build_dir and spec:
+        raise UsageError("give --build or --spec, not both")
     try:
-        result = do_load(iface, build=build_dir, spec=spec, node=node, netns=netns)
-    except LibbpfError as e:
-        if verifier_log and e.verifier_log:
+        result = do_load(iface, build=(lambda: compile_spec(spec)) if spec else build_dir, node=node, netns=netns)
+    except VerifierError as e:
+        if verifier_log:
             try:
                 verifier_log.write_text(e.verifier_log)
                 info(f"the whole verifier log is in {verifier_log}")
@@ -168,8 +172,12 @@ def load(iface: str, build_dir: Path | None, spec: Path | None, node: str | None
     for message in result.messages:
         info(message)
     progs = ", ".join(f"{hook} {p['name']} id {p['id']}" for hook, p in result.programs.items())
-    verb = "updated" if result.updated else "loaded"
-    info(f"{verb} node {result.node} on {result.iface}: {progs}; maps pinned in {result.pin_dir}")
+    entries = f"{result.written} entries written, {result.deleted} deleted"
+    if result.updated:
+        kept = "programs kept" if result.programs_kept else "programs replaced"
+        info(f"updated node {result.node} on {result.iface}: {entries}, {kept} ({progs})")
+    else:
+        info(f"loaded node {result.node} on {result.iface}: {progs}; {entries}; maps pinned in {result.pin_dir}")
 
 
 @cli.command()

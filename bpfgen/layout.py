@@ -10,9 +10,11 @@ packet); every other integer is host order.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import struct as _struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 # Scalar field types: C type, Python struct code, size (all naturally aligned).
@@ -98,6 +100,24 @@ class Struct:
             out += _struct.pack(f.format, ipaddress.IPv4Address(v or 0).packed if f.type == "ip4" else int(v))
         return bytes(out)
 
+    @functools.cached_property
+    def packer(self) -> Callable[..., bytes]:
+        """A fast pack of positional values in field order: ip4 as 4 packed bytes, port an
+        int in host order, every other field an int (for bulk map contents)."""
+        codes = {"ip4": "4s", "port": "H"}
+        fmt = _struct.Struct("<" + "".join(codes.get(f.type, f.format[1:]) for f in self.fields))
+        swapped = [i for i, f in enumerate(self.fields) if f.type == "port"]
+        if not swapped:
+            return fmt.pack
+
+        def pack(*values: object) -> bytes:
+            v = list(values)
+            for i in swapped:
+                v[i] = ((v[i] & 0xFF) << 8) | (v[i] >> 8)
+            return fmt.pack(*v)
+
+        return pack
+
     def unpack(self, data: bytes) -> dict[str, object]:
         """The inverse of pack: ip4 as IPv4Address, port in host order."""
         if len(data) < self.size:
@@ -124,8 +144,8 @@ SVC_KEY = _s(
 SVC_VALUE = _s(
     "bpfgen_svc_value",
     "Slot 0: count backends, id, flags. Slot n: backend_id of backend n.",
-    ("backend_id", "u32"), ("count", "u16"), ("id", "u16", "frontend id: reverse-NAT index and counter index"),
-    ("flags", "u8"), ("pad1", "u8"), ("pad2", "u16"),
+    ("backend_id", "u32"), ("id", "u32", "frontend id: reverse-NAT index and counter index"),
+    ("count", "u16"), ("flags", "u8"), ("pad", "u8"),
 )
 BACKEND = _s(
     "bpfgen_backend",
@@ -148,14 +168,23 @@ CT_ENTRY = _s(
     "bpfgen_ct_entry",
     "Conntrack state of one direction-tagged tuple.",
     ("expires", "u32", "seconds of bpf_ktime_get_ns() after which the entry is dead"),
-    ("backend_id", "u32"), ("rev_nat_id", "u16"), ("flags", "u8"), ("pad", "u8"),
-    ("snat_addr", "ip4"), ("snat_port", "port"), ("pad2", "u16"),
+    ("backend_id", "u32"), ("rev_nat_id", "u32"), ("flags", "u8"), ("pad", "u8"),
+    ("snat_port", "port"), ("snat_addr", "ip4"),
 )
 NAT_ENTRY = _s(
     "bpfgen_nat_entry",
     "An SNAT translation: NAT_OUT rewrites the source to addr:port, NAT_IN the destination.",
     ("addr", "ip4"), ("port", "port"), ("pad", "u16"),
     ("claimed", "u32", "NAT_IN: when a flow took the port (seconds, the clock of expires)"),
+)
+CONFIG = _s(
+    "bpfgen_config",
+    "A node's settings, written into the object's .rodata.config before load: one object serves every node.",
+    ("node_ip", "ip4", "the node's address"),
+    ("pod_net", "ip4", "the node's podCIDR (0.0.0.0/32 when it has none: matches no packet)"),
+    ("pod_mask", "ip4"),
+    ("nodeport_min", "u16"), ("nodeport_max", "u16"),
+    ("snat_port_min", "u16"), ("snat_port_max", "u16"),
 )
 SVC_STATS = _s("bpfgen_svc_stats", "Per-CPU packet and byte counts of one frontend.", ("packets", "u64"), ("bytes", "u64"))
 DROP_STATS = _s("bpfgen_drop_stats", "Per-CPU count of drops of one reason.", ("packets", "u64"))
@@ -177,7 +206,7 @@ class Scalar:
 
 ID_KEY = Scalar("__u32", 4)
 
-STRUCTS = (SVC_KEY, SVC_VALUE, BACKEND, REVNAT, TUPLE, CT_ENTRY, NAT_ENTRY, SVC_STATS, DROP_STATS)
+STRUCTS = (SVC_KEY, SVC_VALUE, BACKEND, REVNAT, TUPLE, CT_ENTRY, NAT_ENTRY, CONFIG, SVC_STATS, DROP_STATS)
 
 
 @dataclass(frozen=True)
@@ -226,6 +255,9 @@ FLAGS = {
 }
 
 
+BPF_F_NO_PREALLOC = 1
+
+
 @dataclass(frozen=True)
 class MapDef:
     name: str
@@ -233,14 +265,25 @@ class MapDef:
     key: Struct | Scalar
     value: Struct
     doc: str
+    size: Callable[[dict[str, int]], int]  # max_entries from the capacity settings (frontends, ...)
+    flags: int = 0
+
+    def max_entries(self, capacity: dict[str, int]) -> int:
+        return self.size(capacity)
 
 
+# Hash maps of services grow on use (no preallocation), so a generous capacity costs no
+# memory until it is used; conntrack and SNAT are LRU maps, preallocated by the kernel.
 MAPS = (
-    MapDef("svc_v4", "HASH", SVC_KEY, SVC_VALUE, "service frontends and their backend slots"),
-    MapDef("backend_v4", "HASH", ID_KEY, BACKEND, "backends by id"),
-    MapDef("revnat_v4", "HASH", ID_KEY, REVNAT, "frontend by reverse-NAT id"),
-    MapDef("ct_v4", "LRU_HASH", TUPLE, CT_ENTRY, "conntrack"),
-    MapDef("snat_v4", "LRU_HASH", TUPLE, NAT_ENTRY, "SNAT pairs (like cilium_snat_v4_external)"),
-    MapDef("svc_stats", "PERCPU_ARRAY", ID_KEY, SVC_STATS, "packets and bytes per frontend id"),
-    MapDef("drop_stats", "PERCPU_ARRAY", ID_KEY, DROP_STATS, "drops by reason"),
+    MapDef("svc_v4", "HASH", SVC_KEY, SVC_VALUE, "service frontends and their backend slots",
+           lambda c: c["frontends"] + c["backend_slots"], BPF_F_NO_PREALLOC),
+    MapDef("backend_v4", "HASH", ID_KEY, BACKEND, "backends by id", lambda c: c["backends"], BPF_F_NO_PREALLOC),
+    MapDef("revnat_v4", "HASH", ID_KEY, REVNAT, "frontend by reverse-NAT id", lambda c: c["frontends"],
+           BPF_F_NO_PREALLOC),
+    MapDef("ct_v4", "LRU_HASH", TUPLE, CT_ENTRY, "conntrack", lambda c: 2 * c["flows"]),
+    MapDef("snat_v4", "LRU_HASH", TUPLE, NAT_ENTRY, "SNAT pairs (like cilium_snat_v4_external)",
+           lambda c: 2 * c["flows"]),
+    MapDef("svc_stats", "PERCPU_ARRAY", ID_KEY, SVC_STATS, "packets and bytes per frontend id",
+           lambda c: c["frontends"] + 1),
+    MapDef("drop_stats", "PERCPU_ARRAY", ID_KEY, DROP_STATS, "drops by reason", lambda c: len(DROP_REASONS.members)),
 )

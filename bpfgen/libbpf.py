@@ -75,6 +75,7 @@ PERCPU_TYPES = frozenset(
         BPF_MAP_TYPE_PERCPU_CGROUP_STORAGE,
     }
 )
+ARRAY_TYPES = frozenset({BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_PERCPU_ARRAY})
 
 BPF_PROG_TYPE_SCHED_CLS = 3
 BPF_PROG_TYPE_SCHED_ACT = 4
@@ -310,6 +311,8 @@ _SYMBOLS: dict[str, tuple[Any, list[Any]]] = {
         [c_int, c_void_p, c_void_p, c_void_p, c_void_p, _U32P, POINTER(BpfMapBatchOpts)],
     ),
     "bpf_map_update_batch": (c_int, [c_int, c_void_p, c_void_p, _U32P, POINTER(BpfMapBatchOpts)]),
+    "bpf_map_delete_batch": (c_int, [c_int, c_void_p, _U32P, POINTER(BpfMapBatchOpts)]),
+    "bpf_map_freeze": (c_int, [c_int]),
     "bpf_obj_pin": (c_int, [c_int, c_char_p]),
     "bpf_obj_get": (c_int, [c_char_p]),
     "bpf_map_get_fd_by_id": (c_int, [c_uint32]),
@@ -527,6 +530,14 @@ class LibbpfError(BpfgenError):
         if not tail:
             return [str(self)]
         return [str(self), "verifier log (last lines):"] + ["  " + line for line in tail]
+
+
+class VerifierError(LibbpfError):
+    """The kernel's verifier rejected a program; verifier_log holds its whole log."""
+
+
+class IncompatiblePinError(LibbpfError):
+    """A pinned map's layout (type, key, value, size, flags) differs from the object's."""
 
 
 def _check(op: str, ret: Any, err: int, cap: _Capture | None, allow: frozenset[int] = frozenset()) -> Any:
@@ -858,6 +869,21 @@ class MapFd(Fd):
             for key, value in zip(keys, values):
                 self.update(key, value, flags)
 
+    def delete_batch(self, keys: list[bytes]) -> None:
+        """Delete many elements with one bpf_map_delete_batch (every key must exist);
+        one delete per element where the kernel refuses batching for this map."""
+        if not keys:
+            return
+        kbuf = b"".join(self._key(k) for k in keys)
+        count = c_uint32(len(keys))
+        opts = _opts(BpfMapBatchOpts)
+        refused = frozenset({errno_mod.EINVAL, ENOTSUPP, errno_mod.EOPNOTSUPP})
+        ret = _call(self._op(f"bpf_map_delete_batch ({len(keys)} elements)"), "bpf_map_delete_batch",
+                    self.fd, kbuf, byref(count), byref(opts), allow=refused)
+        if ret < 0:
+            for key in keys[count.value:]:
+                self.delete(key)
+
     def lookup_batch(self, chunk: int = 256) -> list[tuple[bytes, bytes]]:
         """Every (key, value) with bpf_map_lookup_batch, falling back to items()."""
         batch_size = max(self.key_size, 8)
@@ -1112,13 +1138,15 @@ class BpfObject:
             diff = self._pin_difference(name, pin.group(1))
             detail += f" ({diff})" if diff else ""
             detail += "; remove the pin or use another pin directory"
-            return LibbpfError(e.op, e.errno, log, detail=detail)
+            return IncompatiblePinError(e.op, e.errno, log, detail=detail)
         verifier = None
         if "BPF program load failed" in log:
             verifier = self._verifier_log() or _extract_verifier_block(log)
         if verifier and e.errno == errno_mod.ENOSPC:
             verifier += f"\n(verifier log truncated to its last {VERIFIER_LOG_SIZE >> 20} MiB)\n"
-        return LibbpfError(e.op, e.errno, log, verifier_log=verifier)
+        if verifier:
+            return VerifierError(e.op, e.errno, log, verifier_log=verifier)
+        return LibbpfError(e.op, e.errno, log)
 
     def _pin_difference(self, name: str, pin_path: str) -> str:
         """What differs between this object's map and the pinned one (best effort)."""

@@ -23,7 +23,6 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -39,6 +38,7 @@ from pydantic.alias_generators import to_camel
 from pydantic.json_schema import WithJsonSchema
 from pydantic_core import core_schema
 
+from bpfgen import specio
 from bpfgen.errors import Problem, SpecError
 
 API_VERSION = "bpfgen/v1"
@@ -223,6 +223,40 @@ class Metadata(_Model):
     name: BuildName = Field(description="Names the build directory out/<name>/ (a DNS label).")
 
 
+def _count(what: str, lo: int, hi: int) -> Any:
+    """An integer setting within lo..hi."""
+
+    def check(value: int) -> int:
+        if not lo <= value <= hi:
+            raise ValueError(f"{what} {value} is out of range {lo}-{hi}")
+        return value
+
+    return Annotated[StrictInt, AfterValidator(check), WithJsonSchema({"type": "integer", "minimum": lo, "maximum": hi})]
+
+
+# The limits of the settings below: the datapath's id spaces (frontend and backend ids are
+# 32-bit; a service's backend slot is 16-bit) and a bound on the kernel memory of one node.
+MAX_FRONTENDS = 1 << 22
+MAX_BACKEND_SLOTS = 1 << 24
+MAX_BACKENDS = 1 << 22
+MAX_FLOWS = 1 << 23
+MAX_BACKENDS_PER_SERVICE = 65535
+
+
+class Capacity(_Model):
+    """How much a node's maps hold. The map sizes follow these settings, never the number of
+    services, so adding or removing services never changes a map's layout."""
+
+    frontends: _count("frontends", 1, MAX_FRONTENDS) = Field(
+        default=131072, description="Frontends per node (a ClusterIP or NodePort of one service port).")
+    backend_slots: _count("backendSlots", 1, MAX_BACKEND_SLOTS) = Field(
+        default=1048576, description="Backend slots per node: the sum over frontends of their backends.")
+    backends: _count("backends", 1, MAX_BACKENDS) = Field(
+        default=262144, description="Distinct backends (address, port, protocol) per node.")
+    flows: _count("flows", 1, MAX_FLOWS) = Field(
+        default=262144, description="Connections a node tracks at once (conntrack and SNAT).")
+
+
 class Cluster(_Model):
     """Cluster-wide settings."""
 
@@ -232,6 +266,7 @@ class Cluster(_Model):
     snat_port_range: PortRange = Field(
         default=PortRange(32768, 65535), description="Source ports for SNAT; disjoint from nodePortRange."
     )
+    capacity: Capacity = Field(default_factory=Capacity)
 
 
 class Node(_Model):
@@ -352,6 +387,31 @@ def _rule_problems(
             found.append((f"{at}.clusterIP", message))
         found += _port_problems(service, at, node_port_range, node_ports, cluster_ports)
         found += _backend_problems(service, at, node_names)
+    if cluster is not None:
+        found += _capacity_problems(cluster.capacity, [s for s in services if s is not None])
+    return found
+
+
+def _capacity_problems(capacity: Capacity, services: list[Service]) -> Found:
+    """What the services need of a node's maps beyond the capacity settings."""
+    found: Found = []
+    frontends = slots = 0
+    backends: set[tuple[IPv4Address, int, str]] = set()
+    for i, service in enumerate(services):
+        if len(service.backends) > MAX_BACKENDS_PER_SERVICE:
+            found.append((f"services[{i}].backends", f"{len(service.backends)} backends, more than a service can "
+                          f"have ({MAX_BACKENDS_PER_SERVICE})"))
+        per_port = (service.cluster_ip is not None) + (service.type == "NodePort")
+        frontends += per_port * len(service.ports)
+        slots += per_port * len(service.ports) * len(service.backends)
+        backends.update((b.address, p.target_port, p.protocol) for p in service.ports for b in service.backends)
+    for setting, need, have in (("frontends", frontends, capacity.frontends),
+                                ("backendSlots", slots, capacity.backend_slots),
+                                ("backends", len(backends), capacity.backends)):
+        if need > have:
+            found.append((f"cluster.capacity.{setting}",
+                          f"the services need {need} {setting} per node, more than capacity.{setting} {have}; "
+                          f"raise cluster.capacity.{setting}"))
     return found
 
 
@@ -456,29 +516,19 @@ def _allocate_node_ports(services: list[Service], node_port_range: PortRange) ->
 
 def load_spec(path: str | os.PathLike[str]) -> Spec:
     """Read and parse the spec file at path; SpecError if it cannot be read or has problems."""
-    filename = os.fspath(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise SpecError([Problem(filename, "", "cannot read the file: it is not UTF-8 text")]) from None
-    except OSError as err:
-        raise SpecError([Problem(filename, "", f"cannot read the file: {err.strerror or err}")]) from None
-    return parse_spec(text, filename)
+    return parse_spec(specio.read_file(path), os.fspath(path))
 
 
 def parse_spec(text: str, filename: str = _PROGRAMMATIC) -> Spec:
     """Parse a spec from YAML (or JSON) text; SpecError with all its problems if it is not valid."""
-    try:
-        data, lines, found = _compose(text)
-    except yaml.YAMLError as err:
-        message, line = _describe_yaml_error(err, text)
-        raise SpecError([Problem(filename, "", f"malformed YAML: {message}", line)]) from None
+    document = specio.load_document(text, filename)  # SpecError if malformed or over a limit
+    data, found = document.data, list(document.duplicates)
 
     if data is None:
         raise SpecError([Problem(filename, "", "the file is empty")])
     if not isinstance(data, dict):
         message = f"expected a mapping at the top, got {_describe(data)}"
-        raise SpecError([Problem(filename, "", message, lines[""])])
+        raise SpecError([Problem(filename, "", message, document.line_of(""))])
 
     try:
         spec = Spec.model_validate(data, by_name=False)
@@ -488,35 +538,9 @@ def parse_spec(text: str, filename: str = _PROGRAMMATIC) -> Spec:
     except SpecError as err:
         found += [(problem.path, problem.message) for problem in err.problems]
     if found:
-        problems = [Problem(filename, path, message, _line_of(lines, path)) for path, message in found]
+        problems = [Problem(filename, path, message, document.line_of(path)) for path, message in found]
         raise SpecError(sorted(problems, key=lambda problem: problem.line or 0))
     return spec
-
-
-def _compose(text: str) -> tuple[Any, dict[str, int], Found]:
-    """The document's data, the line of each path and the duplicate keys (see _map_lines);
-    yaml.YAMLError if malformed."""
-    loader = yaml.SafeLoader(text)
-    try:
-        root = loader.get_single_node()
-        if root is None:
-            return None, {}, []
-        lines, duplicates = _map_lines(root)  # before constructing: that flattens merge keys (<<)
-        return loader.construct_document(root), lines, duplicates
-    finally:
-        loader.dispose()
-
-
-def _describe_yaml_error(err: yaml.YAMLError, text: str) -> tuple[str, int | None]:
-    """A YAML error as (message, line)."""
-    if isinstance(err, yaml.MarkedYAMLError):
-        mark = err.problem_mark or err.context_mark
-        message = "; ".join(part for part in (err.context, err.problem) if part)
-        return message, mark.line + 1 if mark else None
-    if isinstance(err, yaml.reader.ReaderError):
-        line = text.count("\n", 0, err.position) + 1
-        return f"unacceptable character #x{err.character:04x}: {err.reason}", line
-    return str(err), None
 
 
 def _salvage(data: dict) -> tuple[Cluster | None, list[Node | None], list[Service | None]]:
@@ -538,55 +562,7 @@ def _salvage(data: dict) -> tuple[Cluster | None, list[Node | None], list[Servic
     return valid(Cluster, data.get("cluster", {})), nodes, services
 
 
-def _join(path: str, key: object) -> str:
-    if isinstance(key, int):
-        return f"{path}[{key}]"
-    return f"{path}.{key}" if path else str(key)
-
-
-def _map_lines(root: yaml.Node) -> tuple[dict[str, int], Found]:
-    """The 1-based line of every path in the document (a mapping entry's is its key's), and
-    the duplicate keys (YAML keeps the last one silently)."""
-    lines = {"": root.start_mark.line + 1}
-    duplicates: Found = []
-    walking: set[int] = set()  # guards against recursive aliases
-
-    def walk(node: yaml.Node, path: str) -> None:
-        if id(node) in walking:
-            return
-        walking.add(id(node))
-        if isinstance(node, yaml.MappingNode):
-            first_line: dict[str, int] = {}
-            for key, value in node.value:
-                if not isinstance(key, yaml.ScalarNode):
-                    continue
-                child, line = _join(path, key.value), key.start_mark.line + 1
-                if key.value in first_line:
-                    first = first_line[key.value]
-                    duplicates.append((child, f"duplicate key '{key.value}' (first on line {first})"))
-                else:
-                    first_line[key.value] = line
-                lines[child] = line
-                walk(value, child)
-        elif isinstance(node, yaml.SequenceNode):
-            for index, item in enumerate(node.value):
-                lines[_join(path, index)] = item.start_mark.line + 1
-                walk(item, _join(path, index))
-        walking.discard(id(node))
-
-    walk(root, "")
-    return lines, duplicates
-
-
-_LAST_STEP = re.compile(r"(\[\d+\]|\.?[^.\[\]]*)$")
-
-
-def _line_of(lines: dict[str, int], path: str) -> int | None:
-    """The line of path, or of its nearest ancestor in the file (a missing field's mapping)."""
-    while path and path not in lines:
-        parent = _LAST_STEP.sub("", path, count=1)
-        path = parent if parent != path else ""
-    return lines.get(path)
+_join = specio.join_path
 
 
 # --- pydantic errors as short messages ---------------------------------------------------------

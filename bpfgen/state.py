@@ -14,6 +14,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -119,6 +120,9 @@ class NodeRecord:
     updated_at: str
     programs: dict[str, dict] = field(default_factory=dict)  # ingress/egress -> name, id, tag
     created_qdisc: bool = False
+    object_sha256: str = ""  # the object the programs came from
+    config: str = ""  # the node's .rodata.config, hex
+    maps: dict[str, int] = field(default_factory=dict)  # max_entries of every map
 
     @property
     def path(self) -> Path:
@@ -200,21 +204,44 @@ def resolve_loaded_node(node: str | None, netns: str | None = None) -> str:
     raise UsageError(f"several nodes are loaded ({', '.join(loaded)}); choose one with --node")
 
 
+_NODE_NAME = re.compile(r"[a-z0-9]([-a-z0-9]{0,13}[a-z0-9])?")
+
+
+def check_node_name(node: str) -> None:
+    """A node name becomes a path (pins, records, locks): a DNS label of at most 15
+    characters, nothing else, whatever the command."""
+    if not _NODE_NAME.fullmatch(node):
+        raise UsageError(f"invalid node name {node!r}: use at most 15 lowercase letters, digits or '-', "
+                         "starting and ending with a letter or digit")
+
+
 @contextmanager
-def node_lock(node: str) -> Iterator[None]:
-    """An exclusive lock for changing a node; a second one fails at once."""
-    run_dir().mkdir(parents=True, exist_ok=True)
-    fd = os.open(run_dir() / f"{node}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+def _lock(name: str, what: str) -> Iterator[None]:
+    """An exclusive lock; a second one fails at once."""
+    run_dir().mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(run_dir() / name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise BpfgenError(f"another bpfgen command is changing node '{node}' right now; try again") from None
+                raise BpfgenError(f"another bpfgen command is changing {what} right now; try again") from None
             raise
         yield
     finally:
         os.close(fd)
+
+
+def node_lock(node: str):
+    """The lock for changing a node (taken after its interface's)."""
+    check_node_name(node)
+    return _lock(f"{node}.lock", f"node '{node}'")
+
+
+def iface_lock(ns_inode: int, ifindex: int, iface: str):
+    """The lock for changing what an interface carries (taken first): two commands never
+    put two nodes on one interface."""
+    return _lock(f"iface-{ns_inode}-{ifindex}.lock", f"interface '{iface}'")
 
 
 def remove_pins(node: str) -> list[str]:

@@ -64,10 +64,17 @@ class _Codec:
 
 
 def dump_map(m: bpf.MapFd) -> dict:
-    """One map in bpftool's JSON shape: entries of key/value, or key/values per CPU."""
+    """One map in bpftool's JSON shape: entries of key/value, or key/values per CPU. An
+    array holds every index whether it was written or not: its slots that are zero on
+    every CPU say nothing and are left out (counted in "zero_slots")."""
     codec = _Codec(m)
     entries = []
-    for k, v in m.items():
+    array = m.info.type in bpf.ARRAY_TYPES
+    zero_slots = 0
+    for k, v in m.lookup_batch(4096):
+        if array and not any(v):
+            zero_slots += 1
+            continue
         if m.percpu:
             values = [{"cpu": cpu, "value": codec.value(raw)} for cpu, raw in enumerate(m.split_percpu(v))]
             entries.append({"key": codec.key(k), "values": values})
@@ -82,6 +89,7 @@ def dump_map(m: bpf.MapFd) -> dict:
         "value_size": info.value_size,
         "max_entries": info.max_entries,
         "entries": entries,
+        **({"zero_slots": zero_slots} if array else {}),
     }
 
 

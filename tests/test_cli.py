@@ -24,15 +24,15 @@ def test_compile_writes_the_build_and_lists_it(tmp_path: Path) -> None:
     r = run("compile", SEED, "-o", tmp_path)
     assert r.exit_code == 0, r.stderr
     listed = r.stdout.split()
-    assert str(tmp_path / "node0.bpf.o") in listed and str(tmp_path / "spec.json") in listed
-    assert "compiled seed-lab" in r.stderr
+    assert str(tmp_path / "datapath.bpf.o") in listed and str(tmp_path / "plan.json") in listed
+    assert "compiled seed-lab: one object for 2 node(s)" in r.stderr
 
 
 def test_compile_defaults_to_out_metadata_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     r = run("compile", SEED)
     assert r.exit_code == 0, r.stderr
-    assert (tmp_path / "out" / "seed-lab" / "node1.bpf.o").is_file()
+    assert (tmp_path / "out" / "seed-lab" / "datapath.bpf.o").is_file()
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED), ids=str)
@@ -64,7 +64,7 @@ def test_schema_prints_the_committed_schema() -> None:
 
 
 def test_inspect_json_is_stdout_alone(seed_build) -> None:
-    r = run("inspect", seed_build.object_path("node0"), "-o", "json")
+    r = run("inspect", seed_build.object_path, "-o", "json")
     assert r.exit_code == 0
     data = json.loads(r.stdout)
     assert {p["name"] for p in data["programs"]} >= {"from_netdev", "to_netdev"}
@@ -73,7 +73,7 @@ def test_inspect_json_is_stdout_alone(seed_build) -> None:
 
 
 def test_inspect_text(seed_build) -> None:
-    r = run("inspect", seed_build.object_path("node1"))
+    r = run("inspect", seed_build.object_path)
     assert r.exit_code == 0 and "from_netdev" in r.stdout and "lru_hash" in r.stdout
 
 

@@ -32,7 +32,8 @@ import pytest
 from bpfgen import layout
 from bpfgen import libbpf as bpf
 from bpfgen.build import Build, compile_spec
-from bpfgen.loader import SERVICE_MAPS, desired_entries, sync_service_maps
+from bpfgen.loader import SERVICE_MAPS, open_datapath, sync_service_maps
+from bpfgen.plan import Plan
 from bpfgen.netns import current_netns, enter_netns, ifindex as if_index
 from bpfgen.render import TIMEOUTS
 from bpfgen.spec import Spec, load_spec
@@ -123,9 +124,9 @@ class Datapath:
         """Fill the service maps for this node from a spec, as `bpfgen load` does."""
         spec = load_spec(spec_path)
         _route_backends(spec, self.node)
+        plan = Plan.from_spec(spec)
         service = {name: self.maps[name] for name in SERVICE_MAPS}
-        want = desired_entries(spec, spec.node(self.node), service, self.maps["ct_v4"])
-        sync_service_maps(service, want, {name: dict(m.items()) for name, m in service.items()})
+        sync_service_maps(service, plan, plan.node(self.node), self.maps["ct_v4"])
 
     def frontend_id(self, port: int = NODEPORT, proto: int = TCP, addr: str | None = None) -> int:
         key = layout.SVC_KEY.pack(addr=addr or self.address, port=port, proto=proto, slot=0)
@@ -258,8 +259,8 @@ def datapath(netns, isolated_state: Path, build_of):
         _prepare_namespace(netns, spec, node)
         pins = isolated_state / f"{next(counter)}-{node}"
         pins.mkdir(parents=True)
-        obj = stack.enter_context(bpf.BpfObject.open(build.object_path(node), pin_root_path=pins))
-        obj.load()
+        plan = build.plan()
+        obj = stack.enter_context(open_datapath(build, plan, plan.node(node), pins))
         dp = Datapath(spec, node, str(spec.node(node).address), obj, if_index("eth0"))
         for m in layout.MAPS:
             dp.maps[m.name] = stack.enter_context(obj.map(m.name).map_fd())

@@ -20,6 +20,7 @@ Specs used besides examples/seed.yaml are in tests/specs/loader/:
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import ipaddress
 import json
 import os
@@ -47,6 +48,9 @@ IFACE = "eth0"
 NODE = "node0"
 NODE_ADDR = "172.26.50.101"
 MAP_NAMES = [m.name for m in layout.MAPS]
+# The maps compared before and after a refused change (the counter arrays, whose every slot
+# bpftool prints, are left out: nothing writes them without traffic).
+TABLE_MAPS = [m.name for m in layout.MAPS if not m.type.endswith("ARRAY")]
 TC_PREF = 0xB9F  # bpfgen's filter priority and handle
 PROTO_NAMES = {1: "ICMP", 6: "TCP", 17: "UDP"}
 
@@ -113,6 +117,12 @@ def load_ids(stderr: str) -> dict[str, int]:
     m = re.search(r"ingress from_netdev id (\d+), egress to_netdev id (\d+)", stderr)
     assert m, stderr
     return {"ingress": int(m.group(1)), "egress": int(m.group(2))}
+
+
+def uses_pinned_maps(prog: dict, pins: Path) -> bool:
+    """bpftool's prog: its maps are the pinned ones, and one .rodata.config of its own."""
+    others = set(prog["map_ids"]) - set(map_ids(pins).values())
+    return bool(prog["map_ids"]) and [bpftool("map", "show", "id", str(i))["name"] for i in others] == [".rodata.config"]
 
 
 def load(ns: Netns, build: Path, *extra: str) -> str:
@@ -224,6 +234,9 @@ def bpftool_entries(path: Path) -> list[dict]:
     result = []
     for e in bpftool("map", "dump", "pinned", str(path)):
         f = e["formatted"]
+        if mdef.type.endswith("ARRAY") and not any(int(b, 16) for b in e.get("value", [])) and not any(
+                int(b, 16) for v in e.get("values", []) for b in v["value"]):
+            continue  # bpfgen leaves out array slots that are zero on every CPU (bpftool's raw bytes say)
         if "values" in f:
             result.append({"key": _view(mdef.key, f["key"]),
                            "values": [{"cpu": v["cpu"], "value": _view(mdef.value, v["value"])} for v in f["values"]]})
@@ -411,8 +424,8 @@ def test_load_with_netns_matches_tc_bpftool_and_pins(builds, state, netns: Netns
         assert (f["name"], f["id"], f["pref"], int(f["handle"], 16)) == (name, ids[hook], TC_PREF, TC_PREF)
         prog = bpftool("prog", "show", "id", str(ids[hook]))
         assert prog["name"] == name and prog["type"] == "sched_cls" and prog["tag"] == f["tag"]
-        # the program uses the pinned maps, not copies of them
-        assert prog["map_ids"] and set(prog["map_ids"]) <= set(map_ids(state["pins"]).values())
+        # the program uses the pinned maps, not copies of them, and its node's configuration
+        assert uses_pinned_maps(prog, state["pins"])
 
     # pins: every map under <pin root>/<node>/, as bpftool sees them
     assert sorted(p.name for p in state["pins"].iterdir()) == sorted(MAP_NAMES)
@@ -448,7 +461,7 @@ def test_load_with_spec_compiles_into_out(state, netns: Netns, tmp_path: Path, m
     check_services(state["pins"], SEED_TABLE)
     # with the single build under out/, --build is optional
     stderr = ok(bpfgen("load", "--iface", IFACE, "--netns", netns.name))
-    assert "updated node node0" in stderr
+    assert "updated node node0 on eth0: 0 entries written, 0 deleted, programs kept" in stderr
 
 
 def test_load_under_nsenter(builds, state, netns: Netns):
@@ -490,6 +503,8 @@ def test_load_under_nsenter(builds, state, netns: Netns):
 
 def test_maps_dump_matches_bpftool(builds, state, netns: Netns, loaded):
     ct = write_state(state["pins"])
+    with L.MapFd.from_pin(state["pins"] / "svc_stats") as stats:  # one counted frontend, on the last CPU
+        stats.update(layout.ID_KEY.pack(2), bytes(stats.value_buf_size - 16) + layout.SVC_STATS.pack(packets=3, bytes=300))
     dump = json.loads(ok_stdout(bpfgen("maps", "dump", "-o", "json")))
     assert [m["name"] for m in dump] == MAP_NAMES
     for m in dump:
@@ -503,7 +518,10 @@ def test_maps_dump_matches_bpftool(builds, state, netns: Netns, loaded):
     assert by_name["ct_v4"]["entries"][0]["key"] == {
         "saddr": "192.0.2.10", "daddr": NODE_ADDR, "sport": 40000, "dport": 30645, "proto": "TCP",
         "dir": layout.FLAGS["CT_SERVICE"]}
-    assert len(by_name["svc_stats"]["entries"][0]["values"]) == L.num_possible_cpus()
+    (counted,) = by_name["svc_stats"]["entries"]  # the zero slots are left out, and counted
+    assert counted["key"] == 2 and len(counted["values"]) == L.num_possible_cpus()
+    assert counted["values"][-1]["value"] == {"packets": 3, "bytes": 300}
+    assert by_name["svc_stats"]["zero_slots"] == by_name["svc_stats"]["max_entries"] - 1
 
     # one map, by --node and by --netns: the same
     one = json.loads(ok_stdout(bpfgen("maps", "dump", "svc_v4", "--node", NODE, "-o", "json")))
@@ -539,9 +557,9 @@ def test_update_changes_maps_in_place_and_keeps_state(builds, state, netns: Netn
     ct = write_state(pins)
     (row0,) = json.loads(ok_stdout(bpfgen("status", "-o", "json")))
 
-    # added service and backend: same code -> same programs; maps are the same maps
+    # added service and backend: same object and configuration -> only data is written
     stderr = load(netns, builds["added"])
-    assert f"updated node {NODE}" in stderr
+    assert f"updated node {NODE} on {IFACE}: " in stderr and "programs kept" in stderr
     assert load_ids(stderr) == ids0 == attached(netns)
     assert map_ids(pins) == maps0
     table1 = check_services(pins, ADDED_TABLE)
@@ -563,17 +581,18 @@ def test_update_changes_maps_in_place_and_keeps_state(builds, state, netns: Netn
     assert all(e["key"]["proto"] == "TCP" for e in bpftool_entries(pins / "svc_v4"))
     assert_state(pins, ct)
 
-    # new code (snatPortRange is compiled into from_netdev): ingress replaced, egress kept
+    # new configuration (snatPortRange is in .rodata.config): both programs replaced
     stderr = load(netns, builds["snat-code"])
+    assert "programs replaced" in stderr
     ids3 = load_ids(stderr)
-    assert ids3["egress"] == ids0["egress"] and ids3["ingress"] != ids0["ingress"]
+    assert ids3["egress"] != ids0["egress"] and ids3["ingress"] != ids0["ingress"]
     assert attached(netns) == ids3
     for hook in ("ingress", "egress"):
         assert len(tc_filters(netns, hook)) == 1  # replaced in place, not added
     new = bpftool("prog", "show", "id", str(ids3["ingress"]))
-    assert new["name"] == "from_netdev" and new["tag"] != row0["programs"]["ingress"]["tag"]
-    assert set(new["map_ids"]) <= set(maps0.values()), "the new program must use the pinned maps"
-    assert wait_gone([ids0["ingress"]]) == [], "the replaced program is still in the kernel"
+    assert new["name"] == "from_netdev" and new["tag"] == row0["programs"]["ingress"]["tag"]  # same code
+    assert uses_pinned_maps(new, pins), "the new program must use the pinned maps"
+    assert wait_gone([ids0["ingress"], ids0["egress"]]) == [], "a replaced program is still in the kernel"
     assert map_ids(pins) == maps0
     check_services(pins, SEED_TABLE)  # snat-code has seed's services again
     assert_state(pins, ct)
@@ -585,18 +604,18 @@ def test_update_changes_maps_in_place_and_keeps_state(builds, state, netns: Netn
 def test_update_with_incompatible_layout_is_refused_and_keeps_the_load(builds, state, netns: Netns, loaded):
     pins = state["pins"]
     ct = write_state(pins)
-    before = {name: _sorted(bpftool_entries(pins / name)) for name in MAP_NAMES}
+    before = {name: _sorted(bpftool_entries(pins / name)) for name in TABLE_MAPS}
     maps0 = map_ids(pins)
     status0 = ok_stdout(bpfgen("status", "-o", "json"))
 
     err = clean_error(bpfgen("load", "--iface", IFACE, "--build", str(builds["incompatible"]), "--netns", netns.name),
                       exit_code=1)
-    assert "snat_v4" in err and "incompatible" in err
-    assert "max_entries 4096 here, 65536 pinned" in err
+    assert "ct_v4" in err and "incompatible" in err
+    assert "max_entries 4096 here, 524288 pinned" in err
 
     assert attached(netns) == loaded["ids"]
     assert map_ids(pins) == maps0
-    assert {name: _sorted(bpftool_entries(pins / name)) for name in MAP_NAMES} == before
+    assert {name: _sorted(bpftool_entries(pins / name)) for name in TABLE_MAPS} == before
     assert ok_stdout(bpfgen("status", "-o", "json")) == status0
     assert_state(pins, ct)
     check_services(pins, SEED_TABLE)
@@ -757,13 +776,16 @@ def rejected_build(builds, tmp_path_factory: pytest.TempPathFactory) -> Path:
     (same maps, so pins and layout are those of a seed load)."""
     d = tmp_path_factory.mktemp("rejected") / "build"
     shutil.copytree(builds["seed"], d)
-    src = d / "node0.bpf.c"
+    src = d / "datapath.bpf.c"
     text, n = re.subn(r'SEC\("tc"\)\nint from_netdev\(struct __sk_buff \*skb\)\n\{\n.*?\n\}\n',
                       REJECTED_FROM_NETDEV, src.read_text(), flags=re.S)
     assert n == 1
     src.write_text(text)
-    (d / "node0.bpf.o").unlink()
-    clang_bpf(src, d / "node0.bpf.o")
+    (d / "datapath.bpf.o").unlink()
+    clang_bpf(src, d / "datapath.bpf.o")
+    manifest = json.loads((d / "manifest.json").read_text())
+    manifest["object_sha256"] = hashlib.sha256((d / "datapath.bpf.o").read_bytes()).hexdigest()
+    (d / "manifest.json").write_text(json.dumps(manifest))
     return d
 
 
@@ -771,7 +793,7 @@ def test_verifier_rejection_leaves_nothing(rejected_build, state, netns: Netns):
     err = clean_error(bpfgen("load", "--iface", IFACE, "--build", str(rejected_build), "--netns", netns.name),
                       exit_code=1, one_line=False)
     lines = err.strip().splitlines()
-    assert "load object" in lines[0] and "node0.bpf.o" in lines[0]
+    assert "load object" in lines[0] and "datapath.bpf.o" in lines[0]
     assert "verifier log" in err
     assert re.search(r"invalid access to packet|outside of the packet", err), err
     assert_nothing_left(netns, state["pins"], state["run"])
@@ -781,14 +803,14 @@ def test_verifier_rejection_leaves_nothing(rejected_build, state, netns: Netns):
 def test_verifier_rejection_on_update_keeps_the_load(rejected_build, builds, state, netns: Netns, loaded):
     pins = state["pins"]
     ct = write_state(pins)
-    before = {name: _sorted(bpftool_entries(pins / name)) for name in MAP_NAMES}
+    before = {name: _sorted(bpftool_entries(pins / name)) for name in TABLE_MAPS}
     maps0 = map_ids(pins)
     err = clean_error(bpfgen("load", "--iface", IFACE, "--build", str(rejected_build), "--netns", netns.name),
                       exit_code=1, one_line=False)
     assert re.search(r"invalid access to packet|outside of the packet", err), err
     assert attached(netns) == loaded["ids"]
     assert map_ids(pins) == maps0
-    assert {name: _sorted(bpftool_entries(pins / name)) for name in MAP_NAMES} == before
+    assert {name: _sorted(bpftool_entries(pins / name)) for name in TABLE_MAPS} == before
     assert_state(pins, ct)
 
 
@@ -808,7 +830,7 @@ def test_second_load_at_the_same_time_is_locked_out(builds, state, netns: Netns)
 
 def test_second_update_at_the_same_time_is_locked_out(builds, state, netns: Netns, loaded):
     pins = state["pins"]
-    before = {name: _sorted(bpftool_entries(pins / name)) for name in MAP_NAMES}
+    before = {name: _sorted(bpftool_entries(pins / name)) for name in TABLE_MAPS}
     with open(state["run"] / f"{NODE}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         err = clean_error(bpfgen_proc("load", "--iface", IFACE, "--build", str(builds["added"]),
@@ -817,7 +839,7 @@ def test_second_update_at_the_same_time_is_locked_out(builds, state, netns: Netn
         err = clean_error(bpfgen_proc("unload", "--iface", IFACE, "--netns", netns.name), exit_code=1)
         assert "another bpfgen command" in err
     assert attached(netns) == loaded["ids"]
-    assert {name: _sorted(bpftool_entries(pins / name)) for name in MAP_NAMES} == before
+    assert {name: _sorted(bpftool_entries(pins / name)) for name in TABLE_MAPS} == before
 
 
 # ---------------------------------------------------------------- ip netns exec

@@ -198,7 +198,10 @@ def test_spec_to_dict_round_trips(path: Path):
 
 def test_spec_to_dict_is_resolved():
     data = spec_to_dict(parse_spec(MINIMAL))
-    assert data["cluster"] == {"nodePortRange": "30000-32767", "snatPortRange": "32768-65535"}
+    assert data["cluster"] == {
+        "nodePortRange": "30000-32767", "snatPortRange": "32768-65535",
+        "capacity": {"frontends": 131072, "backendSlots": 1048576, "backends": 262144, "flows": 262144},
+    }
     assert data["services"][0]["namespace"] == "default"
     (port,) = data["services"][0]["ports"]
     assert port == {"protocol": "TCP", "port": 8080, "targetPort": 8080, "nodePort": 32672}
