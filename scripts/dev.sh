@@ -33,7 +33,8 @@ can_make_venv() {
 
 # System packages: clang/llvm build the datapath, libbpf-dev has bpf_helpers.h,
 # libbpf1 is the libbpf.so.1 bpfgen loads through ctypes, bpftool/iproute2 are the
-# tests' independent oracles and the lab's tools, python3-venv makes .venv/.
+# tests' independent oracles and the lab's tools, python3-venv makes .venv/, iptables
+# and nftables are kube-proxy's two backends that bench/controlplane.py compares against.
 missing=()
 command -v clang >/dev/null || missing+=(clang)
 command -v llvm-objdump >/dev/null || missing+=(llvm)
@@ -42,6 +43,8 @@ ldconfig -p | grep -q 'libbpf\.so\.1 ' || missing+=(libbpf1)
 command -v bpftool >/dev/null || missing+=(bpftool)
 command -v ip >/dev/null && command -v tc >/dev/null || missing+=(iproute2)
 command -v nsenter >/dev/null && command -v setpriv >/dev/null || missing+=(util-linux)
+command -v iptables-restore >/dev/null || missing+=(iptables)
+command -v nft >/dev/null || missing+=(nftables)
 if ! venv_usable && ! can_make_venv; then
   missing+=(python3-venv)
 fi
