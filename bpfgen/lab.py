@@ -10,6 +10,7 @@ reporting the peer address it saw, and the other nodes route to it via its node.
 
 from __future__ import annotations
 
+import importlib.resources
 import ipaddress
 import json
 import os
@@ -23,7 +24,12 @@ from .errors import BpfgenError, UsageError
 from .spec import Spec, load_spec
 from .state import check_privileges, run_dir
 
-DEFAULT_SPEC = Path(__file__).resolve().parent.parent / "examples" / "seed.yaml"
+def example(name: str) -> Path:
+    """A spec of examples/, installed with bpfgen as package data (bpfgen.examples)."""
+    return Path(str(importlib.resources.files("bpfgen.examples") / name))
+
+
+DEFAULT_SPEC = example("seed.yaml")
 DEFAULT_PREFIX = "bgl"
 CLIENT_HOST = 180  # the walk's client is .180 of the nodes' subnet
 NODE_IFACE = "eth0"

@@ -79,6 +79,29 @@ def _addr(endpoint: str) -> str:
     return endpoint.rsplit(":", 1)[0]
 
 
+def test_both_nodes_run_one_object_each_with_its_own_address(lab) -> None:
+    """One build, one object: the nodes' programs are the same code, configured apart, and
+    each node's NodePort answers from its own address."""
+    from bpfgen import layout
+    from bpfgen import libbpf as bpf
+    from bpfgen.loader import status
+
+    rows = {r["node"]: r for r in status()}
+    tags, configs = set(), {}
+    for node, row in rows.items():
+        prog = row["programs"]["ingress"]
+        tags.add(prog["tag"])
+        with bpf.prog_get_fd_by_id(prog["id"]) as fd:
+            for map_id in bpf.prog_map_ids(fd):
+                with bpf.map_get_fd_by_id(map_id) as m:
+                    if m.name == ".rodata.config":
+                        configs[node] = layout.CONFIG.unpack(m.lookup(layout.ID_KEY.pack(0)))
+    assert len(tags) == 1 and sorted(rows) == ["node0", "node1"]
+    assert {n: str(c["node_ip"]) for n, c in configs.items()} == {"node0": NODE0, "node1": NODE1}
+    for address in (NODE0, NODE1):
+        assert labmod.client_request(lab, "TCP", address, NODEPORT)["reply_from"] == f"{address}:{NODEPORT}"
+
+
 @pytest.mark.parametrize("proto", ["TCP", "UDP"])
 def test_nodeport_to_a_remote_backend_is_snated_and_reversed(lab, proto: str) -> None:
     r = labmod.client_request(lab, proto, NODE0, NODEPORT)

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from click.testing import CliRunner
 
 from bpfgen import layout
@@ -732,6 +733,33 @@ def test_interface_does_not_exist(builds, state, netns: Netns):
                       exit_code=2)
     assert "bgt-nosuchns" in err and "does not exist" in err
     assert not state["root"].exists()
+
+
+def test_the_interface_is_checked_before_the_spec_is_read(state, netns: Netns, tmp_path: Path):
+    """Cheap checks first: a bad interface is reported before a (large, here broken) spec
+    is read or compiled."""
+    spec = tmp_path / "broken.yaml"
+    spec.write_text("apiVersion: bpfgen/v1\nkind: Nope\n")
+    err = clean_error(bpfgen("load", "--iface", "nosuch0", "--spec", str(spec), "--netns", netns.name), exit_code=2)
+    assert "interface 'nosuch0' does not exist" in err and "Nope" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_one_backend_moved_writes_its_entries_alone_and_keeps_the_programs(builds, state, netns: Netns, loaded,
+                                                                           tmp_path: Path):
+    data = yaml.safe_load(SEED.read_text())
+    data["services"][0]["backends"][0]["address"] = "10.0.1.99"
+    spec = tmp_path / "moved-backend.yaml"
+    spec.write_text(yaml.safe_dump(data, sort_keys=False))
+    build = compile_spec(spec, tmp_path / "build")
+    maps0 = map_ids(state["pins"])
+    stderr = load(netns, build.dir)
+    ports = len(data["services"][0]["ports"])
+    assert f"updated node {NODE} on {IFACE}: {ports} entries written, 0 deleted, programs kept" in stderr
+    assert load_ids(stderr) == loaded["ids"] == attached(netns)
+    assert map_ids(state["pins"]) == maps0
+    backends = sorted(f"{e['value']['addr']}:{e['value']['port']}" for e in bpftool_entries(state["pins"] / "backend_v4"))
+    assert backends == ["10.0.1.99:80", "10.0.1.99:80"]
 
 
 def test_no_build_found(state, netns: Netns, tmp_path: Path, monkeypatch):

@@ -1,0 +1,196 @@
+"""The planning layer without a kernel: what a node's maps hold, their ids, the minimal
+difference between two plans, the node's configuration, and the plan a build stores."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from bpfgen import layout, plan as P
+from bpfgen.cli import cli
+from bpfgen.errors import UsageError
+from bpfgen.spec import parse_spec
+
+REPO = Path(__file__).resolve().parent.parent
+SEED = yaml.safe_load((REPO / "examples" / "seed.yaml").read_text())
+
+
+def plan_of(data: dict) -> P.Plan:
+    return P.Plan.from_spec(parse_spec(yaml.safe_dump(data)))
+
+
+def empty() -> P.Contents:
+    return {name: {} for name in P.SERVICE_MAPS}
+
+
+def apply(have: P.Contents, changes: P.Changes) -> P.Contents:
+    out = copy.deepcopy(have)
+    for name, keys, values in changes.writes:
+        out[name].update(zip(keys, values))
+    for name, keys in changes.deletes:
+        for k in keys:
+            del out[name][k]
+    return out
+
+
+def decoded(contents: P.Contents) -> dict:
+    """The service table: frontend -> (id, [backend addr:port]) from raw map contents."""
+    backends = {layout.ID_KEY.unpack(k): layout.BACKEND.unpack(v) for k, v in contents["backend_v4"].items()}
+    table: dict = {}
+    for k, v in contents["svc_v4"].items():
+        key, val = layout.SVC_KEY.unpack(k), layout.SVC_VALUE.unpack(v)
+        fe = (str(key["addr"]), key["port"], key["proto"])
+        row = table.setdefault(fe, {"id": val["id"], "slots": {}})
+        if key["slot"]:
+            be = backends[val["backend_id"]]
+            row["slots"][key["slot"]] = f"{be['addr']}:{be['port']}"
+        else:
+            row["count"] = val["count"]
+    return table
+
+
+def test_seed_node0_holds_the_walks_service_table():
+    plan = plan_of(SEED)
+    table = decoded(P.desired(plan, plan.node("node0"), empty()))
+    assert table[("10.106.91.98", 80, 6)] == {"id": 1, "count": 1, "slots": {1: "10.0.1.72:80"}}
+    assert table[("172.26.50.101", 30645, 6)] == {"id": 2, "count": 1, "slots": {1: "10.0.1.72:80"}}
+    assert sorted(row["id"] for row in table.values()) == list(range(1, len(table) + 1))
+    # the backend is local on node1 only
+    for node, local in (("node0", 0), ("node1", layout.FLAGS["BACKEND_LOCAL"])):
+        contents = P.desired(plan, plan.node(node), empty())
+        assert {layout.BACKEND.unpack(v)["flags"] for v in contents["backend_v4"].values()} == {local}
+
+
+def test_a_second_plan_of_the_same_spec_changes_nothing():
+    plan = plan_of(SEED)
+    node = plan.node("node0")
+    have = P.desired(plan, node, empty())
+    changes = P.diff_maps(P.desired(plan, node, have), have)
+    assert changes.written == 0 and changes.deleted == 0
+
+
+def test_one_backend_changed_is_one_entry_written_and_ids_stay():
+    data = copy.deepcopy(SEED)
+    data["services"][0]["backends"] = [{"address": "10.0.1.72", "node": "node1"},
+                                       {"address": "10.0.1.73", "node": "node1"}]
+    plan = plan_of(data)
+    node = plan.node("node0")
+    have = P.desired(plan, node, empty())
+    moved = copy.deepcopy(data)
+    moved["services"][0]["backends"][1]["address"] = "10.0.1.99"
+    new_plan = plan_of(moved)
+    changes = P.diff_maps(P.desired(new_plan, node, have), have)
+    # the moved backend takes the ids its predecessor left: only its backend entries change
+    # (one per port of the service: an endpoint is address, port and protocol)
+    ports = len(data["services"][0]["ports"])
+    assert [(name, len(keys)) for name, keys, _ in changes.writes] == [("backend_v4", ports)]
+    assert changes.deleted == 0
+    after = decoded(apply(have, changes))
+    assert {fe: row["id"] for fe, row in after.items()} == {fe: row["id"] for fe, row in decoded(have).items()}
+    assert "10.0.1.99:80" in after[("172.26.50.101", 30645, 6)]["slots"].values()
+
+
+def test_an_id_conntrack_still_holds_is_not_handed_out_again():
+    data = copy.deepcopy(SEED)
+    plan = plan_of(data)
+    node = plan.node("node0")
+    have = P.desired(plan, node, empty())
+    old_ids = {layout.ID_KEY.unpack(k) for k in have["backend_v4"]}
+    moved = copy.deepcopy(data)
+    for svc in moved["services"]:
+        svc["backends"] = [{"address": "10.0.1.99", "node": "node1"}]
+    asked = []
+    held = P.Held(lambda: (asked.append(1) or old_ids, set()))
+    want = P.desired(plan_of(moved), node, have, held)
+    new_ids = {layout.ID_KEY.unpack(k) for k in want["backend_v4"]}
+    assert asked and not new_ids & old_ids
+
+
+def test_conntrack_is_read_only_when_a_new_id_is_needed():
+    plan = plan_of(SEED)
+    node = plan.node("node0")
+    have = P.desired(plan, node, empty())
+    held = P.Held(lambda: pytest.fail("conntrack read for a change that needs no new id"))
+    P.desired(plan, node, have, held)
+
+
+def test_writes_keep_references_whole():
+    """Backends before the slots that name them, slots before the frontends that count
+    them; deletions the other way round."""
+    plan = plan_of(SEED)
+    node = plan.node("node0")
+    changes = P.diff_maps(P.desired(plan, node, empty()), empty())
+    order = [name for name, _, _ in changes.writes]
+    assert order.index("backend_v4") < order.index("svc_v4") and order.index("revnat_v4") < order.index("svc_v4")
+    (_, keys, _), = [w for w in changes.writes if w[0] == "svc_v4"]
+    slots = [layout.SVC_KEY.unpack(k)["slot"] for k in keys]
+    assert slots == sorted(slots, key=lambda s: s == 0)
+    undo = P.diff_maps(empty(), P.desired(plan, node, empty()))
+    assert [name for name, _ in undo.deletes] == ["svc_v4", "revnat_v4", "backend_v4"]
+    (_, keys), = [d for d in undo.deletes if d[0] == "svc_v4"]
+    assert [layout.SVC_KEY.unpack(k)["slot"] == 0 for k in keys] == sorted(
+        (layout.SVC_KEY.unpack(k)["slot"] == 0 for k in keys), reverse=True)
+
+
+def test_ids_beyond_the_capacity_are_refused_naming_the_setting():
+    """Live connections can hold ids of removed frontends: a plan that fits the capacity
+    may still find no free id, and says which setting to raise."""
+    data = copy.deepcopy(SEED)
+    data["cluster"] = {"capacity": {"frontends": len(plan_of(SEED).services[0].ports) * 2 + 2}}
+    plan = plan_of(data)
+    node = plan.node("node0")
+    everything_held = P.Held(lambda: (set(), set(range(1, 100))))
+    with pytest.raises(UsageError, match="raise cluster.capacity.frontends"):
+        P.desired(plan, node, empty(), everything_held)
+
+
+def test_config_is_the_nodes_own():
+    plan = plan_of(SEED)
+    c0 = layout.CONFIG.unpack(P.config(plan, plan.node("node0")))
+    c1 = layout.CONFIG.unpack(P.config(plan, plan.node("node1")))
+    assert str(c0["node_ip"]) == "172.26.50.101" and str(c1["node_ip"]) == "172.26.50.102"
+    assert (str(c1["pod_net"]), str(c1["pod_mask"])) == ("10.0.1.0", "255.255.255.0")
+    assert (str(c0["pod_net"]), str(c0["pod_mask"])) == ("0.0.0.0", "255.255.255.255")  # matches nothing
+    assert (c0["nodeport_min"], c0["nodeport_max"], c0["snat_port_min"], c0["snat_port_max"]) == (
+        30000, 32767, 32768, 65535)
+
+
+def test_map_sizes_follow_capacity_not_services():
+    small, big = copy.deepcopy(SEED), copy.deepcopy(SEED)
+    big["services"] = big["services"] * 1
+    big["services"].append({**copy.deepcopy(SEED["services"][0]), "name": "other", "clusterIP": "10.106.91.99"})
+    for port in big["services"][-1]["ports"]:
+        port.pop("nodePort", None)
+    assert P.map_sizes(plan_of(small)) == P.map_sizes(plan_of(big))
+
+
+def test_the_stored_plan_reads_back_the_same():
+    plan = plan_of(SEED)
+    assert P.Plan.from_json(plan.to_json(), "plan.json") == plan
+    with pytest.raises(UsageError, match="plan.json: not a bpfgen plan"):
+        P.Plan.from_json('{"format": 99}', "plan.json")
+    with pytest.raises(UsageError, match="not a bpfgen plan"):
+        P.Plan.from_json("[1, 2", "plan.json")
+
+
+@pytest.mark.parametrize("setting, value, message", [
+    ("frontends", 3, "the services need 4 frontends per node, more than capacity.frontends 3; "
+                     "raise cluster.capacity.frontends"),
+    ("backendSlots", 2, "the services need 4 backendSlots per node, more than capacity.backendSlots 2"),
+    ("backends", 1, "the services need 2 backends per node, more than capacity.backends 1"),
+    ("flows", 0, "flows 0 is out of range"),
+    ("frontends", 1 << 30, "frontends 1073741824 is out of range 1-4194304"),
+])
+def test_validate_refuses_a_spec_beyond_a_capacity_setting(tmp_path: Path, setting: str, value: int, message: str):
+    data = copy.deepcopy(SEED)
+    data["cluster"] = {"capacity": {setting: value}}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    r = CliRunner().invoke(cli, ["validate", str(path)])
+    assert r.exit_code == 2, r.output
+    assert f"cluster.capacity.{setting}: {message}" in r.stderr
+    assert "Traceback" not in r.stderr
