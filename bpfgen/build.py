@@ -25,9 +25,9 @@ from pathlib import Path
 
 from . import __version__
 from .errors import BpfgenError, UsageError
+from .files import write_file
 from .plan import Plan, map_sizes
 from .render import OBJECT, SOURCE, render, sources_digest
-from .spec import load_spec, spec_to_dict
 
 MANIFEST = "manifest.json"
 SPEC_JSON = "spec.json"
@@ -68,7 +68,8 @@ class Build:
     def object_sha256(self) -> str:
         return self.manifest["object_sha256"]
 
-    def plan(self) -> Plan:
+    def plan_bytes(self) -> bytes:
+        """plan.json as compiled (its digest checked against the manifest)."""
         path = self.dir / self.manifest["plan"]
         try:
             data = path.read_bytes()
@@ -76,7 +77,10 @@ class Build:
             raise BuildError(f"build {self.dir}: cannot read {path.name} ({e.strerror}); compile the spec again") from None
         if hashlib.sha256(data).hexdigest() != self.manifest["plan_sha256"]:
             raise BuildError(f"build {self.dir}: {path.name} does not match the manifest; compile the spec again")
-        return Plan.from_json(data.decode(), str(path))
+        return data
+
+    def plan(self) -> Plan:
+        return Plan.from_json(self.plan_bytes().decode(), str(self.dir / self.manifest["plan"]))
 
     def spec(self):
         """The resolved spec, validated again (for tools and tests; `load` reads the plan)."""
@@ -145,21 +149,6 @@ def compile_object(source: Path, output: Path) -> None:
         raise CompileError(f"clang failed on {source}:\n{diagnostics}")
 
 
-def write_file(path: Path, data: bytes | str) -> None:
-    """Replace path atomically with data, never writing through a symlink or into a file
-    someone else opened: a new file (O_EXCL | O_NOFOLLOW) renamed over the old name."""
-    raw = data.encode() if isinstance(data, str) else data
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(raw)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _file_is(path: Path, data: bytes) -> bool:
     """path is a regular file (not a link) holding data."""
     try:
@@ -187,6 +176,8 @@ def _previous_manifest(build_dir: Path) -> dict:
 def compile_spec(spec_path: str | Path, out_dir: str | Path | None = None) -> Build:
     """Validate, plan, render and compile (clang only when the object is not up to date).
     Returns the build; raises SpecError/CompileError."""
+    from .spec import load_spec, spec_to_dict  # (pydantic: only where a spec is read)
+
     spec = load_spec(spec_path)
     build_dir = Path(out_dir) if out_dir is not None else DEFAULT_OUT / spec.metadata.name
     try:
@@ -205,7 +196,7 @@ def compile_spec(spec_path: str | Path, out_dir: str | Path | None = None) -> Bu
     # build at all, never an old object beside a new plan.
     (build_dir / MANIFEST).unlink(missing_ok=True)
     files[PLAN_JSON] = plan.to_json().encode()
-    files[SPEC_JSON] = (json.dumps(spec_to_dict(spec), indent=2) + "\n").encode()
+    files[SPEC_JSON] = (json.dumps(spec_to_dict(spec), separators=(",", ":")) + "\n").encode()
     for name, data in files.items():
         if not _file_is(build_dir / name, data):
             write_file(build_dir / name, data)

@@ -9,7 +9,6 @@ import subprocess
 from pathlib import Path
 
 from .errors import UsageError
-from .spec import PortRange
 
 
 def interface_addresses(iface: str) -> list[ipaddress.IPv4Address]:
@@ -40,7 +39,7 @@ def port_ranges(text: str) -> set[int]:
     return ports
 
 
-def ephemeral_port_warning(node: str, snat: PortRange) -> str | None:
+def ephemeral_port_warning(node: str, snat: tuple[int, int]) -> str | None:
     """A warning when the calling thread's namespace hands out ephemeral ports inside
     snatPortRange: a reply to the node's own connection could be taken for an SNAT reply."""
     try:
@@ -48,9 +47,11 @@ def ephemeral_port_warning(node: str, snat: PortRange) -> str | None:
         reserved = port_ranges(Path("/proc/sys/net/ipv4/ip_local_reserved_ports").read_text())
     except (OSError, ValueError):
         return None
-    clash = [p for p in range(max(lo, snat.lo), min(hi, snat.hi) + 1) if p not in reserved]
+    clash = [p for p in range(max(lo, snat[0]), min(hi, snat[1]) + 1) if p not in reserved]
     if not clash:
         return None
+    snat_range = f"{snat[0]}-{snat[1]}"
     return (f"warning: node {node} hands out ephemeral ports {lo}-{hi}, {len(clash)} of them inside "
-            f"snatPortRange {snat}; replies to the node's own connections could be taken for SNAT replies. "
-            f"Reserve them (sysctl net.ipv4.ip_local_reserved_ports={snat}) or narrow net.ipv4.ip_local_port_range")
+            f"snatPortRange {snat_range}; replies to the node's own connections could be taken for SNAT replies. "
+            f"Reserve them (sysctl net.ipv4.ip_local_reserved_ports={snat_range}) or narrow "
+            "net.ipv4.ip_local_port_range")

@@ -11,6 +11,7 @@ a new qdisc are removed.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import struct
 import time
@@ -28,7 +29,6 @@ from .errors import BpfgenError, UsageError
 from .host import ephemeral_port_warning, interface_addresses
 from .netns import enter_netns, ifindex as if_index
 from .plan import SERVICE_MAPS, Changes, Plan
-from .spec import PortRange
 from .state import (
     NodeRecord,
     UnreadableRecord,
@@ -194,7 +194,7 @@ def load(iface: str, build: BuildSource = None, node: str | None = None, netns: 
             raise UsageError(f"node '{n.name}' is loaded on {previous.where()}; unload it there first")
         _refuse_other_owner(n.name, iface, ns_inode)
         with enter_netns(netns):
-            warning = ephemeral_port_warning(n.name, PortRange(*plan.snat_port_range))
+            warning = ephemeral_port_warning(n.name, plan.snat_port_range)
         if warning:
             messages.append(warning)
         result = _load_node(b, plan, n, iface, ifindex, netns, ns_inode, previous)
@@ -220,19 +220,21 @@ def _load_node(b: Build, plan: Plan, n: planning.NodeInfo, iface: str, ifindex: 
     undo = _Undo()
     try:
         if same_datapath:
-            changes = _update_data(pins, plan, n, undo)
+            changes = _update_data(pins, plan, n, previous, undo)
             programs, created_qdisc = previous.programs, previous.created_qdisc
         else:
             changes, programs, created_qdisc = _load_object(b, pins, plan, n, config, sizes, ifindex, netns, undo)
             created_qdisc = created_qdisc or bool(previous and previous.created_qdisc)
         now = _now()
+        plan_bytes = b.plan_bytes()
         NodeRecord(
             node=n.name, iface=iface, netns=netns, netns_inode=ns_inode, pin_dir=str(pins),
             spec=plan.name, build=str(b.dir.resolve()),
             loaded_at=previous.loaded_at if previous else now, updated_at=now,
             programs=programs, created_qdisc=created_qdisc,
             object_sha256=b.object_sha256, config=config.hex(), maps=sizes,
-        ).save()
+            map_ids=_pinned_map_ids(pins), plan_sha256=hashlib.sha256(plan_bytes).hexdigest(),
+        ).save(plan_bytes)
         return LoadResult(n.name, iface, str(pins), previous is not None, programs,
                           changes.written, changes.deleted, programs_kept=same_datapath)
     except BaseException as e:
@@ -243,6 +245,14 @@ def _load_node(b: Build, plan: Plan, n: planning.NodeInfo, iface: str, ifindex: 
         undo.held.close()
 
 
+def _pinned_map_ids(pins: Path) -> dict[str, int]:
+    ids = {}
+    for name in SERVICE_MAPS:
+        with bpf.MapFd.from_pin(pins / name) as m:
+            ids[name] = m.info.id
+    return ids
+
+
 def _sync_with_undo(maps: dict[str, bpf.MapFd], ct: bpf.MapFd, plan: Plan, n: planning.NodeInfo,
                     undo: _Undo) -> Changes:
     snapshot = read_maps(maps)
@@ -251,11 +261,82 @@ def _sync_with_undo(maps: dict[str, bpf.MapFd], ct: bpf.MapFd, plan: Plan, n: pl
     return sync_service_maps(maps, plan, n, ct, have=snapshot)
 
 
-def _update_data(pins: Path, plan: Plan, n: planning.NodeInfo, undo: _Undo) -> Changes:
-    """The attached programs stay: only the service maps change."""
+class _MapsView(planning.KernelView):
+    def __init__(self, maps: dict[str, bpf.MapFd]):
+        self.maps = maps
+
+    def frontend_ids(self, keys: list[bytes]) -> dict[bytes, int]:
+        out = {}
+        for k in keys:
+            v = self.maps["svc_v4"].lookup(k)
+            if v is not None:
+                out[k] = layout.SVC_VALUE.unpack(v)["id"]
+        return out
+
+    def frontend_ids_in_use(self) -> set[int]:
+        return {layout.ID_KEY.unpack(k) for k, _ in self.maps["revnat_v4"].lookup_batch(BATCH)}
+
+    def backends(self) -> dict[bytes, tuple[int, bytes]]:
+        return {v[:7]: (layout.ID_KEY.unpack(k), v) for k, v in self.maps["backend_v4"].lookup_batch(BATCH)}
+
+
+def _applied_plan(previous: NodeRecord, map_ids: dict[str, int]) -> Plan | None:
+    """The plan the last load wrote into these very maps, if bpfgen still has it."""
+    if not previous.plan_sha256 or previous.map_ids != map_ids:
+        return None
+    try:
+        data = previous.plan_path.read_bytes()
+    except OSError:
+        return None
+    if hashlib.sha256(data).hexdigest() != previous.plan_sha256:
+        return None
+    try:
+        return Plan.from_json(data.decode(), str(previous.plan_path))
+    except UsageError:
+        return None
+
+
+def _update_data(pins: Path, plan: Plan, n: planning.NodeInfo, previous: NodeRecord, undo: _Undo) -> Changes:
+    """The attached programs stay: only the service maps change. From the plan the last
+    load applied, only the services that differ are looked at; without it (or when the
+    maps are not as that load left them), every entry is compared."""
     maps = {name: undo.hold(bpf.MapFd.from_pin(pins / name)) for name in SERVICE_MAPS}
     ct = undo.hold(bpf.MapFd.from_pin(pins / "ct_v4"))
+    old = _applied_plan(previous, _map_ids(maps))
+    if old is not None:
+        try:
+            changes = planning.incremental(old, plan, n, _MapsView(maps), planning.Held(lambda: conntrack_refs(ct)))
+        except planning.StaleState:
+            changes = None
+        if changes is not None:
+            before = _values_of(maps, changes)
+            undo.push("contents of the service maps", lambda: _restore(maps, before))
+            apply_changes(maps, changes)
+            return changes
     return _sync_with_undo(maps, ct, plan, n, undo)
+
+
+def _map_ids(maps: dict[str, bpf.MapFd]) -> dict[str, int]:
+    return {name: m.info.id for name, m in maps.items()}
+
+
+def _values_of(maps: dict[str, bpf.MapFd], changes: Changes) -> dict[str, dict[bytes, bytes | None]]:
+    """What the keys a change touches hold now (None: absent)."""
+    before: dict[str, dict[bytes, bytes | None]] = {name: {} for name in SERVICE_MAPS}
+    for name, keys, _ in changes.writes:
+        for k in keys:
+            before[name][k] = maps[name].lookup(k)
+    for name, keys in changes.deletes:
+        for k in keys:
+            before[name][k] = maps[name].lookup(k)
+    return before
+
+
+def _restore(maps: dict[str, bpf.MapFd], before: dict[str, dict[bytes, bytes | None]]) -> None:
+    present = {name: {k: v for k, v in kv.items() if v is not None} for name, kv in before.items()}
+    absent = {name: {k: b"" for k, v in kv.items() if v is None} for name, kv in before.items()}
+    # what was there written back, what was not deleted, each in the order of references
+    apply_changes(maps, Changes(planning.diff_maps(present, {}).writes, planning.diff_maps({}, absent).deletes))
 
 
 def _load_object(b: Build, pins: Path, plan: Plan, n: planning.NodeInfo, config: bytes, sizes: dict[str, int],

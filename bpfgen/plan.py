@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import socket
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -111,7 +112,7 @@ class Plan:
                 capacity={k: int(v) for k, v in data["capacity"].items()},
                 nodes=tuple(NodeInfo(n, ipaddress.IPv4Address(a), ipaddress.IPv4Network(c) if c else None)
                             for n, a, c in data["nodes"]),
-                services=tuple(ServicePlan(k, t, ip, tuple(tuple(p) for p in ports), tuple(tuple(b) for b in bes))
+                services=tuple(ServicePlan(k, t, ip, tuple(map(tuple, ports)), tuple(map(tuple, bes)))
                                for k, t, ip, ports, bes in data["services"]),
             )
         except (ValueError, TypeError, KeyError, AttributeError) as e:
@@ -164,23 +165,36 @@ def map_sizes(plan: Plan) -> dict[str, int]:
 SERVICE_MAPS = ("svc_v4", "backend_v4", "revnat_v4")
 Contents = dict[str, dict[bytes, bytes]]
 
+
+def _offset(struct_: layout.Struct, name: str) -> slice:
+    start = 0
+    for f in struct_.fields:
+        if f.name == name:
+            return slice(start, start + f.size)
+        start += f.size
+    raise KeyError(name)
+
+
 _U32 = struct.Struct("<I")
-_SVC_ID = struct.Struct("<I")  # bpfgen_svc_value.id, at offset 4
-_SVC_ID_OFFSET = 4
-_SLOT = slice(6, 8)  # bpfgen_svc_key.slot
-_BACKEND_IDENTITY = slice(0, 7)  # bpfgen_backend: addr, port, proto
+_U16 = struct.Struct("<H")
+_SLOT = _offset(layout.SVC_KEY, "slot")
+_SVC_ID = _offset(layout.SVC_VALUE, "id")
+_BACKEND_IDENTITY = slice(0, _offset(layout.BACKEND, "flags").start)  # addr, port, proto
+assert _offset(layout.SVC_VALUE, "backend_id") == slice(0, 4) and _offset(layout.BACKEND, "flags").stop == 8
+_SLOT_BYTES = [_U16.pack(i) for i in range(1 << 16)]
 
 
-def _allocate(wanted: Iterable, existing: dict, limit: int, held: Callable[[], set[int]], what: str) -> dict:
+def _allocate(wanted: Iterable, existing: dict, limit: int, held: Callable[[], set[int]], what: str,
+              in_use: Callable[[], set[int]] = set) -> dict:
     """Ids 1..limit for wanted keys: an existing key keeps its id, a new one gets the lowest
-    id that is neither in use nor held (still referred to by conntrack; asked only when a
-    new id is needed)."""
+    id that is neither in use (by the wanted keys, or by in_use()) nor held (still referred
+    to by conntrack); in_use and held are asked only when a new id is needed."""
     wanted = list(wanted)
     ids = {k: existing[k] for k in wanted if k in existing}
     new = [k for k in wanted if k not in ids]
     if not new:
         return ids
-    used = set(ids.values()) | held()
+    used = set(ids.values()) | held() | in_use()
     next_id = 1
     for k in new:
         while next_id in used:
@@ -213,51 +227,158 @@ class Held:
         return self._get()[1]
 
 
+class _Packer:
+    """Keys and values of the service maps, as bytes (built by concatenation: a large
+    cluster has a million backend slots)."""
+
+    def __init__(self) -> None:
+        self.ip = _packed_addresses()
+        self.svc_key = layout.SVC_KEY.packer
+        self.svc_value = layout.SVC_VALUE.packer
+        self.backend = layout.BACKEND.packer
+        self.revnat = layout.REVNAT.packer
+
+    def frontend_key(self, f: Frontend) -> bytes:
+        return self.svc_key(self.ip(f.addr), f.port, 0, f.proto, 0, 0)
+
+    def identity(self, addr: str, port: int, proto: int) -> bytes:
+        return self.backend(self.ip(addr), port, proto, 0)[_BACKEND_IDENTITY]
+
+
+def _identities(fes: list[Frontend], pk: _Packer) -> dict[tuple[str, int, int], tuple[bytes, bool]]:
+    """Every backend of the frontends: (addr, port, proto) -> (identity bytes, local)."""
+    out: dict[tuple[str, int, int], tuple[bytes, bool]] = {}
+    for f in fes:
+        for addr, port, proto, local in f.backends:
+            if (addr, port, proto) not in out:
+                out[(addr, port, proto)] = (pk.identity(addr, port, proto), local)
+    return out
+
+
+def _entries(fes: list[Frontend], fe_keys: list[bytes], fe_ids: dict[bytes, int],
+             identities: dict[tuple[str, int, int], tuple[bytes, bool]], be_ids: dict[bytes, int],
+             pk: _Packer) -> Contents:
+    """The map entries of frontends whose ids are decided."""
+    svc: dict[bytes, bytes] = {}
+    backends: dict[bytes, bytes] = {}
+    rev: dict[bytes, bytes] = {}
+    pack_id = _U32.pack
+    local_flag, remote_flag = bytes((_LOCAL,)), b"\0"
+    for f, key in zip(fes, fe_keys):
+        fid = fe_ids[key]
+        svc[key] = pk.svc_value(0, fid, len(f.backends), _NODEPORT if f.kind == "NodePort" else _CLUSTERIP, 0)
+        head, tail = key[:_SLOT.start], key[_SLOT.stop:]
+        slot_value_tail = pk.svc_value(0, fid, 0, 0, 0)[4:]
+        for slot, (baddr, port, proto, local) in enumerate(f.backends, start=1):
+            identity, _ = identities[(baddr, port, proto)]
+            bid = pack_id(be_ids[identity])
+            svc[head + _SLOT_BYTES[slot] + tail] = bid + slot_value_tail
+            backends[bid] = identity + (local_flag if local else remote_flag)
+        rev[pack_id(fid)] = pk.revnat(pk.ip(f.addr), f.port, 0)
+    return {"svc_v4": svc, "backend_v4": backends, "revnat_v4": rev}
+
+
 def desired(plan: Plan, node: NodeInfo, have: Contents, held: Held | None = None) -> Contents:
     """The contents of node's service maps, keeping the ids already in `have` (the maps'
     current contents) and avoiding the ids conntrack still holds."""
     held = held or Held()
-    pack_ip = _packed_addresses()
-    svc_key, svc_value = layout.SVC_KEY.packer, layout.SVC_VALUE.packer
-    backend, revnat, id_key = layout.BACKEND.packer, layout.REVNAT.packer, _U32.pack
-
+    pk = _Packer()
     fes = frontends(plan, node)
-    old_fe = {k: _SVC_ID.unpack_from(v, _SVC_ID_OFFSET)[0] for k, v in have["svc_v4"].items() if k[_SLOT] == b"\0\0"}
+    old_fe = {k: _U32.unpack(v[_SVC_ID])[0] for k, v in have["svc_v4"].items() if k[_SLOT] == b"\0\0"}
     old_be = {v[_BACKEND_IDENTITY]: _U32.unpack(k)[0] for k, v in have["backend_v4"].items()}
-
-    fe_keys = [svc_key(pack_ip(f.addr), f.port, 0, f.proto, 0, 0) for f in fes]
+    fe_keys = [pk.frontend_key(f) for f in fes]
     fe_ids = _allocate(fe_keys, old_fe, plan.capacity["frontends"], held.frontends, "frontends")
-    be_identity = {}
-    for f in fes:
-        for addr, port, proto, local in f.backends:
-            if (addr, port, proto) not in be_identity:
-                be_identity[(addr, port, proto)] = (backend(pack_ip(addr), port, proto, 0)[:7], local)
-    be_ids = _allocate((i for i, _ in be_identity.values()), old_be, plan.capacity["backends"], held.backends,
+    identities = _identities(fes, pk)
+    be_ids = _allocate((i for i, _ in identities.values()), old_be, plan.capacity["backends"], held.backends,
                        "backends")
+    return _entries(fes, fe_keys, fe_ids, identities, be_ids, pk)
 
-    svc: dict[bytes, bytes] = {}
-    backends: dict[bytes, bytes] = {}
-    rev: dict[bytes, bytes] = {}
-    for f, key in zip(fes, fe_keys):
-        fid = fe_ids[key]
-        addr = pack_ip(f.addr)
-        svc[key] = svc_value(0, fid, len(f.backends), _NODEPORT if f.kind == "NodePort" else _CLUSTERIP, 0)
-        for slot, (baddr, port, proto, local) in enumerate(f.backends, start=1):
-            identity, _ = be_identity[(baddr, port, proto)]
-            bid = be_ids[identity]
-            svc[svc_key(addr, f.port, slot, f.proto, 0, 0)] = svc_value(bid, fid, 0, 0, 0)
-            backends[id_key(bid)] = identity + bytes((_LOCAL if local else 0,))
-        rev[id_key(fid)] = revnat(addr, f.port, 0)
-    return {"svc_v4": svc, "backend_v4": backends, "revnat_v4": rev}
+
+class KernelView:
+    """What an incremental update asks of the node's maps (the loader gives it the maps)."""
+
+    def frontend_ids(self, keys: list[bytes]) -> dict[bytes, int]:
+        """The ids of those frontends (slot-0 keys) that are in svc_v4."""
+        raise NotImplementedError
+
+    def frontend_ids_in_use(self) -> set[int]:
+        raise NotImplementedError
+
+    def backends(self) -> dict[bytes, tuple[int, bytes]]:
+        """identity (addr, port, proto bytes) -> (id, the whole backend_v4 value)."""
+        raise NotImplementedError
+
+
+def incremental(old: Plan, new: Plan, node: NodeInfo, kernel: KernelView, held: Held | None = None) -> Changes:
+    """The changes from the maps as `old` filled them to what `new` says, computed from the
+    services that differ alone: a one-backend change in 10,000 services touches one."""
+    held = held or Held()
+    before = {s.key: s for s in old.services}
+    after = {s.key: s for s in new.services}
+    changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
+    if not changed:
+        return Changes([], [])
+    pk = _Packer()
+
+    def part(plan: Plan, services: dict[str, ServicePlan]) -> list[Frontend]:
+        sub = Plan(plan.name, plan.node_port_range, plan.snat_port_range, plan.capacity, plan.nodes,
+                   tuple(services[k] for k in sorted(changed) if k in services))
+        return frontends(sub, node)
+
+    old_fes, new_fes = part(old, before), part(new, after)
+    old_keys, new_keys = [pk.frontend_key(f) for f in old_fes], [pk.frontend_key(f) for f in new_fes]
+    existing_fe = kernel.frontend_ids(list(dict.fromkeys(old_keys + new_keys)))
+    kernel_be = kernel.backends()
+    existing_be = {identity: bid for identity, (bid, _) in kernel_be.items()}
+    old_ids, old_identities = dict(existing_fe), _identities(old_fes, pk)
+    if any(k not in old_ids for k in old_keys) or any(i not in existing_be for i, _ in old_identities.values()):
+        raise StaleState("the maps do not hold what the last load wrote")
+    have = _entries(old_fes, old_keys, old_ids, old_identities, existing_be, pk)
+
+    new_identities = _identities(new_fes, pk)
+    # What this change frees may be taken by what it adds (as a full load would): the
+    # frontends it removes, the backends no service names any more. Conntrack's hold on
+    # them still counts (held).
+    new_key_set = set(new_keys)
+    freed_fe = {old_ids[k] for k in old_keys if k not in new_key_set}
+    new_identity_set = {i for i, _ in new_identities.values()}
+    unnamed = {identity: t for t, (identity, _) in old_identities.items() if identity not in new_identity_set}
+    if unnamed:
+        still_named = {(addr, target, PROTOCOLS[proto]) for s in new.services if s.key not in changed
+                       for proto, _, target, _ in s.ports for addr, _ in s.backends}
+        unnamed = {identity: t for identity, t in unnamed.items() if t not in still_named}
+    freed_be = {existing_be[identity] for identity in unnamed}
+    kept_be = {identity: bid for identity, bid in existing_be.items() if identity not in unnamed}
+    fe_ids = _allocate(new_keys, {k: v for k, v in existing_fe.items() if k in new_key_set},
+                       new.capacity["frontends"], held.frontends, "frontends",
+                       lambda: kernel.frontend_ids_in_use() - freed_fe)
+    be_ids = _allocate((i for i, _ in new_identities.values()), kept_be, new.capacity["backends"],
+                       held.backends, "backends", lambda: set(kept_be.values()))
+    want = _entries(new_fes, new_keys, fe_ids, new_identities, be_ids, pk)
+    # Backends are shared between services: one the changed services name is written only if
+    # its entry differs; one they no longer name stays while another service names it.
+    for identity, bid in be_ids.items():
+        if identity in kernel_be and kernel_be[identity][0] == bid:
+            have["backend_v4"][_U32.pack(bid)] = kernel_be[identity][1]
+    for identity, (bid, value) in kernel_be.items():
+        key = _U32.pack(bid)
+        if key in have["backend_v4"] and key not in want["backend_v4"] and identity not in unnamed:
+            want["backend_v4"][key] = value
+    return diff_maps(want, have)
+
+
+class StaleState(Exception):
+    """The node's maps are not as the last load left them: reconcile in full."""
 
 
 def _packed_addresses() -> Callable[[str], bytes]:
+    """Dotted quads (a plan's are canonical: the spec validated them) as 4 bytes."""
     cache: dict[str, bytes] = {}
 
     def pack(addr: str) -> bytes:
         b = cache.get(addr)
         if b is None:
-            b = cache[addr] = ipaddress.IPv4Address(addr).packed
+            b = cache[addr] = socket.inet_aton(addr)
         return b
 
     return pack

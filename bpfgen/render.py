@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import jinja2
 
 from . import layout
-from .spec import Capacity
 
 LAYOUT_HEADER = "bpfgen_layout.h"
 NODEPORT_HEADER = "bpfgen_nodeport.h"
@@ -35,6 +34,8 @@ TIMEOUTS = (
 
 
 def default_capacity() -> dict[str, int]:
+    from .spec import Capacity
+
     return Capacity().model_dump()
 
 

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import BpfgenError, UsageError
+from .files import write_file
 from .netns import enter_netns, mounts, under_ip_netns_exec
 
 BPFFS = Path(os.environ.get("BPFGEN_BPFFS", "/sys/fs/bpf"))
@@ -123,19 +124,27 @@ class NodeRecord:
     object_sha256: str = ""  # the object the programs came from
     config: str = ""  # the node's .rodata.config, hex
     maps: dict[str, int] = field(default_factory=dict)  # max_entries of every map
+    map_ids: dict[str, int] = field(default_factory=dict)  # the pinned maps the plan was written into
+    plan_sha256: str = ""  # the plan last applied, kept beside the record (<node>.plan.json)
 
     @property
     def path(self) -> Path:
         return record_dir() / f"{self.node}.json"
 
-    def save(self) -> None:
-        record_dir().mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
-        tmp.replace(self.path)
+    def save(self, plan: bytes | None = None) -> None:
+        """Write the record (and the plan it applied, when given), readable by root alone."""
+        record_dir().mkdir(parents=True, exist_ok=True, mode=0o700)
+        if plan is not None:
+            write_file(self.plan_path, plan, 0o600)
+        write_file(self.path, json.dumps(asdict(self), indent=2) + "\n", 0o600)
+
+    @property
+    def plan_path(self) -> Path:
+        return record_dir() / f"{self.node}.applied-plan"  # (not *.json: that is a record)
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
+        self.plan_path.unlink(missing_ok=True)
 
     @classmethod
     def load(cls, node: str) -> NodeRecord | None:

@@ -319,7 +319,7 @@ NAT_VALUE = layout.NAT_ENTRY.pack(addr=NODE_ADDR, port=40001)
 
 
 def ct_value() -> bytes:
-    expires = int(time.clock_gettime(time.CLOCK_MONOTONIC)) + 3600
+    expires = layout.datapath_now() + 3600
     return layout.CT_ENTRY.pack(expires=expires, backend_id=1, rev_nat_id=2, flags=layout.FLAGS["CT_ESTABLISHED"])
 
 
