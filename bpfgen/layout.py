@@ -38,10 +38,17 @@ TYPEDEFS = (
 PROTOCOLS = {"TCP": 6, "UDP": 17}
 
 
+# The datapath's clock is CLOCK_MONOTONIC seconds plus this offset (C: DATAPATH_CLOCK_OFFSET),
+# so that "now" is never near 0 and times in the past (now - grace) never wrap, even on a
+# freshly booted node.
+DATAPATH_CLOCK_OFFSET = 1 << 24
+
+
 def datapath_now() -> int:
-    """Now on the datapath's clock (bpf_ktime_get_ns: CLOCK_MONOTONIC), in the seconds
-    that conntrack's `expires` and SNAT's `claimed` hold."""
-    return int(time.clock_gettime(time.CLOCK_MONOTONIC))
+    """Now on the datapath's clock (bpf_ktime_get_ns: CLOCK_MONOTONIC, plus
+    DATAPATH_CLOCK_OFFSET), in the seconds that conntrack's `expires` and SNAT's `claimed`
+    hold."""
+    return int(time.clock_gettime(time.CLOCK_MONOTONIC)) + DATAPATH_CLOCK_OFFSET
 
 
 @dataclass(frozen=True)
@@ -159,23 +166,27 @@ REVNAT = _s(
 )
 TUPLE = _s(
     "bpfgen_tuple",
-    "A flow tuple: conntrack key (dir CT_SERVICE: client -> frontend; CT_OUT: as the flow leaves"
-    " for its backend, from node:snat_port when SNATed) and SNAT key (dir NAT_OUT/NAT_IN).",
+    "A flow tuple: conntrack key (dir CT_SERVICE: client -> frontend arriving on the interface;"
+    " CT_SERVICE_EGRESS: node or pod -> ClusterIP leaving it; CT_OUT: as the flow leaves for its"
+    " backend, from node:snat_port when SNATed) and SNAT key (dir NAT_OUT/NAT_IN).",
     ("saddr", "ip4"), ("daddr", "ip4"), ("sport", "port"), ("dport", "port"),
     ("proto", "proto"), ("dir", "u8"), ("pad", "u16"),
 )
 CT_ENTRY = _s(
     "bpfgen_ct_entry",
     "Conntrack state of one direction-tagged tuple.",
-    ("expires", "u32", "seconds of bpf_ktime_get_ns() after which the entry is dead"),
+    ("expires", "u32", "seconds of the datapath clock after which the entry is dead"),
     ("backend_id", "u32"), ("rev_nat_id", "u32"), ("flags", "u8"), ("pad", "u8"),
     ("snat_port", "port"), ("snat_addr", "ip4"),
+    ("nat_cookie", "u32", "SNAT: the cookie of the NAT_IN claim this flow made (0: none)"),
 )
 NAT_ENTRY = _s(
     "bpfgen_nat_entry",
     "An SNAT translation: NAT_OUT rewrites the source to addr:port, NAT_IN the destination.",
-    ("addr", "ip4"), ("port", "port"), ("pad", "u16"),
+    ("addr", "ip4", "NAT_IN: the client of the port's last flow"), ("port", "port"), ("pad", "u16"),
     ("claimed", "u32", "NAT_IN: when a flow took the port (seconds, the clock of expires)"),
+    ("cookie", "u32", "NAT_IN: the claim, never 0; claimed and cookie change together (one 64-bit"
+     " compare-and-swap) and the flow's conntrack entries carry it"),
 )
 CONFIG = _s(
     "bpfgen_config",
@@ -240,18 +251,28 @@ DROP_REASONS = Enum(
 )
 ENUMS = (DROP_REASONS,)
 
-# Flag bits (values in C are generated from here).
+# Flag bits, key directions and constants (values in C are generated from here).
 FLAGS = {
     "SVC_NODEPORT": 1,
     "SVC_CLUSTERIP": 2,
     "BACKEND_LOCAL": 1,
-    "CT_CLOSING": 1,
+    # ct entry flags
+    "CT_CLOSING": 1,  # both sides sent FIN, or a RST was seen
     "CT_ESTABLISHED": 2,
     "CT_SNAT": 4,
+    "CT_FIN_CLIENT": 8,  # the client sent FIN
+    "CT_FIN_BACKEND": 16,  # the backend sent FIN
+    "CT_BACKEND_CLOSED_FIRST": 32,  # the backend's FIN came first: it holds TIME_WAIT
+    "CT_EGRESS": 64,  # a flow of the node or its pods (to_netdev), keyed CT_SERVICE_EGRESS
+    "CT_MIDSTREAM": 128,  # opened by a segment without SYN: short-lived, never established
+    # tuple.dir of conntrack keys
     "CT_SERVICE": 1,
     "CT_OUT": 2,
+    "CT_SERVICE_EGRESS": 3,
+    # tuple.dir of SNAT keys
     "NAT_OUT": 1,
     "NAT_IN": 2,
+    "DATAPATH_CLOCK_OFFSET": DATAPATH_CLOCK_OFFSET,
 }
 
 

@@ -210,7 +210,11 @@ def format_service_list(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-CT_DIRS = {layout.FLAGS["CT_SERVICE"]: "SVC", layout.FLAGS["CT_OUT"]: "OUT"}
+CT_DIRS = {layout.FLAGS["CT_SERVICE"]: "SVC", layout.FLAGS["CT_OUT"]: "OUT", layout.FLAGS["CT_SERVICE_EGRESS"]: "SVC_EGRESS"}
+CT_FLAG_NAMES = (("closing", "CT_CLOSING"), ("established", "CT_ESTABLISHED"), ("snat", "CT_SNAT"),
+                 ("fin_client", "CT_FIN_CLIENT"), ("fin_backend", "CT_FIN_BACKEND"),
+                 ("backend_closed_first", "CT_BACKEND_CLOSED_FIRST"), ("egress", "CT_EGRESS"),
+                 ("midstream", "CT_MIDSTREAM"))
 NAT_DIRS = {layout.FLAGS["NAT_OUT"]: "OUT", layout.FLAGS["NAT_IN"]: "IN"}
 
 
@@ -225,8 +229,7 @@ def ct_list(node: str) -> list[dict]:
         for k, v in maps["ct_v4"].items():
             t, e = layout.TUPLE.unpack(k), layout.CT_ENTRY.unpack(v)
             proto, src, dst = _tuple(t)
-            flags = [n for n, bit in (("closing", "CT_CLOSING"), ("established", "CT_ESTABLISHED"), ("snat", "CT_SNAT"))
-                     if e["flags"] & layout.FLAGS[bit]]
+            flags = [n for n, bit in CT_FLAG_NAMES if e["flags"] & layout.FLAGS[bit]]
             rows.append({
                 "proto": proto, "dir": CT_DIRS.get(t["dir"], str(t["dir"])), "src": src, "dst": dst,
                 "expires_in": e["expires"] - now, "backend_id": e["backend_id"], "rev_nat_id": e["rev_nat_id"],

@@ -157,7 +157,7 @@ def parse(frame: bytes) -> Packet:
     proto = ip[9]
     if proto not in (IPPROTO_TCP, IPPROTO_UDP):
         raise ValueError(f"IP protocol {proto} is neither TCP nor UDP")
-    l4 = ip[ihl:tot_len]
+    l4 = ip[ihl:tot_len or len(ip)]  # tot_len 0: BIG TCP, the frame's length
     sport, dport = struct.unpack("!HH", l4[:4])
     if proto == IPPROTO_TCP:
         flags, l4_csum = l4[13], struct.unpack("!H", l4[16:18])[0]

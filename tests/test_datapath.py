@@ -358,6 +358,70 @@ def test_packet_not_for_a_service_passes_unchanged(node0, prog, name):
     assert not any(node0.all_drops().values())
 
 
+def _cut_short(dst: str, dport: int, proto: int = TCP, *, tot_len: int | None = None, keep: int | None = None,
+               src: str = CLIENT, sport: int = 40000) -> bytes:
+    """A frame whose TCP/UDP header is cut short: by tot_len (the bytes may follow it) or
+    by the frame's end (keep: the L4 bytes kept)."""
+    l4 = (pk.tcp_segment(src, dst, sport, dport, pk.SYN) if proto == TCP
+          else pk.udp_datagram(src, dst, sport, dport, b""))
+    l4 = l4 if keep is None else l4[:keep]
+    length = 20 + (len(l4) if tot_len is None else tot_len)
+    return pk.ether(pk.ipv4_header(src, dst, proto, 0, tot_len=length) + l4)
+
+
+# Not service traffic, whatever its L4 header looks like: it passes untouched.
+SHORT_NOT_FOR_A_SERVICE = {
+    "tcp-cut-short-by-tot-len": _cut_short(NODE0, 22, tot_len=10),
+    "tcp-tot-len-only-ip-header": _cut_short(NODE0, 22, tot_len=0),  # tot_len 20
+    "tcp-header-truncated": _cut_short(NODE0, 22, keep=10),
+    "udp-cut-short-by-tot-len": _cut_short(NODE0, 53, UDP, tot_len=4),
+    "udp-header-truncated": _cut_short(NODE0, 53, UDP, keep=4),
+    "tot-len-zero-big-tcp": pk.ether(pk.ipv4_header(CLIENT, NODE0, TCP, 0, tot_len=0)
+                                     + pk.tcp_segment(CLIENT, NODE0, 40000, 22, pk.SYN, b"big")),
+    "tot-len-beyond-packet": _cut_short(NODE0, 22, tot_len=200),
+    "nodeport-to-another-address": _cut_short("172.26.50.50", NODEPORT, tot_len=10),
+    "reply-to-an-unused-snat-port": _cut_short(NODE0, 40001, tot_len=10, src=BACKEND, sport=BACKEND_PORT),
+    "no-ports-at-all": _cut_short(NODE0, NODEPORT, keep=2),
+}
+
+
+@pytest.mark.parametrize("prog", ["from_netdev", "to_netdev"])
+@pytest.mark.parametrize("name", SHORT_NOT_FOR_A_SERVICE)
+def test_short_packet_not_for_a_service_passes_unchanged(node0, prog, name):
+    """Only service traffic may ever be dropped: a packet whose TCP/UDP header is cut
+    short (by tot_len, the frame's end, or tot_len 0 as BIG TCP has it) passes
+    byte-identical when it is not for a service."""
+    frame = SHORT_NOT_FOR_A_SERVICE[name]
+    node0.from_netdev(syn(40000, src=OTHER_CLIENT))  # a flow, so that maps are not empty
+    ct_before, snat_before = node0.entries("ct_v4"), node0.entries("snat_v4")
+    run = getattr(node0, prog)(frame)
+    assert (run.retval, run.frame) == (TC_ACT_OK, frame)
+    assert node0.entries("ct_v4") == ct_before and node0.entries("snat_v4") == snat_before
+    assert not any(node0.all_drops().values())
+
+
+@pytest.mark.parametrize("name, frame", [
+    ("to-the-nodeport", _cut_short(NODE0, NODEPORT, tot_len=10)),
+    ("to-the-clusterip", _cut_short("10.106.91.98", 80, UDP, tot_len=4)),
+    ("reply-to-a-snat-port", _cut_short(NODE0, 40000, tot_len=10, src=BACKEND, sport=BACKEND_PORT)),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_short_service_packet_is_a_counted_drop(node0, name, frame):
+    node0.from_netdev(syn(40000))  # NODE0:40000 is this flow's SNAT port
+    run = node0.from_netdev(frame)
+    assert run.retval == TC_ACT_SHOT
+    assert node0.drops("MALFORMED") == 1
+
+
+def test_big_tcp_packet_with_tot_len_zero_is_translated(node1):
+    """BIG TCP (GSO beyond 64 KiB): tot_len 0, the length is the packet's."""
+    seg = pk.tcp_segment(CLIENT, NODE1, 40000, NODEPORT, pk.SYN, b"big tcp")
+    frame = pk.ether(pk.ipv4_header(CLIENT, NODE1, TCP, 0, tot_len=0) + seg)
+    run = node1.from_netdev(frame)
+    assert run.retval == TC_ACT_OK
+    assert_translated(run, (CLIENT, 40000, BACKEND, BACKEND_PORT), frame)
+    assert run.frame[16:18] == b"\0\0"  # tot_len stays 0
+
+
 # ================================================================ 2. local backend: DNAT
 
 
@@ -578,15 +642,55 @@ def test_egress_rewrite_of_partial_checksum_packet(node1, netns):
 # ================================================================ 7. conntrack states
 
 
+def _reply(dp: Datapath, snat_port: int, flags: int, payload: bytes = b"", client_port: int = 40000) -> Run:
+    """A backend's segment to the client's flow: through the SNAT on ingress (node0), or
+    leaving on egress from the local backend (node1)."""
+    if dp.node == "node0":
+        return dp.from_netdev(pk.tcp(BACKEND, BACKEND_PORT, NODE0, snat_port, flags, payload))
+    return dp.to_netdev(pk.tcp(BACKEND, BACKEND_PORT, CLIENT, client_port, flags, payload))
+
+
+def _out_flow(dp: Datapath, snat_port: int, client_port: int = 40000) -> tuple[str, int, str, int]:
+    return (NODE0, snat_port, BACKEND, BACKEND_PORT) if dp.node == "node0" else (CLIENT, client_port, BACKEND, BACKEND_PORT)
+
+
 @pytest.mark.parametrize("node", ["node0", "node1"])
 @pytest.mark.parametrize("flags", [pk.ACK, pk.PSH | pk.ACK, pk.FIN | pk.ACK, pk.RST, pk.SYN | pk.ACK],
                          ids=["ack", "psh-ack", "fin-ack", "rst", "syn-ack"])
-def test_tcp_without_syn_for_unknown_flow_is_dropped(datapath, node, flags):
+def test_tcp_without_syn_for_unknown_flow_reaches_a_backend_with_short_lived_state(datapath, node, flags):
+    """A mid-stream segment for a frontend with no state is DNATed (and SNATed) to a
+    backend, which answers with a reset that is translated back: the client fails fast.
+    Its state lives CT_CLOSE_TIMEOUT and never becomes established."""
     dp = datapath(SEED, node)
-    run = dp.from_netdev(pk.tcp(CLIENT, 40000, dp.address, NODEPORT, flags))
-    assert run.retval == TC_ACT_SHOT
-    assert dp.drops("CT_NO_SYN") == 1
-    assert dp.entries("ct_v4") == {} and dp.entries("snat_v4") == {}
+    service = (CLIENT, 40000, dp.address, NODEPORT)
+    frame = pk.tcp(*service, flags, b"mid-stream")
+    run = dp.from_netdev(frame)
+    p = run.pkt
+    assert (p.daddr, p.dport) == (BACKEND, BACKEND_PORT) and p.checksums_ok()
+    assert p.tcp_flags == flags
+    assert not any(dp.all_drops().values())
+    entry = dp.ct(service, "CT_SERVICE")
+    assert entry["flags"] & FLAGS["CT_MIDSTREAM"] and not entry["flags"] & FLAGS["CT_ESTABLISHED"]
+    assert entry["expires"] <= now_sec() + TIMEOUT["CT_CLOSE_TIMEOUT"] + 1
+    snat = entry["snat_port"]
+    # More segments of the client's do not make it long-lived.
+    dp.from_netdev(pk.tcp(*service, pk.ACK, b"more"))
+    assert dp.ct(service, "CT_SERVICE")["expires"] <= now_sec() + TIMEOUT["CT_CLOSE_TIMEOUT"] + 1
+    assert not dp.ct(service, "CT_SERVICE")["flags"] & FLAGS["CT_ESTABLISHED"]
+
+    reset = _reply(dp, snat, pk.RST)
+    assert reset.pkt.flow == (dp.address, NODEPORT, CLIENT, 40000)
+    assert reset.pkt.tcp_flags == pk.RST and reset.pkt.checksums_ok()
+    for flow, direction in ((service, "CT_SERVICE"), (_out_flow(dp, snat), "CT_OUT")):
+        e = dp.ct(flow, direction)
+        assert e["flags"] & FLAGS["CT_CLOSING"], direction
+        assert e["expires"] <= now_sec() + TIMEOUT["CT_CLOSE_TIMEOUT"] + 1, direction
+
+    # The client's next connection on the tuple is a new flow.
+    dp.from_netdev(pk.tcp(*service, pk.SYN))
+    entry = dp.ct(service, "CT_SERVICE")
+    assert not entry["flags"] & (FLAGS["CT_MIDSTREAM"] | FLAGS["CT_CLOSING"])
+    assert entry["expires"] >= now_sec() + TIMEOUT["CT_SYN_TIMEOUT"] - 1
 
 
 def test_ack_establishes_the_flow(node1):
@@ -599,38 +703,85 @@ def test_ack_establishes_the_flow(node1):
     assert entry["expires"] >= now_sec() + TIMEOUT["CT_ESTABLISHED_TIMEOUT"] - 1
 
 
+def _established(dp: Datapath, client_port: int = 40000) -> tuple[tuple[str, int, str, int], int]:
+    """SYN, the backend's SYN-ACK, the client's ACK: (the service tuple, the SNAT port)."""
+    service = (CLIENT, client_port, dp.address, NODEPORT)
+    dp.from_netdev(pk.tcp(*service, pk.SYN))
+    snat = dp.ct(service, "CT_SERVICE")["snat_port"]
+    assert _reply(dp, snat, pk.SYN | pk.ACK, client_port=client_port).pkt.flow == (
+        dp.address, NODEPORT, CLIENT, client_port)
+    dp.from_netdev(pk.tcp(*service, pk.ACK))
+    return service, snat
+
+
 @pytest.mark.parametrize("closer", ["client", "backend"])
 @pytest.mark.parametrize("node", ["node0", "node1"])
-def test_fin_marks_both_entries_closing(datapath, node, closer):
+def test_one_fin_half_closes_and_the_second_closes(datapath, node, closer):
+    """As Linux conntrack: one side's FIN leaves the flow established with its long
+    timeout (a client that did shutdown(SHUT_WR) still gets its answer after more than
+    CT_CLOSE_TIMEOUT); the other side's FIN closes it. Who closed first is kept."""
     dp = datapath(SEED, node)
-    service = (CLIENT, 40000, dp.address, NODEPORT)
-    dp.from_netdev(pk.tcp(*service, pk.SYN))
-    dp.from_netdev(pk.tcp(*service, pk.ACK))
-    snat = dp.ct(service, "CT_SERVICE")["snat_port"]
-    out = (NODE0, snat, BACKEND, BACKEND_PORT) if node == "node0" else (CLIENT, 40000, BACKEND, BACKEND_PORT)
+    service, snat = _established(dp)
+    out = _out_flow(dp, snat)
 
-    if closer == "client":
-        run = dp.from_netdev(pk.tcp(*service, pk.FIN | pk.ACK))
-        assert run.pkt.daddr == BACKEND
-    elif node == "node0":  # the reply comes back through the SNAT on ingress
-        run = dp.from_netdev(pk.tcp(BACKEND, BACKEND_PORT, NODE0, snat, pk.FIN | pk.ACK))
-        assert run.pkt.flow == (NODE0, NODEPORT, CLIENT, 40000)
-    else:  # the local backend's reply leaves on egress
-        run = dp.to_netdev(pk.tcp(BACKEND, BACKEND_PORT, CLIENT, 40000, pk.FIN | pk.ACK))
-        assert run.pkt.flow == (NODE1, NODEPORT, CLIENT, 40000)
+    def client_fin() -> None:
+        assert dp.from_netdev(pk.tcp(*service, pk.FIN | pk.ACK)).pkt.daddr == BACKEND
 
+    def backend_fin() -> None:
+        assert _reply(dp, snat, pk.FIN | pk.ACK).pkt.flow == (dp.address, NODEPORT, CLIENT, 40000)
+
+    first, second = (client_fin, backend_fin) if closer == "client" else (backend_fin, client_fin)
+    first_bit = FLAGS["CT_FIN_CLIENT"] if closer == "client" else FLAGS["CT_FIN_BACKEND"]
+    first()
     for flow, direction in ((service, "CT_SERVICE"), (out, "CT_OUT")):
+        entry = dp.ct(flow, direction)
+        assert entry["flags"] & FLAGS["CT_ESTABLISHED"] and entry["flags"] & first_bit, direction
+        assert not entry["flags"] & FLAGS["CT_CLOSING"], direction
+        assert entry["expires"] >= now_sec() + TIMEOUT["CT_ESTABLISHED_TIMEOUT"] - 1, direction
+    # the half-closed flow still carries data the other way, translated
+    answer = _reply(dp, snat, pk.PSH | pk.ACK, b"the answer")
+    assert answer.pkt.flow == (dp.address, NODEPORT, CLIENT, 40000)
+    assert dp.ct(service, "CT_SERVICE")["expires"] >= now_sec() + TIMEOUT["CT_ESTABLISHED_TIMEOUT"] - 1
+
+    second()
+    for flow, direction in ((service, "CT_SERVICE"), (out, "CT_OUT")):
+        entry = dp.ct(flow, direction)
+        assert entry["flags"] & FLAGS["CT_CLOSING"], direction
+        assert entry["flags"] & FLAGS["CT_FIN_CLIENT"] and entry["flags"] & FLAGS["CT_FIN_BACKEND"], direction
+        assert bool(entry["flags"] & FLAGS["CT_BACKEND_CLOSED_FIRST"]) == (closer == "backend"), direction
+        assert entry["expires"] <= now_sec() + TIMEOUT["CT_CLOSE_TIMEOUT"] + 1, direction
+
+
+@pytest.mark.parametrize("sender", ["client", "backend"])
+@pytest.mark.parametrize("node", ["node0", "node1"])
+def test_rst_closes_both_entries(datapath, node, sender):
+    dp = datapath(SEED, node)
+    service, snat = _established(dp)
+    if sender == "client":
+        dp.from_netdev(pk.tcp(*service, pk.RST))
+    else:
+        _reply(dp, snat, pk.RST)
+    for flow, direction in ((service, "CT_SERVICE"), (_out_flow(dp, snat), "CT_OUT")):
         entry = dp.ct(flow, direction)
         assert entry["flags"] & FLAGS["CT_CLOSING"], direction
         assert entry["expires"] <= now_sec() + TIMEOUT["CT_CLOSE_TIMEOUT"] + 1, direction
 
 
+def _close(dp: Datapath, service: tuple[str, int, str, int], snat: int, first: str = "client") -> None:
+    """Both FINs, `first` side first."""
+    fins = [lambda: dp.from_netdev(pk.tcp(*service, pk.FIN | pk.ACK)),
+            lambda: _reply(dp, snat, pk.FIN | pk.ACK, client_port=service[1])]
+    for fin in fins if first == "client" else fins[::-1]:
+        fin()
+    assert dp.ct(service, "CT_SERVICE")["flags"] & FLAGS["CT_CLOSING"]
+
+
 @pytest.mark.parametrize("node", ["node0", "node1"])
 def test_syn_after_fin_is_a_new_flow(datapath, node):
     dp = datapath(SEED, node)
-    service = (CLIENT, 40000, dp.address, NODEPORT)
-    dp.from_netdev(pk.tcp(*service, pk.SYN))
+    service, snat = _established(dp)
     first_port = dp.from_netdev(pk.tcp(*service, pk.FIN | pk.ACK)).pkt.sport
+    _close(dp, service, snat)
     # The last ACK still belongs to the closing flow.
     assert dp.from_netdev(pk.tcp(*service, pk.ACK)).pkt.sport == first_port
     assert dp.ct(service, "CT_SERVICE")["flags"] & FLAGS["CT_CLOSING"]
@@ -644,9 +795,9 @@ def test_syn_after_fin_is_a_new_flow(datapath, node):
     assert not dp.ct(out, "CT_OUT")["flags"] & FLAGS["CT_CLOSING"]
     assert (p.daddr, p.dport) == (BACKEND, BACKEND_PORT) and p.checksums_ok()
     if node == "node0":
-        # The closed flow's SNAT port rests (the backend holds it in TIME_WAIT): the
-        # new flow gets another one, and its replies are translated.
-        assert p.sport != first_port and p.sport in SNAT_RANGE
+        # The same client reconnects: the closed flow's SNAT port is taken at once (the
+        # client closed first: the backend holds no TIME_WAIT), and replies are translated.
+        assert p.sport == first_port
         assert entry["snat_port"] == p.sport
         assert dp.nat((CLIENT, 40000, BACKEND, BACKEND_PORT), "NAT_OUT") == (NODE0, p.sport)
         back = dp.from_netdev(pk.tcp(BACKEND, BACKEND_PORT, NODE0, p.sport, pk.SYN | pk.ACK)).pkt
@@ -706,15 +857,18 @@ def test_flow_off_a_removed_backend_stays_translated_both_ways(datapath, node):
 # ================================================================ 8. SNAT port allocation
 
 
-def _occupy(dp: Datapath, port: int, occupant: tuple[str, int], ct_expires: int | None) -> None:
+def _occupy(dp: Datapath, port: int, occupant: tuple[str, int], ct_expires: int | None, flags: int = 0,
+            rev_nat_id: int | None = None) -> None:
     """Make NODE0:port the SNAT port of occupant's flow to BACKEND: its NAT pair, and
     (unless ct_expires is None) its CT_OUT entry (keyed NODE0:port -> BACKEND) expiring
-    at ct_expires."""
+    at ct_expires with flags (CT_SNAT added), through the NodePort unless rev_nat_id
+    says another frontend."""
     dp.put_nat((BACKEND, BACKEND_PORT, NODE0, port), "NAT_IN", occupant)
     dp.put_nat((*occupant, BACKEND, BACKEND_PORT), "NAT_OUT", (NODE0, port))
     if ct_expires is not None:
-        dp.put_ct((NODE0, port, BACKEND, BACKEND_PORT), "CT_OUT", expires=ct_expires, backend_id=1, rev_nat_id=1,
-                  flags=FLAGS["CT_SNAT"], snat_addr=NODE0, snat_port=port)
+        dp.put_ct((NODE0, port, BACKEND, BACKEND_PORT), "CT_OUT", expires=ct_expires, backend_id=1,
+                  rev_nat_id=dp.frontend_id() if rev_nat_id is None else rev_nat_id,
+                  flags=FLAGS["CT_SNAT"] | flags, snat_addr=NODE0, snat_port=port)
 
 
 def assert_nat_pair(dp: Datapath, client: tuple[str, int], port: int) -> None:
@@ -722,25 +876,45 @@ def assert_nat_pair(dp: Datapath, client: tuple[str, int], port: int) -> None:
     assert dp.nat((BACKEND, BACKEND_PORT, NODE0, port), "NAT_IN") == client
 
 
-@pytest.mark.parametrize(
-    "occupant_state, taken_over",
-    [
-        ("live", False),
-        ("closed-within-grace", False),
-        ("no-ct-entry", True),
-        ("expired-beyond-grace", True),
-    ],
-)
-def test_client_port_held_by_another_flow(node0, occupant_state, taken_over):
-    now = now_sec()
-    expires = {
-        "live": now + 100,
-        "closed-within-grace": now - 5,
-        "no-ct-entry": None,
-        "expired-beyond-grace": now - TIMEOUT["SNAT_REUSE_GRACE"] - 30,
-    }[occupant_state]
-    occupant = (OTHER_CLIENT, 50000)
-    _occupy(node0, 40000, occupant, expires)
+GRACE = TIMEOUT["SNAT_REUSE_GRACE"]
+CLOSED = FLAGS["CT_ESTABLISHED"] | FLAGS["CT_FIN_CLIENT"] | FLAGS["CT_FIN_BACKEND"] | FLAGS["CT_CLOSING"]
+BACKEND_FIRST = CLOSED | FLAGS["CT_BACKEND_CLOSED_FIRST"]
+
+# occupant's client address, its CT_OUT entry (expires relative to now, flags; None: no
+# entry), whether it goes through another frontend address (the ClusterIP), and whether
+# CLIENT's new flow takes the port over.
+OCCUPANTS = {
+    "live": (OTHER_CLIENT, (100, FLAGS["CT_ESTABLISHED"]), False, False),
+    "live-same-client": (CLIENT, (100, FLAGS["CT_ESTABLISHED"]), False, False),
+    "half-closed-same-client": (CLIENT, (100, FLAGS["CT_ESTABLISHED"] | FLAGS["CT_FIN_BACKEND"]
+                                         | FLAGS["CT_BACKEND_CLOSED_FIRST"]), False, False),
+    "expired-within-grace": (OTHER_CLIENT, (-5, FLAGS["CT_ESTABLISHED"]), False, False),
+    "no-ct-entry": (OTHER_CLIENT, None, False, True),
+    "expired-beyond-grace": (OTHER_CLIENT, (-GRACE - 30, FLAGS["CT_ESTABLISHED"]), False, True),
+    # the backend closed first: it holds node:port -> backend in TIME_WAIT
+    "other-client-waits": (OTHER_CLIENT, (5, BACKEND_FIRST), False, False),
+    "other-client-after-the-rest": (OTHER_CLIENT, (-GRACE - 1, BACKEND_FIRST), False, True),
+    "same-client-reuses-at-once": (CLIENT, (5, BACKEND_FIRST), False, True),
+    "same-client-other-frontend-address-waits": (CLIENT, (5, BACKEND_FIRST), True, False),
+    # the client closed first (or a reset): the backend holds no TIME_WAIT
+    "client-closed-first-no-rest": (OTHER_CLIENT, (5, CLOSED), False, True),
+    "reset-no-rest": (OTHER_CLIENT, (5, FLAGS["CT_ESTABLISHED"] | FLAGS["CT_CLOSING"]), False, True),
+    "expired-mid-stream-pickup": (OTHER_CLIENT, (-1, FLAGS["CT_MIDSTREAM"]), False, True),
+}
+
+
+@pytest.mark.parametrize("occupant_state", OCCUPANTS)
+def test_client_port_held_by_another_flow(node0, occupant_state):
+    """kernel-notes, SNAT and TCP: a port whose flow closed is taken at once by the same
+    client address to the same frontend address, by another one only after the rest,
+    and by anyone at once when the client closed first; a live flow keeps it."""
+    client_addr, ct, other_frontend, taken_over = OCCUPANTS[occupant_state]
+    occupant = (client_addr, 50000)
+    rev_nat_id = node0.frontend_id(80, addr="10.106.91.98") if other_frontend else None
+    if ct is None:
+        _occupy(node0, 40000, occupant, None)
+    else:
+        _occupy(node0, 40000, occupant, now_sec() + ct[0], ct[1], rev_nat_id)
 
     frame = syn(40000)
     run = node0.from_netdev(frame)
@@ -750,6 +924,9 @@ def test_client_port_held_by_another_flow(node0, occupant_state, taken_over):
     assert_nat_pair(node0, (CLIENT, 40000), port)
     if taken_over:
         assert port == 40000
+        out = node0.ct((NODE0, 40000, BACKEND, BACKEND_PORT), "CT_OUT")
+        assert not out["flags"] & FLAGS["CT_CLOSING"]  # the new flow's entry
+        assert out["nat_cookie"] != 0
     else:
         assert port != 40000 and port in SNAT_RANGE
         assert_nat_pair(node0, occupant, 40000)  # the occupant keeps its mapping
@@ -797,19 +974,81 @@ def test_snat_port_of_a_stale_flow_is_reused_when_range_is_full(datapath):
     assert_nat_pair(dp, ("172.26.50.190", 50010), port_of[gone])
 
 
-def test_snat_port_of_closed_flow_rests_after_its_client_reconnects(node0):
-    """kernel-notes: a closed flow's SNAT port must not be handed out again for ~2
-    minutes (the backend holds node:port in TIME_WAIT). Here the closed flow's client
-    reconnects on the same tuple (and gets a new port); then another client asks for
-    the closed flow's port."""
-    service = (CLIENT, 40000, NODE0, NODEPORT)
-    node0.from_netdev(pk.tcp(*service, pk.SYN))
-    node0.from_netdev(pk.tcp(*service, pk.FIN | pk.ACK))
-    reconnected = node0.from_netdev(pk.tcp(*service, pk.SYN)).pkt.sport
-    assert reconnected != 40000
+def test_snat_port_after_the_backend_closed_first(node0):
+    """The backend closes first (it holds node:port in TIME_WAIT): another client does
+    not get the port, and neither does the client through another frontend address; the
+    same client reconnecting to the same frontend does, at once."""
+    service, snat = _established(node0)
+    assert snat == 40000
+    _close(node0, service, snat, first="backend")
 
+    other = node0.from_netdev(pk.tcp(OTHER_CLIENT, 40000, NODE0, NODEPORT, pk.SYN)).pkt
+    assert other.sport != 40000, "the port was handed to another client within its rest"
+    via_clusterip = node0.from_netdev(pk.tcp(CLIENT, 40000, "10.106.91.98", 80, pk.SYN)).pkt
+    assert via_clusterip.sport != 40000
+
+    again = node0.from_netdev(pk.tcp(*service, pk.SYN)).pkt
+    assert again.sport == 40000
+    assert_nat_pair(node0, (CLIENT, 40000), 40000)
+    back = node0.from_netdev(pk.tcp(BACKEND, BACKEND_PORT, NODE0, 40000, pk.SYN | pk.ACK)).pkt
+    assert back.flow == (NODE0, NODEPORT, CLIENT, 40000)
+
+
+def test_snat_port_after_the_client_closed_first_has_no_rest(node0):
+    service, snat = _established(node0)
+    _close(node0, service, snat, first="client")
     p = node0.from_netdev(pk.tcp(OTHER_CLIENT, 40000, NODE0, NODEPORT, pk.SYN)).pkt
-    assert p.sport != 40000, "the closed flow's SNAT port was handed out within its grace period"
+    assert p.sport == 40000
+    assert_nat_pair(node0, (OTHER_CLIENT, 40000), 40000)
+    back = node0.from_netdev(pk.tcp(BACKEND, BACKEND_PORT, NODE0, 40000, pk.SYN | pk.ACK)).pkt
+    assert back.flow == (NODE0, NODEPORT, OTHER_CLIENT, 40000)
+
+
+def test_many_sequential_connections_through_a_small_range_never_exhaust_it(datapath):
+    """One client's connect/answer/close loop, the backend closing first, through a
+    four-port range: every closed port is the same client's again at once."""
+    dp = datapath(TINY_SNAT, "node0")
+    for i in range(40):
+        service = (CLIENT, 50000 + i, NODE0, NODEPORT)
+        run = dp.from_netdev(pk.tcp(*service, pk.SYN))
+        assert run.retval == TC_ACT_REDIRECT, f"connection {i}: {dp.all_drops()}"
+        port = run.pkt.sport
+        dp.from_netdev(pk.tcp(BACKEND, BACKEND_PORT, NODE0, port, pk.SYN | pk.ACK))
+        dp.from_netdev(pk.tcp(*service, pk.ACK, b"request"))
+        dp.from_netdev(pk.tcp(BACKEND, BACKEND_PORT, NODE0, port, pk.FIN | pk.PSH | pk.ACK, b"answer"))
+        dp.from_netdev(pk.tcp(*service, pk.FIN | pk.ACK))
+    assert dp.drops("SNAT_EXHAUSTED") == 0
+
+
+@pytest.mark.parametrize("first", ["ingress", "egress"])
+def test_ingress_and_egress_flows_of_one_tuple_keep_their_own_entries(node0, first):
+    """The same tuple client:port -> ClusterIP arriving on the interface (from_netdev:
+    DNAT + SNAT) and leaving it (to_netdev: a flow of the node, DNAT only): two flows
+    with keys of their own, neither takes over the other's entry."""
+    flow = (CLIENT, 40000, "10.106.91.98", 80)
+
+    def ingress(flags: int = pk.SYN) -> pk.Packet:
+        return node0.from_netdev(pk.tcp(*flow, flags)).pkt
+
+    def egress(flags: int = pk.SYN) -> pk.Packet:
+        return node0.to_netdev(pk.tcp(*flow, flags)).pkt
+
+    if first == "ingress":
+        p_in, p_out = ingress(), egress()
+    else:
+        p_out, p_in = egress(), ingress()
+    assert p_in.flow == (NODE0, 40000, BACKEND, BACKEND_PORT)  # SNATed
+    assert p_out.flow == (CLIENT, 40000, BACKEND, BACKEND_PORT)  # not SNATed
+    svc_in, svc_out = node0.ct(flow, "CT_SERVICE"), node0.ct(flow, "CT_SERVICE_EGRESS")
+    assert svc_in["flags"] & FLAGS["CT_SNAT"] and not svc_in["flags"] & FLAGS["CT_EGRESS"]
+    assert svc_out["flags"] & FLAGS["CT_EGRESS"] and not svc_out["flags"] & FLAGS["CT_SNAT"]
+    # Each flow's next packets and replies stay its own.
+    assert ingress(pk.ACK).flow == p_in.flow
+    assert egress(pk.ACK).flow == p_out.flow
+    reply = node0.from_netdev(pk.tcp(BACKEND, BACKEND_PORT, NODE0, 40000, pk.SYN | pk.ACK)).pkt
+    assert reply.flow == ("10.106.91.98", 80, CLIENT, 40000)
+    assert node0.ct(flow, "CT_SERVICE")["flags"] & FLAGS["CT_SNAT"]
+    assert not node0.ct(flow, "CT_SERVICE_EGRESS")["flags"] & FLAGS["CT_SNAT"]
 
 
 # ================================================================ 9. malformed packets
@@ -941,12 +1180,12 @@ def test_one_client_port_to_two_frontends_of_one_backend_stays_two_flows(node0):
 
 def test_late_fin_of_an_old_flow_leaves_the_new_flow_of_its_tuple_alone(node0):
     """The client reconnects on the same tuple; a late FIN of the old connection
-    (to the old SNAT port) must not close the new one."""
-    service = (CLIENT, 40000, NODE0, NODEPORT)
-    old_port = node0.from_netdev(pk.tcp(*service, pk.SYN)).pkt.sport
-    node0.from_netdev(pk.tcp(*service, pk.FIN | pk.ACK))
+    (to the old SNAT port) must not close the new one. (The client's port is outside
+    the SNAT range: each flow gets a random port.)"""
+    service, old_port = _established(node0, client_port=10000)
+    _close(node0, service, old_port, first="backend")
     new_port = node0.from_netdev(pk.tcp(*service, pk.SYN)).pkt.sport
     assert new_port != old_port
     late = node0.from_netdev(pk.tcp(BACKEND, BACKEND_PORT, NODE0, old_port, pk.FIN | pk.ACK)).pkt
-    assert late.flow == (NODE0, NODEPORT, CLIENT, 40000)
-    assert not node0.ct(service, "CT_SERVICE")["flags"] & FLAGS["CT_CLOSING"]
+    assert late.flow == (NODE0, NODEPORT, CLIENT, 10000)
+    assert not node0.ct(service, "CT_SERVICE")["flags"] & (FLAGS["CT_CLOSING"] | FLAGS["CT_FIN_BACKEND"])

@@ -15,10 +15,17 @@ typedef __u8 bpfgen_proto_t; /* IP protocol number (6 TCP, 17 UDP) */
 #define CT_CLOSING 1
 #define CT_ESTABLISHED 2
 #define CT_SNAT 4
+#define CT_FIN_CLIENT 8
+#define CT_FIN_BACKEND 16
+#define CT_BACKEND_CLOSED_FIRST 32
+#define CT_EGRESS 64
+#define CT_MIDSTREAM 128
 #define CT_SERVICE 1
 #define CT_OUT 2
+#define CT_SERVICE_EGRESS 3
 #define NAT_OUT 1
 #define NAT_IN 2
+#define DATAPATH_CLOCK_OFFSET 16777216
 
 enum bpfgen_drop_reason {
 	DROP_NO_BACKEND = 0, /* no backend */
@@ -71,7 +78,7 @@ struct bpfgen_revnat {
 };
 _Static_assert(sizeof(struct bpfgen_revnat) == 8, "bpfgen_revnat layout");
 
-/* A flow tuple: conntrack key (dir CT_SERVICE: client -> frontend; CT_OUT: as the flow leaves for its backend, from node:snat_port when SNATed) and SNAT key (dir NAT_OUT/NAT_IN). */
+/* A flow tuple: conntrack key (dir CT_SERVICE: client -> frontend arriving on the interface; CT_SERVICE_EGRESS: node or pod -> ClusterIP leaving it; CT_OUT: as the flow leaves for its backend, from node:snat_port when SNATed) and SNAT key (dir NAT_OUT/NAT_IN). */
 struct bpfgen_tuple {
 	bpfgen_ip4_t saddr;
 	bpfgen_ip4_t daddr;
@@ -85,24 +92,26 @@ _Static_assert(sizeof(struct bpfgen_tuple) == 16, "bpfgen_tuple layout");
 
 /* Conntrack state of one direction-tagged tuple. */
 struct bpfgen_ct_entry {
-	__u32 expires; /* seconds of bpf_ktime_get_ns() after which the entry is dead */
+	__u32 expires; /* seconds of the datapath clock after which the entry is dead */
 	__u32 backend_id;
 	__u32 rev_nat_id;
 	__u8 flags;
 	__u8 pad;
 	bpfgen_port_t snat_port;
 	bpfgen_ip4_t snat_addr;
+	__u32 nat_cookie; /* SNAT: the cookie of the NAT_IN claim this flow made (0: none) */
 };
-_Static_assert(sizeof(struct bpfgen_ct_entry) == 20, "bpfgen_ct_entry layout");
+_Static_assert(sizeof(struct bpfgen_ct_entry) == 24, "bpfgen_ct_entry layout");
 
 /* An SNAT translation: NAT_OUT rewrites the source to addr:port, NAT_IN the destination. */
 struct bpfgen_nat_entry {
-	bpfgen_ip4_t addr;
+	bpfgen_ip4_t addr; /* NAT_IN: the client of the port's last flow */
 	bpfgen_port_t port;
 	__u16 pad;
 	__u32 claimed; /* NAT_IN: when a flow took the port (seconds, the clock of expires) */
+	__u32 cookie; /* NAT_IN: the claim, never 0; claimed and cookie change together (one 64-bit compare-and-swap) and the flow's conntrack entries carry it */
 };
-_Static_assert(sizeof(struct bpfgen_nat_entry) == 12, "bpfgen_nat_entry layout");
+_Static_assert(sizeof(struct bpfgen_nat_entry) == 16, "bpfgen_nat_entry layout");
 
 /* A node's settings, written into the object's .rodata.config before load: one object serves every node. */
 struct bpfgen_config {

@@ -18,7 +18,12 @@
 #define TCP_FLAG_ACK 0x10
 #define NSEC_PER_SEC 1000000000ULL
 
-enum parse_result { PARSE_OK, PARSE_PASS, PARSE_MALFORMED };
+/*
+ * PARSE_SHORT: a valid IPv4 header whose TCP/UDP header is cut short (by tot_len or by
+ * the packet's end); the tuple holds its addresses and, where the bytes are there, its
+ * ports (else 0). Only service traffic of that kind is dropped, the rest passes.
+ */
+enum parse_result { PARSE_OK, PARSE_PASS, PARSE_MALFORMED, PARSE_SHORT };
 
 /* A parsed IPv4 TCP/UDP packet: offsets, its tuple (host view) and TCP flags. */
 struct pkt {
@@ -31,9 +36,10 @@ struct pkt {
 	__sum16 ip_check;
 };
 
-static __always_inline __u64 now_sec(void)
+/* The datapath's clock: monotonic seconds plus an offset, so that it is never near 0. */
+static __always_inline __u32 now_sec(void)
 {
-	return bpf_ktime_get_ns() / NSEC_PER_SEC;
+	return bpf_ktime_get_ns() / NSEC_PER_SEC + DATAPATH_CLOCK_OFFSET;
 }
 
 static __always_inline int drop(__u32 reason)
@@ -75,8 +81,7 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 	struct iphdr *iph = data + ETH_HLEN;
 	struct tcp_head l4 = {};
 	struct iphdr ip;
-	__u16 tot_len;
-	__u32 ihl_len, l4_min;
+	__u32 ip_len, ihl_len, l4_min;
 
 	if (skb->protocol != bpf_htons(ETH_P_IP))
 		return PARSE_PASS;
@@ -92,12 +97,27 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 	if (ip.frag_off & bpf_htons(IP_MF | IP_OFFSET))
 		return PARSE_PASS;
 	ihl_len = ip.ihl * 4;
-	l4_min = ip.protocol == IPPROTO_TCP ? sizeof(struct tcphdr) : sizeof(struct udphdr);
-	tot_len = bpf_ntohs(ip.tot_len);
-	if (tot_len < ihl_len + l4_min || ETH_HLEN + tot_len > skb->len)
+	if (ETH_HLEN + ihl_len > skb->len)
 		return PARSE_MALFORMED;
+	l4_min = ip.protocol == IPPROTO_TCP ? sizeof(struct tcphdr) : sizeof(struct udphdr);
+	ip_len = bpf_ntohs(ip.tot_len);
+	if (ip_len == 0) /* BIG TCP: the length is the packet's */
+		ip_len = skb->len - ETH_HLEN;
 
+	p->t.saddr = ip.saddr;
+	p->t.daddr = ip.daddr;
+	p->t.proto = ip.protocol;
+	p->t.dir = 0;
+	p->t.pad = 0;
 	p->l4_off = ETH_HLEN + ihl_len;
+	if (ip_len < ihl_len + l4_min || ETH_HLEN + ip_len > skb->len) {
+		/* (the ports, where the packet has them, say whether it is service traffic) */
+		if (bpf_skb_load_bytes(skb, p->l4_off, l4.ports, sizeof(l4.ports)) < 0)
+			l4.ports[0] = l4.ports[1] = 0;
+		p->t.sport = l4.ports[0];
+		p->t.dport = l4.ports[1];
+		return PARSE_SHORT;
+	}
 	if (ip.protocol == IPPROTO_TCP) {
 		if (bpf_skb_load_bytes(skb, p->l4_off, &l4, sizeof(l4)) < 0)
 			return PARSE_MALFORMED;
@@ -108,13 +128,8 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 		p->csum_off = p->l4_off + offsetof(struct udphdr, check);
 	}
 	p->tcp_flags = l4.flags;
-	p->t.saddr = ip.saddr;
-	p->t.daddr = ip.daddr;
 	p->t.sport = l4.ports[0];
 	p->t.dport = l4.ports[1];
-	p->t.proto = ip.protocol;
-	p->t.dir = 0;
-	p->t.pad = 0;
 	p->len = skb->len;
 	p->ttl = ip.ttl;
 	p->ip_check = ip.check;
@@ -332,29 +347,43 @@ static __always_inline __u32 ct_lifetime(const struct pkt *p, __u8 flags)
 {
 	if (p->t.proto != IPPROTO_TCP)
 		return CT_UDP_TIMEOUT;
-	if (flags & CT_CLOSING)
+	if (flags & (CT_CLOSING | CT_MIDSTREAM))
 		return CT_CLOSE_TIMEOUT;
 	if (flags & CT_ESTABLISHED)
 		return CT_ESTABLISHED_TIMEOUT;
 	return CT_SYN_TIMEOUT;
 }
 
-/* TCP state from one packet: FIN/RST close, an ACK without SYN establishes. */
-static __always_inline __u8 ct_flags_after(const struct pkt *p, __u8 flags)
+#define CT_FIN_BOTH (CT_FIN_CLIENT | CT_FIN_BACKEND)
+
+/*
+ * TCP state from one packet of one side (fin: CT_FIN_CLIENT or CT_FIN_BACKEND), as Linux
+ * conntrack has it: an ACK without SYN establishes (not a flow picked up mid-stream); a
+ * FIN half-closes (the flow keeps its timeout), the second side's FIN closes, and so
+ * does a RST. Who sent the first FIN is kept: that side holds TIME_WAIT.
+ */
+static __always_inline __u8 ct_flags_after(const struct pkt *p, __u8 flags, __u8 fin)
 {
 	if (p->t.proto != IPPROTO_TCP)
 		return flags;
-	if (p->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST))
+	if ((p->tcp_flags & TCP_FLAG_ACK) && !(p->tcp_flags & TCP_FLAG_SYN) && !(flags & CT_MIDSTREAM))
+		flags |= CT_ESTABLISHED;
+	if (p->tcp_flags & TCP_FLAG_RST)
 		return flags | CT_CLOSING;
-	if ((p->tcp_flags & TCP_FLAG_ACK) && !(p->tcp_flags & TCP_FLAG_SYN))
-		return flags | CT_ESTABLISHED;
+	if (p->tcp_flags & TCP_FLAG_FIN) {
+		if (!(flags & CT_FIN_BOTH) && fin == CT_FIN_BACKEND)
+			flags |= CT_BACKEND_CLOSED_FIRST;
+		flags |= fin;
+		if ((flags & CT_FIN_BOTH) == CT_FIN_BOTH)
+			flags |= CT_CLOSING;
+	}
 	return flags;
 }
 
 /* Refreshes an entry in place, writing only what changed; returns whether anything did. */
-static __always_inline int ct_touch(struct bpfgen_ct_entry *ct, const struct pkt *p, __u32 now)
+static __always_inline int ct_touch(struct bpfgen_ct_entry *ct, const struct pkt *p, __u32 now, __u8 fin)
 {
-	__u8 flags = ct_flags_after(p, ct->flags);
+	__u8 flags = ct_flags_after(p, ct->flags, fin);
 	__u32 expires = now + ct_lifetime(p, flags);
 	int changed = 0;
 
@@ -375,17 +404,17 @@ static __always_inline int ct_touch(struct bpfgen_ct_entry *ct, const struct pkt
  * refreshed too. A flow whose replies are rare (UDP) stays translated both ways.
  */
 static __always_inline void ct_refresh(struct bpfgen_ct_entry *ct, struct bpfgen_tuple *partner,
-				       const struct pkt *p, __u32 now)
+				       const struct pkt *p, __u32 now, __u8 fin)
 {
 	struct bpfgen_ct_entry *other;
 
-	if (!ct_touch(ct, p, now))
+	if (!ct_touch(ct, p, now, fin))
 		return;
 	other = bpf_map_lookup_elem(&ct_v4, partner);
 	/* (a client may reuse its tuple for a new flow while late packets of the old one
 	 * still arrive: those leave the new flow alone) */
 	if (other && other->backend_id == ct->backend_id && other->snat_port == ct->snat_port)
-		ct_touch(other, p, now);
+		ct_touch(other, p, now, fin);
 }
 
 static __always_inline int ct_is_live(const struct bpfgen_ct_entry *ct, __u32 now)
@@ -395,46 +424,101 @@ static __always_inline int ct_is_live(const struct bpfgen_ct_entry *ct, __u32 no
 
 /* ---- SNAT ---- */
 
-/*
- * Whether the NAT_IN entry at key (claimed at `claimed`) may be taken by a new flow:
- * the flow of node:port is gone, or ended longer ago than SNAT_REUSE_GRACE (so the
- * backend's TIME_WAIT has ended). An entry claimed in the last second belongs to a
- * flow still being set up on another CPU.
- */
-static __always_inline int snat_is_stale(const struct bpfgen_tuple *key, __u32 claimed, __u32 now)
-{
-	struct bpfgen_tuple ct_key;
-	struct bpfgen_ct_entry *ct;
+/* The state of one port search, shared with its bpf_loop callback. */
+struct snat_search {
+	struct bpfgen_tuple key;    /* NAT_IN key of the port tried */
+	struct bpfgen_nat_entry val; /* the flow's NAT_IN value (its claim: claimed, cookie) */
+	__be32 backend_addr;
+	__be32 frontend_addr;
+	__u32 rev_nat_id;
+	__be16 backend_port;
+	__u16 port; /* host order */
+	__u32 now;
+	__u8 proto;
+	__u8 found;
+};
 
-	if (now <= claimed + 1)
-		return 0;
-	ct_out_key(&ct_key, NODE_IP, key->dport, key->saddr, key->sport, key->proto);
-	ct = bpf_map_lookup_elem(&ct_v4, &ct_key);
-	return !ct || now > ct->expires + SNAT_REUSE_GRACE;
+/* NAT_IN's claimed and cookie, as one word: they change together. */
+static __always_inline __u64 *nat_lease(struct bpfgen_nat_entry *nat)
+{
+	return (__u64 *)&nat->claimed;
+}
+
+/* Whether the flow of ct came through a frontend of the address the new flow goes to. */
+static __always_inline int same_frontend_addr(const struct bpfgen_ct_entry *ct, const struct snat_search *s)
+{
+	struct bpfgen_revnat *fe;
+	__u32 id = ct->rev_nat_id;
+
+	if (id == s->rev_nat_id)
+		return 1;
+	fe = bpf_map_lookup_elem(&revnat_v4, &id);
+	return fe && fe->addr == s->frontend_addr;
 }
 
 /*
- * Claims node:port (the NAT_IN entry at key) for the flow of val: a free port with
- * no-exist semantics, a stale one by compare-and-swap on its claim time, so that two
- * CPUs never both win it.
+ * Whether node:port (the NAT_IN entry nat at s->key, whose claim was read as
+ * claimed/cookie) may be taken by the new flow of s, the way TCP allows reusing the
+ * tuple node:port -> backend (kernel-notes, SNAT and TCP):
+ * - the flow that made the claim is still being set up (its conntrack entry does not
+ *   carry the claim yet) for a second after the claim; after that it is gone;
+ * - a live flow keeps its port; a closed one (both FINs, or a RST) in which the backend
+ *   did not close first leaves no TIME_WAIT on the backend: free at once, as is an
+ *   expired flow picked up mid-stream (the backend never had it);
+ * - else the backend may hold the tuple in TIME_WAIT: a new flow of the same client
+ *   address to the same frontend address passes it (its timestamps run on the same
+ *   clock) at once; another client only after SNAT_REUSE_GRACE.
  */
-static __always_inline int snat_claim(const struct bpfgen_tuple *key, const struct bpfgen_nat_entry *val, __u32 now)
+static __always_inline int snat_is_stale(struct bpfgen_nat_entry *nat, __u32 claimed, __u32 cookie,
+					 const struct snat_search *s)
+{
+	const struct bpfgen_tuple *key = &s->key;
+	struct bpfgen_tuple ct_key;
+	struct bpfgen_ct_entry *ct;
+	__u32 now = s->now;
+	int live;
+
+	ct_out_key(&ct_key, NODE_IP, key->dport, key->saddr, key->sport, key->proto);
+	ct = bpf_map_lookup_elem(&ct_v4, &ct_key);
+	if (!ct || ct->nat_cookie != cookie)
+		return now > claimed + 1;
+	live = ct_is_live(ct, now);
+	if (live && !(ct->flags & CT_CLOSING))
+		return 0;
+	if (key->proto == IPPROTO_TCP) {
+		if ((ct->flags & CT_CLOSING) && !(ct->flags & CT_BACKEND_CLOSED_FIRST))
+			return 1;
+		if (!live && (ct->flags & CT_MIDSTREAM))
+			return 1;
+	}
+	if (nat->addr == s->val.addr && same_frontend_addr(ct, s))
+		return 1;
+	return now > ct->expires + SNAT_REUSE_GRACE;
+}
+
+/*
+ * Claims node:port (the NAT_IN entry at s->key) for the flow of s: a free port with
+ * no-exist semantics, a stale one by compare-and-swap on its claim (claimed and cookie
+ * in one word), so that two CPUs never both win it.
+ */
+static __always_inline int snat_claim(const struct snat_search *s)
 {
 	struct bpfgen_nat_entry *nat;
-	__u32 claimed;
+	__u64 lease, *at;
 
-	if (bpf_map_update_elem(&snat_v4, key, val, BPF_NOEXIST) == 0)
+	if (bpf_map_update_elem(&snat_v4, &s->key, &s->val, BPF_NOEXIST) == 0)
 		return 1;
-	nat = bpf_map_lookup_elem(&snat_v4, key);
+	nat = bpf_map_lookup_elem(&snat_v4, &s->key);
 	if (!nat)
 		return 0;
-	claimed = nat->claimed;
-	if (!snat_is_stale(key, claimed, now))
+	at = nat_lease(nat);
+	lease = *at;
+	if (!snat_is_stale(nat, (__u32)lease, (__u32)(lease >> 32), s))
 		return 0;
-	if (__sync_val_compare_and_swap(&nat->claimed, claimed, now) != claimed)
+	if (__sync_val_compare_and_swap(at, lease, (__u64)s->val.cookie << 32 | s->val.claimed) != lease)
 		return 0; /* another CPU took it first */
-	nat->addr = val->addr;
-	nat->port = val->port;
+	nat->addr = s->val.addr;
+	nat->port = s->val.port;
 	return 1;
 }
 
@@ -445,18 +529,6 @@ static __always_inline __u16 snat_next_port(__u16 port, int attempt)
 	return port >= SNAT_PORT_MAX ? SNAT_PORT_MIN : port + 1;
 }
 
-/* The state of one port search, shared with its bpf_loop callback. */
-struct snat_search {
-	struct bpfgen_tuple key;    /* NAT_IN key of the port tried */
-	struct bpfgen_nat_entry val; /* the flow's NAT_IN value */
-	__be32 backend_addr;
-	__be16 backend_port;
-	__u16 port; /* host order */
-	__u32 now;
-	__u8 proto;
-	__u8 found;
-};
-
 /* One try of the search; bpf_loop keeps the verifier's work to one pass, however many
  * tries there are. */
 static long snat_try_port(__u32 attempt, void *data)
@@ -464,7 +536,7 @@ static long snat_try_port(__u32 attempt, void *data)
 	struct snat_search *s = data;
 
 	nat_in_key(&s->key, s->backend_addr, s->backend_port, bpf_htons(s->port), s->proto);
-	if (snat_claim(&s->key, &s->val, s->now)) {
+	if (snat_claim(s)) {
 		s->found = 1;
 		return 1;
 	}
@@ -473,12 +545,14 @@ static long snat_try_port(__u32 attempt, void *data)
 }
 
 /*
- * Allocates node:port for the flow client -> backend: the client's own port first,
- * then a random one and the ports after it, SNAT_RETRIES tries. The reverse (NAT_IN)
- * entry is claimed first; if the forward (NAT_OUT) one cannot be written, the reverse
- * one is removed again. Returns the port (network order) or 0.
+ * Allocates node:port for the flow client -> backend through frontend id: the client's
+ * own port first, then a random one and the ports after it, SNAT_RETRIES tries. The
+ * reverse (NAT_IN) entry is claimed first; if the forward (NAT_OUT) one cannot be
+ * written, the reverse one is removed again. Returns the port (network order) or 0, and
+ * the claim's cookie in *cookie.
  */
-static __always_inline __be16 snat_alloc(const struct pkt *p, const struct bpfgen_backend *be, __u32 now)
+static __always_inline __be16 snat_alloc(const struct pkt *p, const struct bpfgen_backend *be, __u32 id,
+					 __u32 now, __u32 *cookie)
 {
 	struct snat_search search = {};
 	struct bpfgen_tuple out_key = {
@@ -494,8 +568,11 @@ static __always_inline __be16 snat_alloc(const struct pkt *p, const struct bpfge
 	search.val.addr = p->t.saddr;
 	search.val.port = p->t.sport;
 	search.val.claimed = now;
+	search.val.cookie = bpf_get_prandom_u32() | 1;
 	search.backend_addr = be->addr;
 	search.backend_port = be->port;
+	search.frontend_addr = p->t.daddr;
+	search.rev_nat_id = id;
 	search.proto = p->t.proto;
 	search.now = now;
 	search.port = bpf_ntohs(p->t.sport);
@@ -510,6 +587,7 @@ static __always_inline __be16 snat_alloc(const struct pkt *p, const struct bpfge
 		bpf_map_delete_elem(&snat_v4, &search.key);
 		return 0;
 	}
+	*cookie = search.val.cookie;
 	return search.key.dport;
 }
 
@@ -527,26 +605,22 @@ static __always_inline int lb_forward(struct __sk_buff *skb, struct pkt *p, cons
 	struct bpfgen_ct_entry entry = {};
 	__u32 now = now_sec();
 	__u32 backend_id = 0;
-	int verdict = ROUTE_STACK, must_syn = 1, snat;
+	int verdict = ROUTE_STACK, snat;
+	int syn = p->t.proto == IPPROTO_TCP && (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
 
 	count_frontend(svc->id, p->len);
-	svc_key.dir = CT_SERVICE;
+	/* (egress flows have keys of their own: they never meet an ingress flow's entry) */
+	svc_key.dir = egress ? CT_SERVICE_EGRESS : CT_SERVICE;
 	ct = bpf_map_lookup_elem(&ct_v4, &svc_key);
-	if (ct && (!ct_is_live(ct, now) ||
-		   ((ct->flags & CT_CLOSING) && (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN)))
+	if (ct && (!ct_is_live(ct, now) || (syn && (ct->flags & (CT_CLOSING | CT_MIDSTREAM)))))
 		ct = NULL; /* dead, or a closed flow's tuple reused by a new connection */
 	if (ct) {
 		backend_id = ct->backend_id;
 		be = bpf_map_lookup_elem(&backend_v4, &backend_id);
-		if (!be) {
-			ct = NULL; /* its backend was removed: the flow moves to a live one */
-			must_syn = 0;
-		}
+		if (!be)
+			ct = NULL; /* its backend was removed: the flow moves to a live one (which resets it) */
 	}
 	if (!ct) {
-		if (must_syn && p->t.proto == IPPROTO_TCP &&
-		    (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) != TCP_FLAG_SYN)
-			return drop(DROP_CT_NO_SYN);
 		be = select_backend(p, svc, &backend_id);
 		if (!be)
 			return drop(DROP_NO_BACKEND);
@@ -575,14 +649,17 @@ static __always_inline int lb_forward(struct __sk_buff *skb, struct pkt *p, cons
 
 	if (ct) {
 		ct_out_key(&out_key, xlated.saddr, xlated.sport, be->addr, be->port, p->t.proto);
-		ct_refresh(ct, &out_key, p, now);
+		ct_refresh(ct, &out_key, p, now, CT_FIN_CLIENT);
 	} else {
 		entry.backend_id = backend_id;
 		entry.rev_nat_id = svc->id;
-		entry.flags = ct_flags_after(p, 0);
+		/* A TCP segment without SYN of no known flow still reaches a backend, which resets
+		 * it (translated back): the client fails fast, and the state lives CT_CLOSE_TIMEOUT. */
+		entry.flags = (egress ? CT_EGRESS : 0) | (p->t.proto == IPPROTO_TCP && !syn ? CT_MIDSTREAM : 0);
+		entry.flags = ct_flags_after(p, entry.flags, CT_FIN_CLIENT);
 		entry.expires = now + ct_lifetime(p, entry.flags);
 		if (snat && !egress) { /* (egress never SNATs: this keeps the allocator out of to_netdev) */
-			entry.snat_port = snat_alloc(p, be, now);
+			entry.snat_port = snat_alloc(p, be, svc->id, now, &entry.nat_cookie);
 			if (!entry.snat_port)
 				return drop(DROP_SNAT_EXHAUSTED);
 			entry.snat_addr = NODE_IP;
@@ -638,8 +715,8 @@ static __always_inline int rev_nat(struct __sk_buff *skb, struct pkt *p, struct 
 	svc_key.sport = client_port;
 	svc_key.daddr = fe->addr;
 	svc_key.dport = fe->port;
-	svc_key.dir = CT_SERVICE;
-	ct_refresh(ct, &svc_key, p, now);
+	svc_key.dir = (ct->flags & CT_EGRESS) ? CT_SERVICE_EGRESS : CT_SERVICE;
+	ct_refresh(ct, &svc_key, p, now, CT_FIN_BACKEND);
 
 	if (rewrite(skb, p, &xlated, verdict != ROUTE_STACK))
 		return TC_ACT_SHOT;
@@ -657,6 +734,26 @@ static __always_inline struct bpfgen_ct_entry *reply_flow(const struct bpfgen_tu
 	return ct && ct_is_live(ct, now_sec()) ? ct : NULL;
 }
 
+/*
+ * Whether a packet whose L4 header is cut short is service traffic (then it is a counted
+ * drop; anything else passes untouched): to a frontend, or a reply to a SNAT port or to
+ * a flow of this node or its pods.
+ */
+static __always_inline int is_service_traffic(struct pkt *p)
+{
+	struct bpfgen_tuple key;
+	__u16 dport = bpf_ntohs(p->t.dport);
+
+	if (p->t.daddr == NODE_IP && dport >= SNAT_PORT_MIN && dport <= SNAT_PORT_MAX) {
+		nat_in_key(&key, p->t.saddr, p->t.sport, p->t.dport, p->t.proto);
+		if (bpf_map_lookup_elem(&snat_v4, &key))
+			return 1;
+	}
+	if ((p->t.daddr != NODE_IP || (dport >= NODEPORT_MIN && dport <= NODEPORT_MAX)) && lookup_frontend(p))
+		return 1;
+	return (p->t.daddr == NODE_IP || (p->t.daddr & POD_MASK) == POD_NET) && reply_flow(&p->t);
+}
+
 static __always_inline int nodeport_from_netdev(struct __sk_buff *skb)
 {
 	struct bpfgen_svc_value *svc;
@@ -671,6 +768,8 @@ static __always_inline int nodeport_from_netdev(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	case PARSE_MALFORMED:
 		return drop(DROP_MALFORMED);
+	case PARSE_SHORT:
+		return is_service_traffic(&p) ? drop(DROP_MALFORMED) : TC_ACT_OK;
 	}
 
 	dport = bpf_ntohs(p.t.dport);
@@ -694,7 +793,7 @@ static __always_inline int nodeport_from_netdev(struct __sk_buff *skb)
 	if (p.t.daddr == NODE_IP || (p.t.daddr & POD_MASK) == POD_NET) {
 		/* A reply to a flow this node or one of its pods opened to a ClusterIP. */
 		ct = reply_flow(&p.t);
-		if (ct && !(ct->flags & CT_SNAT))
+		if (ct && (ct->flags & (CT_SNAT | CT_EGRESS)) == CT_EGRESS)
 			return rev_nat(skb, &p, ct, p.t.daddr, p.t.dport, 0);
 	}
 	return TC_ACT_OK;
@@ -711,7 +810,7 @@ static __always_inline int nodeport_to_netdev(struct __sk_buff *skb)
 
 	/* A reply of a local backend: backend -> client. */
 	ct = reply_flow(&p.t);
-	if (ct && !(ct->flags & CT_SNAT))
+	if (ct && !(ct->flags & (CT_SNAT | CT_EGRESS)))
 		return rev_nat(skb, &p, ct, p.t.daddr, p.t.dport, 0);
 
 	/* Traffic of this node, or of its pods routed out of this interface, to a ClusterIP. */
