@@ -211,11 +211,17 @@ def status(output: str) -> None:
         info("nothing loaded")
         return
     for r in rows:
+        if not r["record"]:
+            click.echo(f"{r['node']}: pins in {r['pin_dir']}, no record: {r['note']}")
+            continue
         where = f"{r['iface']}" + (f" (netns {r['netns']})" if r["netns"] else "")
         progs = ", ".join(f"{hook}={p['name']}#{p['id']}" for hook, p in r["programs"].items())
         click.echo(f"{r['node']}: {where} spec {r['spec']} loaded {r['loaded_at']} updated {r['updated_at']}")
         click.echo(f"  programs: {progs}")
         click.echo(f"  pins: {r['pin_dir']}{'' if r['pinned'] else ' (missing!)'}")
+        if r["stale"]:
+            click.echo("  stale: the kernel no longer has these programs (interface or namespace removed?); "
+                       f"`bpfgen unload --iface {r['iface']} --node {r['node']}` clears it")
         attached = r.get("attached")
         if attached is not None:
             if "error" in attached:

@@ -76,6 +76,7 @@ PERCPU_TYPES = frozenset(
     }
 )
 ARRAY_TYPES = frozenset({BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_PERCPU_ARRAY})
+LRU_TYPES = frozenset({BPF_MAP_TYPE_LRU_HASH, BPF_MAP_TYPE_LRU_PERCPU_HASH})
 
 BPF_PROG_TYPE_SCHED_CLS = 3
 BPF_PROG_TYPE_SCHED_ACT = 4
@@ -1283,7 +1284,8 @@ def tc_query(ifindex: int, attach_point: int, handle: int, priority: int) -> int
     """The id of the program attached at (handle, priority); None if no filter is there.
 
     With no filter at all on the hook the kernel answers EINVAL "Cannot find specified
-    filter chain" (chain 0 only exists while it holds a filter): also None.
+    filter chain" (chain 0 only exists while it holds a filter), and with no clsact qdisc
+    (someone removed it) "Parent Qdisc doesn't exists": also None.
     """
     hook = _tc_hook(ifindex, attach_point)
     opts = _opts(BpfTcOpts, handle=handle, priority=priority)
@@ -1296,7 +1298,8 @@ def tc_query(ifindex: int, attach_point: int, handle: int, priority: int) -> int
             allow=_ENOENT,
         )
     except LibbpfError as e:
-        if _kernel_says_absent(e, "Cannot find specified filter chain"):
+        if _kernel_says_absent(e, "Cannot find specified filter chain") or _kernel_says_absent(
+                e, "Parent Qdisc doesn't exist"):
             return None
         raise
     return None if ret < 0 else opts.prog_id

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import os
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,7 @@ from .state import (
     netns_inode,
     node_lock,
     pin_dir,
+    pinned_nodes,
     record_dir,
     remove_pins,
     require_host_bpffs,
@@ -190,9 +192,13 @@ def load(iface: str, build: BuildSource = None, node: str | None = None, netns: 
             locks.enter_context(node_lock(n.name))
         check_object(b)
         previous = NodeRecord.load(n.name)
+        if previous and previous.stale():
+            messages.append(f"note: the record of node {n.name} ({previous.where()}) names programs the kernel "
+                            "no longer has; taking the node over")
+            previous = None
         if previous and (previous.iface, previous.netns_inode) != (iface, ns_inode):
             raise UsageError(f"node '{n.name}' is loaded on {previous.where()}; unload it there first")
-        _refuse_other_owner(n.name, iface, ns_inode)
+        _refuse_other_owner(n.name, iface, ns_inode, ifindex, netns)
         with enter_netns(netns):
             warning = ephemeral_port_warning(n.name, plan.snat_port_range)
         if warning:
@@ -227,16 +233,23 @@ def _load_node(b: Build, plan: Plan, n: planning.NodeInfo, iface: str, ifindex: 
             created_qdisc = created_qdisc or bool(previous and previous.created_qdisc)
         now = _now()
         plan_bytes = b.plan_bytes()
+        record_ids = _pinned_map_ids(pins)
         NodeRecord(
             node=n.name, iface=iface, netns=netns, netns_inode=ns_inode, pin_dir=str(pins),
             spec=plan.name, build=str(b.dir.resolve()),
             loaded_at=previous.loaded_at if previous else now, updated_at=now,
             programs=programs, created_qdisc=created_qdisc,
             object_sha256=b.object_sha256, config=config.hex(), maps=sizes,
-            map_ids=_pinned_map_ids(pins), plan_sha256=hashlib.sha256(plan_bytes).hexdigest(),
+            map_ids=record_ids, plan_sha256=hashlib.sha256(plan_bytes).hexdigest(),
         ).save(plan_bytes)
-        return LoadResult(n.name, iface, str(pins), previous is not None, programs,
-                          changes.written, changes.deleted, programs_kept=same_datapath)
+        result = LoadResult(n.name, iface, str(pins), previous is not None, programs,
+                            changes.written, changes.deleted, programs_kept=same_datapath)
+        if previous is not None:
+            gone = [name for name in ("ct_v4", "snat_v4") if previous.map_ids.get(name) not in (None, record_ids.get(name))]
+            if gone:
+                result.messages.append(f"note: {' and '.join(gone)} of node {n.name} were created afresh (the pinned "
+                                       "maps of the last load were gone): connections tracked before are lost")
+        return result
     except BaseException as e:
         for failure in undo.run():
             e.add_note(failure)  # the cause stays the error; what could not be undone follows it
@@ -245,11 +258,15 @@ def _load_node(b: Build, plan: Plan, n: planning.NodeInfo, iface: str, ifindex: 
         undo.held.close()
 
 
-def _pinned_map_ids(pins: Path) -> dict[str, int]:
+def _pinned_map_ids(pins: Path, names: Iterable[str] = tuple(m.name for m in layout.MAPS)) -> dict[str, int]:
+    """The ids of the maps pinned in pins (those that are there)."""
     ids = {}
-    for name in SERVICE_MAPS:
-        with bpf.MapFd.from_pin(pins / name) as m:
-            ids[name] = m.info.id
+    for name in names:
+        try:
+            with bpf.MapFd.from_pin(pins / name) as m:
+                ids[name] = m.info.id
+        except bpf.LibbpfError:
+            continue
     return ids
 
 
@@ -282,7 +299,7 @@ class _MapsView(planning.KernelView):
 
 def _applied_plan(previous: NodeRecord, map_ids: dict[str, int]) -> Plan | None:
     """The plan the last load wrote into these very maps, if bpfgen still has it."""
-    if not previous.plan_sha256 or previous.map_ids != map_ids:
+    if not previous.plan_sha256 or any(previous.map_ids.get(name) != i for name, i in map_ids.items()):
         return None
     try:
         data = previous.plan_path.read_bytes()
@@ -344,17 +361,68 @@ def _load_object(b: Build, pins: Path, plan: Plan, n: planning.NodeInfo, config:
     if not pins.is_dir():
         pins.mkdir(parents=True, mode=0o700)
         undo.push(f"pin dir {pins}", lambda: remove_pins(n.name) and None)
+    resized = _set_aside_resized(pins, sizes, undo)
     existed_before = {p.name for p in pins.iterdir()}
     with bpf.BpfObject.open(b.object_path, pin_root_path=pins) as obj:
         configure(obj, config, sizes)
         obj.load()
         for name in sorted(p.name for p in pins.iterdir() if p.name not in existed_before):
             undo.push(f"pin {pins / name}", lambda p=pins / name: p.unlink(missing_ok=True))
+        for name, old in resized.items():
+            _migrate(old, obj.map(name), sizes[name])
         maps = {name: undo.hold(obj.map(name).map_fd()) for name in SERVICE_MAPS}
         ct = undo.hold(obj.map("ct_v4").map_fd())
         changes = _sync_with_undo(maps, ct, plan, n, undo)
         programs, created_qdisc = _attach(obj, ifindex, netns, undo)
+    # The programs now use the new maps: the old ones go with their last pin.
+    for old in resized.values():
+        old.close()
+        (pins / _aside(old.name)).unlink(missing_ok=True)
     return changes, programs, created_qdisc
+
+
+ASIDE = "resizing_"  # (bpffs refuses dots in names)
+
+
+def _aside(name: str) -> str:
+    return ASIDE + name
+
+
+def _set_aside_resized(pins: Path, sizes: dict[str, int], undo: _Undo) -> dict[str, bpf.MapFd]:
+    """Pinned maps whose capacity setting changed (same layout otherwise): their pins move
+    aside so that the load creates maps of the new size, into which their entries are
+    copied; a failed load puts them back. Maps of another layout are left for libbpf to
+    refuse."""
+    resized = {}
+    for m in layout.MAPS:
+        path = pins / m.name
+        if not path.exists():
+            continue
+        old = undo.hold(bpf.MapFd.from_pin(path))
+        same_layout = (old.info.type, old.info.key_size, old.info.value_size, old.info.map_flags) == (
+            getattr(bpf, f"BPF_MAP_TYPE_{m.type}"), m.key.size, m.value.size, m.flags)
+        if not same_layout or old.info.max_entries == sizes[m.name]:
+            continue
+        aside = pins / _aside(m.name)
+        os.rename(path, aside)
+        undo.push(f"resized map {m.name}", lambda path=path, aside=aside: (
+            path.unlink(missing_ok=True), os.rename(aside, path)))
+        resized[m.name] = old
+    return resized
+
+
+def _migrate(old: bpf.MapFd, new_map: bpf.BpfMap, size: int) -> None:
+    """The entries of a map into its resized successor (an array: the slots that fit)."""
+    with new_map.map_fd() as new:
+        entries = old.lookup_batch(BATCH)
+        if old.info.type in bpf.ARRAY_TYPES:
+            entries = [(k, v) for k, v in entries if layout.ID_KEY.unpack(k) < size and any(v)]
+        elif len(entries) > size and old.info.type not in bpf.LRU_TYPES:
+            raise UsageError(f"map {old.name} holds {len(entries)} entries, more than its new size {size}; "
+                             "raise the capacity setting again")
+        for i in range(0, len(entries), BATCH * 16):
+            chunk = entries[i:i + BATCH * 16]
+            new.update_batch([k for k, _ in chunk], [v for _, v in chunk])
 
 
 def configure(obj: bpf.BpfObject, config: bytes, sizes: dict[str, int]) -> None:
@@ -416,12 +484,36 @@ class UnloadResult:
     removed_qdisc: bool
 
 
-def _refuse_other_owner(name: str, iface: str, ns_inode: int) -> None:
-    """One node per interface: another node's datapath there is not taken over."""
+def _refuse_other_owner(name: str, iface: str, ns_inode: int, ifindex: int, netns: str | None) -> None:
+    """One node per interface: another node's datapath there is not taken over, whether
+    its record says so or only the kernel does (the record lost: the attached program
+    uses the maps pinned for another node)."""
     for r in NodeRecord.all():
-        if r.node != name and (r.iface, r.netns_inode) == (iface, ns_inode):
+        if r.node != name and (r.iface, r.netns_inode) == (iface, ns_inode) and not r.stale():
             raise UsageError(f"interface '{iface}' here carries node '{r.node}'; unload it first "
                              f"(bpfgen unload --iface {iface} --node {r.node})")
+    owner = tc_owner(ifindex, netns)
+    if owner is not None and owner != name:
+        raise UsageError(f"interface '{iface}' here runs the programs of node '{owner}' (its maps are pinned in "
+                         f"{pin_dir(owner)}, its record is missing); unload it first "
+                         f"(bpfgen unload --iface {iface} --node {owner})")
+
+
+def tc_owner(ifindex: int, netns: str | None) -> str | None:
+    """The node whose pinned maps the program on the interface's ingress uses, if any."""
+    with enter_netns(netns):
+        prog_id = bpf.tc_query(ifindex, bpf.BPF_TC_INGRESS, TC_HANDLE, TC_PRIORITY)
+    if prog_id is None:
+        return None
+    try:
+        with bpf.prog_get_fd_by_id(prog_id) as fd:
+            used = set(bpf.prog_map_ids(fd))
+    except bpf.LibbpfError:
+        return None
+    for node in pinned_nodes():
+        if set(_pinned_map_ids(pin_dir(node), SERVICE_MAPS).values()) & used:
+            return node
+    return None
 
 
 def _node_for_unload(iface: str, node: str | None, ns_inode: int, netns: str | None) -> str:
@@ -453,7 +545,7 @@ def unload(iface: str, node: str | None = None, netns: str | None = None) -> Unl
             if record and (record.iface, record.netns_inode) != (iface, here):
                 raise UsageError(f"node '{name}' is loaded on {record.where()}; unload it there")
             if record is None:
-                _refuse_other_owner(name, iface, here)
+                _refuse_other_owner(name, iface, here, ifindex, netns)
             detached = []
             removed_qdisc = False
             with enter_netns(netns):
@@ -472,15 +564,16 @@ def unload(iface: str, node: str | None = None, netns: str | None = None) -> Unl
 
 
 def _clear_orphan(node: str) -> UnloadResult | None:
-    """A node whose record is unreadable, or whose namespace is gone (with all it held
-    in the kernel but the pins): its pins and record are removed without tc."""
+    """A node whose record is unreadable, whose namespace is gone, or whose programs the
+    kernel no longer has (its interface was removed): nothing of it is left in the kernel
+    but the pins, which are removed with the record, without tc."""
     with node_lock(node):
         try:
             record = NodeRecord.load(node)
         except UnreadableRecord:
             (record_dir() / f"{node}.json").unlink(missing_ok=True)
             return UnloadResult(node, "?", [], remove_pins(node), False)
-        if record is None or not record.namespace_gone():
+        if record is None or not (record.namespace_gone() or record.stale()):
             return None
         removed = remove_pins(node)
         record.remove()
@@ -495,11 +588,16 @@ def status() -> list[dict]:
     check_privileges()
     require_host_bpffs()
     rows = []
-    for r in NodeRecord.all():
+    records = NodeRecord.all()
+    for node in sorted(set(pinned_nodes()) - {r.node for r in records}):
+        rows.append({"node": node, "record": False, "pin_dir": str(pin_dir(node)), "pinned": True,
+                     "note": "maps pinned but no record (lost /run/bpfgen?): `bpfgen unload --node` clears it, "
+                             "`bpfgen load` takes it over"})
+    for r in records:
         row = {
-            "node": r.node, "iface": r.iface, "netns": r.netns, "pin_dir": r.pin_dir, "spec": r.spec,
-            "build": r.build, "loaded_at": r.loaded_at, "updated_at": r.updated_at,
-            "programs": r.programs, "pinned": Path(r.pin_dir).is_dir(),
+            "node": r.node, "record": True, "iface": r.iface, "netns": r.netns, "pin_dir": r.pin_dir,
+            "spec": r.spec, "build": r.build, "loaded_at": r.loaded_at, "updated_at": r.updated_at,
+            "programs": r.programs, "pinned": Path(r.pin_dir).is_dir(), "stale": r.stale(),
         }
         if r.netns is not None or r.netns_inode == netns_inode():
             try:

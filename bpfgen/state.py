@@ -55,7 +55,13 @@ class UnreadableRecord(BpfgenError):
 
 
 def pin_dir(node: str) -> Path:
-    return pin_root() / node
+    """Where node's maps are pinned; the name is checked (it becomes a path) and the
+    directory, when it exists, must be a directory of bpfgen's, not a link elsewhere."""
+    check_node_name(node)
+    d = pin_root() / node
+    if d.is_symlink():
+        raise BpfgenError(f"{d} is a symbolic link, not bpfgen's pin directory; remove it")
+    return d
 
 
 def check_privileges() -> None:
@@ -170,6 +176,21 @@ class NodeRecord:
                 records.append(record)
         return records
 
+    def stale(self) -> bool:
+        """None of the programs the record names exists any more: the kernel dropped them
+        (their interface or namespace was removed), and the record speaks of nothing."""
+        from . import libbpf as bpf
+
+        for prog in self.programs.values():
+            try:
+                with bpf.prog_get_fd_by_id(prog["id"]) as fd:
+                    info = bpf.prog_info(fd)
+                if info.tag == prog.get("tag", info.tag):  # (not an id the kernel gave another program)
+                    return False
+            except bpf.LibbpfError:
+                continue
+        return bool(self.programs)
+
     def namespace_gone(self) -> bool:
         """The named namespace the node was loaded in no longer exists (or is another one
         by now): nothing of it is left in the kernel but the pins."""
@@ -186,7 +207,10 @@ class NodeRecord:
 
 
 def pinned_nodes() -> list[str]:
-    return sorted(p.name for p in pin_root().iterdir() if p.is_dir()) if pin_root().is_dir() else []
+    root = pin_root()
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.is_symlink() and _NODE_NAME.fullmatch(p.name))
 
 
 def resolve_loaded_node(node: str | None, netns: str | None = None) -> str:
@@ -195,6 +219,10 @@ def resolve_loaded_node(node: str | None, netns: str | None = None) -> str:
     check_privileges()
     require_host_bpffs()
     if node:
+        check_node_name(node)
+        if netns:
+            with enter_netns(netns):  # (a namespace that does not exist is an error, not ignored)
+                pass
         if node not in pinned_nodes():
             raise UsageError(f"nothing of bpfgen is loaded for node '{node}' (no pins in {pin_dir(node)})")
         return node

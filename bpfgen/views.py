@@ -24,7 +24,10 @@ PROTO_NAMES = {v: k for k, v in layout.PROTOCOLS.items()}
 def pinned_map_names(node: str) -> list[str]:
     d = pin_dir(node)
     order = {m.name: i for i, m in enumerate(layout.MAPS)}
-    return sorted((p.name for p in d.iterdir()), key=lambda n: (order.get(n, len(order)), n)) if d.is_dir() else []
+    if not d.is_dir():
+        return []
+    names = [p.name for p in d.iterdir() if not p.name.startswith("resizing_")]  # (a load replacing it)
+    return sorted(names, key=lambda n: (order.get(n, len(order)), n))
 
 
 @contextmanager

@@ -296,8 +296,12 @@ def check_services(pins: Path, expected: dict[str, tuple[str, list[str]]], *args
 
 
 def records(run_dir: Path) -> list[str]:
+    """The node records, and beside each the plan it applied (<node>.applied-plan)."""
     d = run_dir / "nodes"
-    return sorted(p.name for p in d.iterdir()) if d.is_dir() else []
+    names = sorted(p.name for p in d.iterdir()) if d.is_dir() else []
+    assert {n.removesuffix(".applied-plan") for n in names if n.endswith(".applied-plan")} <= {
+        n.removesuffix(".json") for n in names}, names  # no plan without its record
+    return [n for n in names if not n.endswith(".applied-plan")]
 
 
 def assert_nothing_left(ns: Netns, pins: Path, run_dir: Path) -> None:
@@ -307,6 +311,7 @@ def assert_nothing_left(ns: Netns, pins: Path, run_dir: Path) -> None:
         assert tc_filters(ns, hook) == [], hook
     assert "clsact" not in qdisc_kinds(ns)
     assert records(run_dir) == []
+    assert not (run_dir / "nodes").is_dir() or not any((run_dir / "nodes").iterdir())
 
 
 # ---------------------------------------------------------------- conntrack / SNAT state written "by a packet"
@@ -602,24 +607,40 @@ def test_update_changes_maps_in_place_and_keeps_state(builds, state, netns: Netn
     assert row3["loaded_at"] == row0["loaded_at"]
 
 
-def test_update_with_incompatible_layout_is_refused_and_keeps_the_load(builds, state, netns: Netns, loaded):
+def test_a_capacity_change_moves_the_live_entries_into_the_resized_maps(builds, state, netns: Netns, loaded):
+    """No update needs `unload`: conntrack and SNAT are copied into maps of the new size."""
     pins = state["pins"]
     ct = write_state(pins)
-    before = {name: _sorted(bpftool_entries(pins / name)) for name in TABLE_MAPS}
     maps0 = map_ids(pins)
-    status0 = ok_stdout(bpfgen("status", "-o", "json"))
-
-    err = clean_error(bpfgen("load", "--iface", IFACE, "--build", str(builds["incompatible"]), "--netns", netns.name),
-                      exit_code=1)
-    assert "ct_v4" in err and "incompatible" in err
-    assert "max_entries 4096 here, 524288 pinned" in err
-
-    assert attached(netns) == loaded["ids"]
-    assert map_ids(pins) == maps0
-    assert {name: _sorted(bpftool_entries(pins / name)) for name in TABLE_MAPS} == before
-    assert ok_stdout(bpfgen("status", "-o", "json")) == status0
+    stderr = load(netns, builds["incompatible"])  # capacity.flows 2048: ct_v4 and snat_v4 of 4096 entries
+    assert f"updated node {NODE} on {IFACE}" in stderr and "programs replaced" in stderr
+    maps1 = map_ids(pins)
+    assert sorted(p.name for p in pins.iterdir()) == sorted(MAP_NAMES)  # nothing set aside is left
+    for name in MAP_NAMES:
+        assert (maps1[name] != maps0[name]) == (name in ("ct_v4", "snat_v4")), name
+        size = bpftool("map", "show", "pinned", str(pins / name))["max_entries"]
+        assert size == (4096 if name in ("ct_v4", "snat_v4") else bpftool("map", "show", "id", str(maps0[name]))["max_entries"])
     assert_state(pins, ct)
     check_services(pins, SEED_TABLE)
+    new = load_ids(stderr)
+    assert attached(netns) == new
+    for hook in ("ingress", "egress"):
+        assert uses_pinned_maps(bpftool("prog", "show", "id", str(new[hook])), pins)
+    assert wait_gone(list(loaded["ids"].values())) == []
+
+
+def test_a_pinned_map_of_another_layout_is_refused_and_nothing_is_left(builds, state, netns: Netns):
+    """A map pinned under a bpfgen name with another key or value size (another bpfgen, or
+    someone else's) is named, with the difference, and the load changes nothing."""
+    state["pins"].mkdir(parents=True)
+    run("bpftool", "map", "create", str(state["pins"] / "ct_v4"), "type", "lru_hash", "key", "16", "value", "8",
+        "entries", "1024", "name", "ct_v4")
+    err = clean_error(bpfgen("load", "--iface", IFACE, "--build", str(builds["seed"]), "--netns", netns.name),
+                      exit_code=1)
+    assert "ct_v4" in err and "incompatible" in err and "value_size" in err
+    assert attached(netns) == {"ingress": None, "egress": None}
+    assert sorted(p.name for p in state["pins"].iterdir()) == ["ct_v4"]
+    assert records(state["run"]) == []
 
 
 # ---------------------------------------------------------------- unload
