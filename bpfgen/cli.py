@@ -6,9 +6,11 @@ goes to stdout alone; messages go to stderr.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,7 +37,8 @@ def handle_errors(fn: Callable) -> Callable:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         debug = click.get_current_context().find_object(Context)
         try:
-            return fn(*args, **kwargs)
+            with _notes_to_stderr():
+                return fn(*args, **kwargs)
         except BpfgenError as e:
             if debug and debug.debug:
                 from .libbpf import VerifierError
@@ -59,6 +62,28 @@ def handle_errors(fn: Callable) -> Callable:
             _fail(["interrupted"], EXIT_FAILURE)
 
     return wrapper
+
+
+@contextlib.contextmanager
+def _notes_to_stderr() -> Any:
+    """Notes about a spec (bpfgen.kube.SpecNote warnings: what Kubernetes input skipped or
+    decided) printed to stderr, each once however often the spec is read."""
+    from .kube import SpecNote
+
+    shown: set[str] = set()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", SpecNote)
+        original = warnings.showwarning
+
+        def show(message: Any, category: Any, *args: Any, **kwargs: Any) -> None:
+            if not issubclass(category, SpecNote):
+                original(message, category, *args, **kwargs)
+            elif str(message) not in shown:
+                shown.add(str(message))
+                click.echo(f"bpfgen: note: {message}", err=True)
+
+        warnings.showwarning = show
+        yield
 
 
 def output_option(fn: Callable) -> Callable:

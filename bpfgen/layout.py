@@ -255,6 +255,8 @@ ENUMS = (DROP_REASONS,)
 FLAGS = {
     "SVC_NODEPORT": 1,
     "SVC_CLUSTERIP": 2,
+    "SVC_EXTERNALIP": 4,  # a frontend on one of a service's externalIPs
+    "SVC_LOADBALANCER": 8,  # a frontend on a load balancer IP of a service
     "BACKEND_LOCAL": 1,
     # ct entry flags
     "CT_CLOSING": 1,  # both sides sent FIN, or a RST was seen

@@ -170,6 +170,10 @@ def _ep(addr: Any, port: int) -> str:
     return f"{addr}:{port}"
 
 
+_FRONTEND_KINDS = (("NodePort", "SVC_NODEPORT"), ("LoadBalancer", "SVC_LOADBALANCER"),
+                   ("ExternalIP", "SVC_EXTERNALIP"), ("ClusterIP", "SVC_CLUSTERIP"))
+
+
 def service_list(node: str) -> list[dict]:
     """The service table of node, read from its pinned maps."""
     with open_maps(node, ["svc_v4", "backend_v4"]) as maps:
@@ -185,7 +189,7 @@ def service_list(node: str) -> list[dict]:
     rows = []
     for fe, val in masters.items():
         addr, port, proto = fe
-        kind = "NodePort" if val["flags"] & layout.FLAGS["SVC_NODEPORT"] else "ClusterIP"
+        kind = next((name for name, bit in _FRONTEND_KINDS if val["flags"] & layout.FLAGS[bit]), "ClusterIP")
         bes = []
         for slot in range(1, val["count"] + 1):
             backend_id = slots.get(fe, {}).get(slot)

@@ -11,6 +11,8 @@ typedef __u8 bpfgen_proto_t; /* IP protocol number (6 TCP, 17 UDP) */
 
 #define SVC_NODEPORT 1
 #define SVC_CLUSTERIP 2
+#define SVC_EXTERNALIP 4
+#define SVC_LOADBALANCER 8
 #define BACKEND_LOCAL 1
 #define CT_CLOSING 1
 #define CT_ESTABLISHED 2
