@@ -7,34 +7,45 @@ else looks at the data:
   bytes are read whatever the file claims);
 - a document nests at most MAX_DEPTH collections deep, has at most MAX_NODES nodes written in
   it and at most MAX_EXPANDED once its aliases are expanded (what pydantic, or any consumer,
-  walks). Nothing here recurses along the nesting before the depth is known to be bounded.
+  walks); the node counts are over a whole stream of documents.
 
-YAML is read as libyaml's event stream (the pure-Python parser of PyYAML if libyaml is absent),
-and built into data in one linear pass: every node is seen once, an alias costs its anchor's
-memoised size. The result is what yaml.safe_load gives (YAML 1.1 scalars, merge keys `<<`),
-except that recursive aliases and the tags !!set, !!omap and !!pairs are refused. JSON (a file
-named *.json, or text that starts with `{` or `[` and parses as JSON) goes through the json
-module.
+Each violation is one SpecError with one Problem: the file, and the line where that is useful.
 
-The happy path keeps no line information at all: Document.line_of parses the text again the
-first time it is asked (YAML: the events into a small tree of lines; JSON: only the containers
-along the asked paths, each indexed once) and walks down it along the path.
+YAML is read as the event stream of libyaml's parser (PyYAML's pure-Python one if PyYAML was
+built without libyaml) and built into data in one pass with a stack of its own: nothing
+recurses along the nesting (PyYAML's C composer, yaml.CSafeLoader's, does, in C, with no limit
+of its own: with Debian 12's python3-yaml and libyaml 0.2.5, 50,000 nested `[` are a SIGSEGV;
+the libyaml of PyYAML's 6.0.4 wheels refuses more than 1,000 levels), every node is seen
+once, and an alias costs its anchor's size, known when the anchor's node ended, so a billion
+laughs stops at the alias that passes MAX_EXPANDED. The data is what
+yaml.safe_load gives (YAML 1.1 scalars, merge keys `<<`), except that: recursive aliases and
+the tags !!set, !!omap and !!pairs are refused; in `<<: [*a, *b]` the first mapping wins, as
+the merge key's spec says (PyYAML 6.0.4 lets the last one win for keys of two characters or
+more: yaml/pyyaml#953); `=` and `<<` as values are strings. A merge counts the whole size of
+what it merges, even the keys overridden. JSON (a file named *.json, or a text that starts
+with `{` or `[` and parses as JSON) goes through the json module (it recurses in C, under
+the interpreter's recursion limit: a RecursionError is a problem like the others).
+
+The happy path keeps no line information at all: Document.line_of reads the text again the
+first time it is asked (YAML: its events, into flat arrays of 20 bytes an entry; JSON: only
+the containers along the asked paths, each indexed once with json's C scanner) and walks down
+along the path.
 
     text = read_file(path)                  # SpecError: unreadable, too large, not UTF-8
     doc = load_document(text, path)         # SpecError: malformed, or over a limit
     doc.data, doc.duplicates, doc.line_of("services[0].ports[0].nodePort")
+    docs = load_documents(text, path)       # a YAML stream (`---`), or the one JSON document
 """
 
 from __future__ import annotations
 
 import bisect
-import gc
 import json
 import os
 import re
 import stat
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from array import array
+from typing import Any, Callable
 
 import yaml
 from yaml.constructor import SafeConstructor
@@ -60,8 +71,8 @@ except ImportError:  # pragma: no cover - depends on how PyYAML was built
 
 MAX_BYTES = 64 << 20  # a file; 10,000 services with 10 backends each are 6 MB of YAML
 MAX_DEPTH = 64  # nested collections; a spec nests 5 deep, Kubernetes objects rarely 20
-MAX_NODES = 4_000_000  # nodes written (scalars, keys, lists, mappings); that spec has 740,719
-MAX_EXPANDED = 4_000_000  # nodes once aliases are expanded (includes the written ones)
+MAX_NODES = 2_000_000  # nodes written (scalars, keys, lists, mappings); that spec has 740,719
+MAX_EXPANDED = 2_000_000  # nodes once aliases are expanded (so at least the written ones)
 
 Found = list[tuple[str, str]]  # (path, message)
 
@@ -77,26 +88,31 @@ class Document:
     is; None if the document has no line (an empty one).
     """
 
-    __slots__ = ("data", "filename", "_lines", "_index", "_duplicates", "_raw_duplicates")
+    __slots__ = ("data", "filename", "_lines", "_index", "_root_line", "_duplicates", "_raw_duplicates")
 
-    def __init__(self, data: Any, filename: str, lines: _Lines, index: int, raw_duplicates: list):
+    def __init__(self, data: Any, filename: str, lines: _Lines, index: int, root_line: int | None,
+                 raw_duplicates: list[tuple[str, str]]):
         self.data = data
         self.filename = filename
-        self._lines = lines
-        self._index = index
-        self._raw_duplicates = raw_duplicates  # (path, key) pairs, messages made when asked
+        self._lines = lines  # those of the whole text, built when first asked
+        self._index = index  # of this document in the text
+        self._root_line = root_line  # known without them
+        self._raw_duplicates = raw_duplicates  # (path, key), their messages made when asked
         self._duplicates: Found | None = None
 
     @property
     def duplicates(self) -> Found:
         if self._duplicates is None:
+            first = self._lines.line_of
             self._duplicates = [
-                (path, f"duplicate key '{key}' (first on line {self._lines.line_of(self._index, path, True)})")
+                (path, f"duplicate key '{key}' (first on line {first(self._index, path, True)})")
                 for path, key in self._raw_duplicates
             ]
         return self._duplicates
 
     def line_of(self, path: str) -> int | None:
+        if not path:
+            return self._root_line
         return self._lines.line_of(self._index, path)
 
     def __repr__(self) -> str:
@@ -127,7 +143,8 @@ def read_file(path: str | os.PathLike[str], limit: int = MAX_BYTES) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise refuse("cannot read the file: it is not UTF-8 text", data.count(b"\n", 0, err.start) + 1) from None
+        line = data.count(b"\n", 0, err.start) + 1
+        raise refuse("cannot read the file: it is not UTF-8 text", line) from None
 
 
 def _too_large(limit: int, size: int | None = None, what: str = "file") -> str:
@@ -142,7 +159,7 @@ def load_document(text: str, filename: str = "<spec>") -> Document:
     """The one document in text (YAML or JSON); SpecError if it is malformed, over a limit, or
     a YAML stream of several documents. An empty text is one document whose data is None."""
     documents = _load(text, filename, single=True)
-    return documents[0] if documents else Document(None, filename, _NO_LINES, 0, [])
+    return documents[0] if documents else Document(None, filename, _NO_LINES, 0, None, [])
 
 
 def load_documents(text: str, filename: str = "<spec>") -> list[Document]:
@@ -181,20 +198,6 @@ def join_path(path: str, key: object) -> str:
     return f"{path}.{key}" if path else str(key)
 
 
-@contextmanager
-def _no_gc() -> Iterator[None]:
-    """The cyclic GC paused: building a million containers that all stay alive makes it
-    traverse them again and again (it triples the time of a large document), and none of
-    them can be garbage yet."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
 # --- YAML --------------------------------------------------------------------------------------
 
 _MISSING = object()
@@ -218,10 +221,15 @@ _SCALAR_TAGS = {  # the tags of SafeConstructor that make scalars
 }
 _RESOLVERS = Resolver.yaml_implicit_resolvers  # what yaml.SafeLoader resolves plain scalars by
 _CONSTRUCTOR = SafeConstructor()
+_CACHED = 100_000  # distinct plain scalars remembered (a spec repeats few: keys, nodes, ports)
 
 
 class _Bad(Exception):
-    """A problem at the current event (its line is added where it is caught)."""
+    """A problem in a YAML document: at line, or at the current event's if None."""
+
+    def __init__(self, message: str, line: int | None = None):
+        super().__init__(message)
+        self.line = line
 
 
 def _plain(value: str) -> Any:
@@ -252,9 +260,13 @@ def _construct(tag: str, value: str) -> Any:
         return value
     try:
         return SafeConstructor.yaml_constructors[tag](_CONSTRUCTOR, ScalarNode(tag, value))
-    except (ValueError, yaml.YAMLError) as err:  # 2001-13-01, an int of 5,000 digits, bad base64
-        problem = err.problem if isinstance(err, yaml.MarkedYAMLError) else err
-        raise _Bad(f"cannot read the value {_short(value)} as {tag.rsplit(':', 1)[-1]}: {problem}") from None
+    except Exception as err:  # 2001-13-01, an int of 5,000 digits, !!bool maybe, bad base64
+        message = f"cannot read the value {_short(value)} as {tag.rsplit(':', 1)[-1]}"
+        if isinstance(err, yaml.MarkedYAMLError):
+            message += f": {err.problem}"
+        elif isinstance(err, ValueError) and str(err):
+            message += f": {err}"
+        raise _Bad(message) from None
 
 
 def _short(value: str) -> str:
@@ -268,7 +280,7 @@ def _kind(obj: Any) -> str:
 class _Frame:
     """A collection being built."""
 
-    __slots__ = ("obj", "is_map", "key", "start", "anchor", "merges", "line")
+    __slots__ = ("obj", "is_map", "key", "start", "anchor", "merges", "line")  # line: its start
 
 
 def _events(text: str) -> tuple[Any, Callable[[], Any]]:
@@ -279,149 +291,170 @@ def _events(text: str) -> tuple[Any, Callable[[], Any]]:
 
 def _load_yaml(text: str, filename: str, single: bool) -> list[Document]:
     try:
-        roots, duplicates = _build(text, filename, single)
+        roots, root_lines, duplicates = _build(text, filename, single)
     except yaml.YAMLError as err:
-        message, line = _describe_yaml_error(err, text)
+        message, line = _describe_yaml_error(err, text, in_bytes=_EventSource is not yaml.SafeLoader)
         raise _problem(filename, f"malformed YAML: {message}", line) from None
     except UnicodeEncodeError:  # a str with lone surrogates, which no file decodes to
         raise _problem(filename, "the text is not valid Unicode") from None
     lines = _YamlLines(text)
-    return [Document(root, filename, lines, i, dups) for i, (root, dups) in enumerate(zip(roots, duplicates))]
+    return [
+        Document(root, filename, lines, i, line, dups)
+        for i, (root, line, dups) in enumerate(zip(roots, root_lines, duplicates))
+    ]
 
 
-def _build(text: str, filename: str, single: bool) -> tuple[list[Any], list[list[tuple[str, str]]]]:
-    """The data of each document of the YAML stream text and the duplicate keys of each, as
-    (path, key); SpecError over a limit or for what yaml.safe_load would not construct,
-    yaml.YAMLError if malformed. One pass over the parser's events: no recursion, and an alias
+def _build(
+    text: str, filename: str, single: bool
+) -> tuple[list[Any], list[int | None], list[list[tuple[str, str]]]]:
+    """The data of each document of the YAML stream text, the line of its root and its
+    duplicate keys as (path, key); SpecError over a limit or for what yaml.safe_load would
+    not construct, yaml.YAMLError if malformed. One pass over the parser's events: no recursion, and an alias
     costs its anchor's size in the expanded count, known when the anchor's node ended."""
     parser, get_event = _events(text)
     roots: list[Any] = []
+    root_lines: list[int | None] = []
     duplicates: list[list[tuple[str, str]]] = []
     stack: list[_Frame] = []
     anchors: dict[str, tuple[Any, int] | None] = {}  # None: its node is not finished yet
-    cache: dict[str, Any] = {}  # plain scalar -> its value (they are immutable)
+    cache: dict[str, Any] = {}  # plain scalar -> its value (they are immutable), up to a bound
     root: Any = None
+    root_line: int | None = None
     dups: list[tuple[str, str]] = []
     nodes = expanded = 0
     event = None
     try:
-        with _no_gc():
-            for event in iter(get_event, None):
-                cls = event.__class__
-                if cls is ScalarEvent:
-                    nodes += 1
-                    expanded += 1
-                    if expanded > MAX_EXPANDED or nodes > MAX_NODES:
-                        raise _too_many(filename, nodes, event)
-                    tag = event.tag
-                    if tag is None or tag == "!":
-                        if event.implicit[0]:
-                            obj = cache.get(event.value, _MISSING)
-                            if obj is _MISSING:
-                                obj = cache[event.value] = _plain(event.value)
-                        else:
-                            obj = event.value
+        for event in iter(get_event, None):
+            cls = event.__class__
+            if cls is ScalarEvent:
+                nodes += 1
+                expanded += 1
+                if expanded > MAX_EXPANDED or nodes > MAX_NODES:
+                    raise _too_many(filename, nodes, event)
+                tag = event.tag
+                if tag is None or tag == "!":
+                    if event.implicit[0]:
+                        obj = cache.get(event.value, _MISSING)
+                        if obj is _MISSING:
+                            obj = _plain(event.value)
+                            if len(cache) < _CACHED:
+                                cache[event.value] = obj
                     else:
-                        obj = _tagged(tag, event.value)
-                    if event.anchor is not None:
-                        _anchor(anchors, event, (obj, 1))
-                elif cls is MappingStartEvent or cls is SequenceStartEvent:
-                    nodes += 1
-                    expanded += 1
-                    if expanded > MAX_EXPANDED or nodes > MAX_NODES:
-                        raise _too_many(filename, nodes, event)
-                    if len(stack) >= MAX_DEPTH:
-                        line = event.start_mark.line + 1
-                        raise _problem(filename, f"nested deeper than {MAX_DEPTH} levels", line)
-                    frame = _Frame()
-                    frame.is_map = is_map = cls is MappingStartEvent
-                    tag = event.tag
-                    if tag is not None and tag != "!" and tag != (_MAP if is_map else _SEQ):
-                        raise _Bad(f"malformed YAML: the tag {tag!r} is not supported on {'a mapping' if is_map else 'a list'}")
-                    frame.obj = {} if is_map else []
-                    frame.key = _NO_KEY
-                    frame.start = expanded - 1
-                    frame.anchor = event.anchor
-                    frame.merges = None
-                    frame.line = event.start_mark.line + 1
-                    if event.anchor is not None:
-                        _anchor(anchors, event, None)
-                    stack.append(frame)
-                    continue
-                elif cls is MappingEndEvent or cls is SequenceEndEvent:
-                    frame = stack.pop()
-                    obj = frame.obj
-                    if frame.merges is not None:
-                        merged: dict = {}
-                        for source in frame.merges:
-                            merged.update(source)
-                        merged.update(obj)
-                        obj = merged
-                    if frame.anchor is not None:
-                        anchors[frame.anchor] = (obj, expanded - frame.start)
-                elif cls is AliasEvent:
-                    entry = anchors.get(event.anchor, _MISSING)
-                    if entry is _MISSING:
-                        raise _Bad(f"malformed YAML: found undefined alias '{event.anchor}'")
-                    if entry is None:
-                        raise _Bad(f"alias *{event.anchor} is inside the node it refers to (a recursive structure)")
-                    obj, size = entry
-                    expanded += size
-                    if expanded > MAX_EXPANDED:
-                        line = event.start_mark.line + 1
-                        message = f"its aliases expand the document to more than {MAX_EXPANDED:,} nodes"
-                        raise _problem(filename, message, line)
-                elif cls is DocumentStartEvent:
-                    if single and roots:
-                        raise _Bad("malformed YAML: expected a single document in the stream; but found another document")
-                    anchors = {}  # anchors are the document's
-                    root, dups = None, []
-                    continue
-                elif cls is DocumentEndEvent:
-                    roots.append(root)
-                    duplicates.append(dups)
-                    continue
-                else:  # the stream's start and end
-                    continue
+                        obj = event.value
+                else:
+                    obj = _tagged(tag, event.value)
+                if event.anchor is not None:
+                    _anchor(anchors, event, (obj, 1))
+            elif cls is MappingStartEvent or cls is SequenceStartEvent:
+                nodes += 1
+                expanded += 1
+                if expanded > MAX_EXPANDED or nodes > MAX_NODES:
+                    raise _too_many(filename, nodes, event)
+                if len(stack) >= MAX_DEPTH:
+                    line = event.start_mark.line + 1
+                    raise _problem(filename, f"nested deeper than the limit of {MAX_DEPTH} levels", line)
+                frame = _Frame()
+                frame.is_map = is_map = cls is MappingStartEvent
+                tag = event.tag
+                if tag is not None and tag != "!" and tag != (_MAP if is_map else _SEQ):
+                    kind = "a mapping" if is_map else "a list"
+                    raise _Bad(f"malformed YAML: the tag {tag!r} is not supported on {kind}")
+                frame.obj = {} if is_map else []
+                frame.key = _NO_KEY
+                frame.start = expanded - 1
+                frame.anchor = event.anchor
+                frame.merges = None
+                frame.line = event.start_mark.line + 1
+                if event.anchor is not None:
+                    _anchor(anchors, event, None)
+                stack.append(frame)
+                continue
+            elif cls is MappingEndEvent or cls is SequenceEndEvent:
+                frame = stack.pop()
+                obj = frame.obj
+                if frame.merges is not None:
+                    merged: dict = {}
+                    for source in frame.merges:
+                        merged.update(source)
+                    merged.update(obj)
+                    obj = merged
+                if frame.anchor is not None:
+                    anchors[frame.anchor] = (obj, expanded - frame.start)
+            elif cls is AliasEvent:
+                entry = anchors.get(event.anchor, _MISSING)
+                if entry is _MISSING:
+                    raise _Bad(f"malformed YAML: found undefined alias '{event.anchor}'")
+                if entry is None:
+                    message = f"alias *{event.anchor} is inside the node it refers to (a recursive structure)"
+                    raise _Bad(message)
+                obj, size = entry
+                expanded += size
+                if expanded > MAX_EXPANDED:
+                    line = event.start_mark.line + 1
+                    message = f"aliases expand the document past the limit of {MAX_EXPANDED:,} nodes"
+                    raise _problem(filename, message, line)
+            elif cls is DocumentStartEvent:
+                if single and roots:
+                    message = "expected a single document in the stream; but found another document"
+                    raise _Bad(f"malformed YAML: {message}")
+                anchors = {}  # anchors are the document's
+                root, root_line, dups = None, None, []
+                continue
+            elif cls is DocumentEndEvent:
+                roots.append(root)
+                root_lines.append(root_line)
+                duplicates.append(dups)
+                continue
+            else:  # the stream's start and end
+                continue
 
-                if not stack:
-                    root = "<<" if obj is _MERGE else obj
-                    continue
-                top = stack[-1]
-                if not top.is_map:
-                    top.obj.append("<<" if obj is _MERGE else obj)
-                    continue
-                key = top.key
-                if key is _NO_KEY:
-                    if type(obj) is dict or type(obj) is list:
-                        raise _Bad(f"malformed YAML: found unhashable key ({_kind(obj)})")
-                    top.key = obj
-                    continue
-                top.key = _NO_KEY
-                if obj is _MERGE:
-                    obj = "<<"
-                if key is _MERGE:
-                    if type(obj) is dict:
-                        sources = [obj]
-                    elif type(obj) is list and all(type(item) is dict for item in obj):
-                        sources = obj[::-1]  # the first mapping listed wins
-                    else:
-                        kind = _kind(obj) if type(obj) is not list else "a list with other things than mappings"
-                        raise _Bad(f"malformed YAML: expected a mapping or list of mappings for merging, but found {kind}")
-                    if top.merges is None:
-                        top.merges = []
-                    top.merges += sources
-                    continue
-                mapping = top.obj
-                if key in mapping:
-                    dups.append((join_path(_path_of(stack), key), str(key)))
-                mapping[key] = obj
+            if not stack:
+                root = "<<" if obj is _MERGE else obj
+                ended = cls is MappingEndEvent or cls is SequenceEndEvent
+                root_line = frame.line if ended else event.start_mark.line + 1
+                continue
+            top = stack[-1]
+            if not top.is_map:
+                top.obj.append("<<" if obj is _MERGE else obj)
+                continue
+            key = top.key
+            if key is _NO_KEY:
+                if type(obj) is dict or type(obj) is list:
+                    raise _Bad(f"malformed YAML: found unhashable key ({_kind(obj)})", _start(cls, frame))
+                top.key = obj
+                continue
+            top.key = _NO_KEY
+            if obj is _MERGE:
+                obj = "<<"
+            if key is _MERGE:
+                if type(obj) is dict:
+                    sources = [obj]
+                elif type(obj) is list and all(type(item) is dict for item in obj):
+                    sources = obj[::-1]  # the first mapping listed wins
+                else:
+                    kind = _kind(obj) if type(obj) is not list else "a list with other things than mappings"
+                    message = f"expected a mapping or list of mappings for merging, but found {kind}"
+                    raise _Bad(f"malformed YAML: {message}", _start(cls, frame))
+                if top.merges is None:
+                    top.merges = []
+                top.merges += sources
+                continue
+            mapping = top.obj
+            if key in mapping:
+                dups.append((join_path(_path_of(stack), key), str(key)))
+            mapping[key] = obj
     except _Bad as err:
-        line = event.start_mark.line + 1 if event is not None and event.start_mark is not None else None
+        line = err.line if err.line is not None else event.start_mark.line + 1 if event is not None else None
         raise _problem(filename, str(err), line) from None
     finally:
         parser.dispose()
-    return roots, duplicates
+    return roots, root_lines, duplicates
+
+
+def _start(cls: type, frame: _Frame) -> int | None:
+    """The line where the node of the event of class cls starts, if that is not the event's:
+    that of a collection ended by the event."""
+    return frame.line if cls is MappingEndEvent or cls is SequenceEndEvent else None
 
 
 def _anchor(anchors: dict, event: Any, value: Any) -> None:
@@ -433,8 +466,8 @@ def _anchor(anchors: dict, event: Any, value: Any) -> None:
 def _too_many(filename: str, nodes: int, event: Any) -> SpecError:
     line = event.start_mark.line + 1
     if nodes > MAX_NODES:
-        return _problem(filename, f"the document has more than {MAX_NODES:,} nodes", line)
-    return _problem(filename, f"its aliases expand the document to more than {MAX_EXPANDED:,} nodes", line)
+        return _problem(filename, f"the document has more nodes than the limit of {MAX_NODES:,}", line)
+    return _problem(filename, f"aliases expand the document past the limit of {MAX_EXPANDED:,} nodes", line)
 
 
 def _path_of(stack: list[_Frame]) -> str:
@@ -449,19 +482,18 @@ def _path_of(stack: list[_Frame]) -> str:
     return path
 
 
-def _describe_yaml_error(err: yaml.YAMLError, text: str) -> tuple[str, int | None]:
-    """A YAML error as (message, line)."""
+def _describe_yaml_error(err: yaml.YAMLError, text: str, in_bytes: bool) -> tuple[str, int | None]:
+    """A YAML error as (message, line); in_bytes: a reader error's position counts bytes of
+    the UTF-8 text (libyaml), not characters (PyYAML's reader)."""
     if isinstance(err, yaml.MarkedYAMLError):
         mark = err.problem_mark or err.context_mark
         message = "; ".join(part for part in (err.context, err.problem) if part)
         return message, mark.line + 1 if mark else None
     if isinstance(err, yaml.reader.ReaderError):
-        if isinstance(err.character, int):  # PyYAML's reader: a position in characters
-            line = text.count("\n", 0, err.position) + 1
-            return f"unacceptable character #x{err.character:04x}: {err.reason}", line
-        # libyaml's: a position in bytes of the UTF-8 text
-        line = text.encode("utf-8", "surrogatepass")[: err.position].count(b"\n") + 1
-        return f"unacceptable character: {err.reason}", line
+        before = text.encode("utf-8", "surrogatepass")[: err.position] if in_bytes else text[: err.position]
+        line = before.count(b"\n" if in_bytes else "\n") + 1
+        character = f" #x{err.character:04x}" if isinstance(err.character, int) else ""
+        return f"unacceptable character{character}: {err.reason}", line
     return str(err), None
 
 
@@ -469,40 +501,43 @@ def _describe_yaml_error(err: yaml.YAMLError, text: str) -> tuple[str, int | Non
 
 
 class _Node:
-    """A collection in a line tree: keys is None for a list; lines[i] and children[i] are an
-    entry's line (a mapping entry's key) and its value (a _Node, None for a scalar, or what
-    the tree expands into one later); merges are what `<<` merges in (a mapping, or a list of
-    them), in the order they apply: the last one wins."""
+    """A view of one collection, made when a path goes through it. keys is None for a list;
+    lines[i] and children[i] are an entry's line (a mapping entry's is its key's) and its
+    value (a handle that _Lines.expand makes a _Node of; None for a scalar); merges are the
+    handles of what `<<` merges in (a mapping, or a list of them) in the order they apply (the
+    last one wins); by_key maps a key to its (first, last) entry, made when first looked up."""
 
-    __slots__ = ("line", "keys", "lines", "children", "merges")
+    __slots__ = ("keys", "lines", "children", "merges", "by_key")
 
-    def __init__(self, line: int, is_map: bool):
-        self.line = line
+    def __init__(self, is_map: bool):
         self.keys: list[str | None] | None = [] if is_map else None
         self.lines: list[int] = []
         self.children: list[Any] = []
-        self.merges: list[_Node] = []
+        self.merges: list[Any] = []
+        self.by_key: dict[str, tuple[int, int]] | None = None
 
 
 _INDEX = re.compile(r"\[(\d+)\]")
+_STEP_END = re.compile(r"[.\[]")
 
 
 class _Lines:
     """The lines of the documents of one text, found when asked."""
 
     def roots(self) -> list[tuple[int | None, Any]]:
-        """(line, root node) of each document."""
+        """(line, handle of the root collection or None) of each document."""
         raise NotImplementedError
 
-    def expand(self, child: Any) -> _Node | None:
-        return child
+    def expand(self, handle: Any) -> _Node | None:
+        """The view of a collection (None for None), made once."""
+        raise NotImplementedError
 
     def line_of(self, index: int, path: str, first: bool = False) -> int | None:
         """The line of path in document index (see Document.line_of); with first, the line
         of the first of a duplicate key's entries instead of the last."""
-        line, node = self.roots()[index]
+        line, handle = self.roots()[index]
         rest, top = path, True
-        while rest and (node := self.expand(node)) is not None:
+        while rest and (node := self.expand(handle)) is not None:
             if node.keys is None:
                 match = _INDEX.match(rest)
                 if not match or int(match[1]) >= len(node.children):
@@ -514,39 +549,44 @@ class _Lines:
                     if rest[0] != ".":
                         break
                     rest = rest[1:]
-                found = _find_key(node, rest, first)
+                found = _find_key(node, rest, first, self.expand)
                 if found is None:
                     break
                 node, i = found
                 rest = rest[len(node.keys[i]) :]
-            line, node = node.lines[i], node.children[i]
+            line, handle = node.lines[i], node.children[i]
             top = False
         return line
 
 
-def _find_key(mapping: _Node, rest: str, first: bool) -> tuple[_Node, int] | None:
+def _find_key(
+    mapping: _Node, rest: str, first: bool, expand: Callable[[Any], _Node | None]
+) -> tuple[_Node, int] | None:
     """(mapping, i) of the entry whose key starts the path rest (the longest such key, as keys
     may contain '.' or '['), looked up in mapping, then in what it merges, in the order of
     precedence; None if there is none."""
-    stack, seen = [mapping], set()
+    ends = [match.start() for match in _STEP_END.finditer(rest, 1)][::-1]
+    ends.insert(0, len(rest))  # where a key may end in rest, the longest first
+    stack: list[Any] = [mapping]
+    seen: set[int] = set()
     while stack:
-        node = stack.pop()
-        if id(node) in seen:
+        item = stack.pop()
+        node = item if isinstance(item, _Node) else expand(item)
+        if node is None or id(node) in seen:
             continue
         seen.add(id(node))
         if node.keys is None:  # `<<: [*a, *b]`: a wins over b
-            stack.extend(child for child in reversed(node.children) if child is not None)
+            stack.extend(reversed(node.children))
             continue
-        best = None
-        for i, key in enumerate(node.keys):
-            if key is None or not rest.startswith(key):
-                continue
-            if len(rest) != len(key) and rest[len(key)] not in ".[":
-                continue
-            if best is None or len(key) > len(node.keys[best]) or (len(key) == len(node.keys[best]) and not first):
-                best = i  # the longest key; of a duplicate key, the last entry (or the first)
-        if best is not None:
-            return node, best
+        if node.by_key is None:
+            node.by_key = {}
+            for i, key in enumerate(node.keys):
+                if key is not None:
+                    node.by_key[key] = (node.by_key.get(key, (i, i))[0], i)
+        for end in ends:
+            entries = node.by_key.get(rest[:end])
+            if entries is not None:
+                return node, entries[0] if first else entries[1]  # a duplicate key's first or last
         stack.extend(node.merges)  # the last one applied wins: popped first
     return None
 
@@ -555,104 +595,145 @@ class _NoLines(_Lines):
     def roots(self) -> list[tuple[int | None, Any]]:
         return [(None, None)]
 
+    def expand(self, handle: Any) -> _Node | None:
+        return None
+
 
 _NO_LINES = _NoLines()
 
+_ITEM, _KEY, _VALUE, _MERGED = range(4)  # what the next node of a collection is
+
 
 class _YamlLines(_Lines):
-    """The line tree of a YAML stream, built from its events the first time it is asked (the
-    stream was read once already, so it is within the limits)."""
+    """The lines of a YAML stream, read from its events again the first time they are asked
+    (the stream was read once already, so it is within the limits), into flat arrays: per
+    entry (a list item, or a mapping key and its value) its line, its key, the collection of
+    its value and the next entry of its collection; per collection its first and last entry.
+    About 20 bytes an entry (a tree of objects would take 300); a view of a collection is made
+    only when a path goes through it."""
 
     def __init__(self, text: str):
         self._text = text
         self._roots: list[tuple[int | None, Any]] | None = None
+        self._views: dict[int, _Node] = {}
 
     def roots(self) -> list[tuple[int | None, Any]]:
         if self._roots is None:
-            with _no_gc():
-                self._roots = self._build()
+            self._roots = self._build()
             self._text = ""
         return self._roots
 
+    def expand(self, handle: Any) -> _Node | None:
+        if handle is None:
+            return None
+        node = self._views.get(handle)
+        if node is None:
+            node = self._views[handle] = _Node(bool(self._is_map[handle]))
+            entry = self._first[handle]
+            while entry >= 0:
+                if node.keys is not None:
+                    node.keys.append(self._key[entry])
+                node.lines.append(self._line[entry])
+                child = self._child[entry]
+                node.children.append(child if child >= 0 else None)
+                entry = self._next[entry]
+            node.merges = self._merges.get(handle, [])
+        return node
+
     def _build(self) -> list[tuple[int | None, Any]]:
-        parser, get_event = _events(self._text)
+        line_of, child_of, next_of, key_of = array("i"), array("i"), array("i"), []  # per entry
+        first_of, last_of, is_map = array("i"), array("i"), bytearray()  # per collection
+        merges: dict[int, list[int]] = {}
+        keys: dict[str, str] = {}  # one copy of each key (up to a bound)
         roots: list[tuple[int | None, Any]] = []
-        stack: list[_Node] = []
-        waiting: list[bool] = []  # per mapping on the stack: is its next node a key?
-        anchors: dict[str, Any] = {}
-        merge_next: list[bool] = []  # per mapping: is the value being read that of a `<<`?
+        stack: list[list[int]] = []  # [collection, what its next node is, its entry waiting for a value]
+        anchors: dict[str, tuple[int, Any]] = {}  # -> (collection or -1, and a scalar's event)
+        parser, get_event = _events(self._text)
         try:
             for event in iter(get_event, None):
                 cls = event.__class__
-                line = event.start_mark.line + 1
                 if cls is ScalarEvent:
-                    node = None
-                    if event.tag is None or event.tag == "!":
-                        key = _plain(event.value) if event.implicit[0] else event.value
-                    else:
-                        key = _tagged(event.tag, event.value)
+                    handle, scalar = -1, event
                     if event.anchor is not None:
-                        anchors[event.anchor] = (None, key)
+                        anchors[event.anchor] = (-1, event)
                 elif cls is MappingStartEvent or cls is SequenceStartEvent:
-                    node = _Node(line, cls is MappingStartEvent)
+                    handle, scalar = len(is_map), None
+                    is_map.append(cls is MappingStartEvent)
+                    first_of.append(-1)
+                    last_of.append(-1)
                     if event.anchor is not None:
-                        anchors[event.anchor] = (node, None)
-                    if stack:
-                        self._attach(stack, waiting, merge_next, line, node, None)
-                    else:
-                        roots[-1] = (line, node)
-                    stack.append(node)
-                    waiting.append(True)
-                    merge_next.append(False)
-                    continue
+                        anchors[event.anchor] = (handle, None)
                 elif cls is MappingEndEvent or cls is SequenceEndEvent:
                     stack.pop()
-                    waiting.pop()
-                    merge_next.pop()
                     continue
                 elif cls is AliasEvent:
-                    node, key = anchors[event.anchor]
+                    handle, scalar = anchors[event.anchor]
                 elif cls is DocumentStartEvent:
                     anchors = {}
                     roots.append((None, None))
                     continue
                 else:
                     continue
+
                 if not stack:
-                    roots[-1] = (line, node)
-                    continue
-                self._attach(stack, waiting, merge_next, line, node, key)
+                    roots[-1] = (event.start_mark.line + 1, handle if handle >= 0 else None)
+                else:
+                    top = stack[-1]
+                    state = top[1]
+                    if state == _VALUE:
+                        child_of[top[2]] = handle
+                        top[1] = _KEY
+                    elif state == _MERGED:
+                        if handle >= 0:
+                            merges.setdefault(top[0], []).append(handle)
+                        top[1] = _KEY
+                    else:
+                        key = None
+                        if state == _KEY:
+                            value = _key_of(scalar) if scalar is not None else None
+                            if value is _MERGE:
+                                top[1] = _MERGED
+                                value = _MISSING
+                            else:
+                                top[1] = _VALUE
+                                key = None if value is None and scalar is None else str(value)
+                                if key is not None and len(keys) < 100_000:
+                                    key = keys.setdefault(key, key)
+                        else:
+                            value = None
+                        if value is not _MISSING:
+                            entry = len(line_of)
+                            line_of.append(event.start_mark.line + 1)
+                            child_of.append(handle if state == _ITEM else -1)
+                            next_of.append(-1)
+                            key_of.append(key)
+                            collection = top[0]
+                            if last_of[collection] < 0:
+                                first_of[collection] = entry
+                            else:
+                                next_of[last_of[collection]] = entry
+                            last_of[collection] = entry
+                            top[2] = entry
+                if handle >= 0 and (cls is MappingStartEvent or cls is SequenceStartEvent):
+                    stack.append([handle, _KEY if cls is MappingStartEvent else _ITEM, -1])
         finally:
             parser.dispose()
+        self._line, self._child, self._next, self._key = line_of, child_of, next_of, key_of
+        self._first, self._is_map, self._merges = first_of, is_map, merges
         return roots
 
-    @staticmethod
-    def _attach(stack: list[_Node], waiting: list[bool], merge_next: list[bool], line: int,
-                node: Any, key: Any) -> None:
-        """Add a node (a _Node, or None for a scalar whose value is key) to the top of the stack."""
-        top = stack[-1]
-        if top.keys is None:
-            top.lines.append(line)
-            top.children.append(node)
-        elif waiting[-1]:  # a key
-            waiting[-1] = False
-            merge_next[-1] = key is _MERGE
-            if not merge_next[-1]:
-                top.keys.append(None if node is not None else str(key))
-                top.lines.append(line)
-                top.children.append(None)
-        else:  # its value
-            waiting[-1] = True
-            if merge_next[-1]:
-                if node is not None:
-                    top.merges.append(node)
-            else:
-                top.children[-1] = node
+
+def _key_of(event: Any) -> Any:
+    """The value of a scalar event, as the data has it (only wanted for keys)."""
+    if event.tag is None or event.tag == "!":
+        return _plain(event.value) if event.implicit[0] else event.value
+    return _tagged(event.tag, event.value)
 
 
 # --- JSON --------------------------------------------------------------------------------------
 
 _JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_JSON_EMPTY = re.compile(r"\[[ \t\n\r]*\]|\{[ \t\n\r]*\}")
 _JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]|(NaN|-?Infinity)', re.DOTALL)
 
 
@@ -668,10 +749,13 @@ def _load_json(text: str, filename: str, strict: bool) -> Document | None:
     """The document of a JSON text; None if it is not JSON and not strict (then it may be
     YAML); SpecError if it is malformed (strict) or over a limit."""
     bound = 1 + sum(map(text.count, ",:[{"))  # every node but the root follows one of them
-    if bound > MAX_NODES:
-        bound = 1 + sum(map(_JSON_STRING.sub('""', text).count, ",:[{"))  # not those in strings
-        if bound > MAX_NODES:  # (as YAML it would be as many)
-            raise _problem(filename, f"the document has more than {MAX_NODES:,} nodes")
+    if bound > MAX_NODES:  # count again without strings, and less the empty containers
+        bare = _JSON_STRING.sub('""', text)
+        bound = 1 + sum(map(bare.count, ",:[{")) - len(_JSON_EMPTY.findall(bare))
+        if bound > MAX_NODES:
+            if not strict:
+                return None  # YAML counts them exactly, and says where the limit is passed
+            raise _problem(filename, f"the document has more nodes than the limit of {MAX_NODES:,}")
     flagged: dict[int, list[str]] = {}  # id of a dict with duplicate keys -> those keys
 
     def pairs(items: list[tuple[str, Any]]) -> dict:
@@ -682,14 +766,13 @@ def _load_json(text: str, filename: str, strict: bool) -> Document | None:
         return mapping
 
     try:
-        with _no_gc():
-            data = json.loads(text, object_pairs_hook=pairs, parse_constant=_reject_constant)
+        data = json.loads(text, object_pairs_hook=pairs, parse_constant=_reject_constant)
     except json.JSONDecodeError as err:
         if not strict:
             return None
         raise _problem(filename, f"malformed JSON: {err.msg}", err.lineno) from None
-    except RecursionError:
-        raise _problem(filename, f"nested deeper than {MAX_DEPTH} levels", _json_too_deep(text)) from None
+    except RecursionError:  # json recurses in C, with the interpreter's limit (1,000 deep)
+        raise _too_deep_json(filename, text) from None
     except _Constant as err:
         if not strict:
             return None  # YAML reads NaN as a string
@@ -698,10 +781,11 @@ def _load_json(text: str, filename: str, strict: bool) -> Document | None:
     except ValueError as err:  # an int of more than 4,300 digits
         raise _problem(filename, f"malformed JSON: {err}") from None
     if not _json_depth_ok(data):
-        raise _problem(filename, f"nested deeper than {MAX_DEPTH} levels", _json_too_deep(text))
+        raise _too_deep_json(filename, text)
     lines = _JsonLines(text)
     raw = _json_duplicates(data, flagged) if flagged else []
-    return Document(data, filename, lines, 0, raw)
+    root_line = _line_at(text, _LEADING_SPACE.match(text).end())
+    return Document(data, filename, lines, 0, root_line, raw)
 
 
 def _line_at(text: str, pos: int) -> int:
@@ -724,18 +808,19 @@ def _json_depth_ok(data: Any) -> bool:
     return True
 
 
-def _json_too_deep(text: str) -> int | None:
-    """The line where a JSON text nests deeper than MAX_DEPTH."""
-    depth = 0
+def _too_deep_json(filename: str, text: str) -> SpecError:
+    """The problem of a JSON text that nests deeper than MAX_DEPTH, at the line where it does."""
+    depth, line = 0, None
     for match in _JSON_TOKEN.finditer(text):
         token = match[0]
-        if token in "[{":
+        if token == "[" or token == "{":
             depth += 1
             if depth > MAX_DEPTH:
-                return _line_at(text, match.start())
-        elif token in "]}":
+                line = _line_at(text, match.start())
+                break
+        elif token == "]" or token == "}":
             depth -= 1
-    return None
+    return _problem(filename, f"nested deeper than the limit of {MAX_DEPTH} levels", line)
 
 
 def _json_duplicates(data: Any, flagged: dict[int, list[str]]) -> list[tuple[str, str]]:
@@ -781,18 +866,18 @@ class _JsonLines(_Lines):
         start = self._WS.match(self._text).end()
         return [(self._line(start), start if self._text[start : start + 1] in ("{", "[") else None)]
 
-    def expand(self, child: Any) -> _Node | None:
-        if child is None or isinstance(child, _Node):
-            return child
-        node = self._nodes.get(child)
+    def expand(self, handle: Any) -> _Node | None:  # a handle is the position of a { or [
+        if handle is None:
+            return None
+        node = self._nodes.get(handle)
         if node is None:
-            node = self._nodes[child] = self._index(child)
+            node = self._nodes[handle] = self._index(handle)
         return node
 
     def _index(self, pos: int) -> _Node:
         text, ws, scan = self._text, self._WS, self._scan
         is_map = text[pos] == "{"
-        node = _Node(self._line(pos), is_map)
+        node = _Node(is_map)
         close = "}" if is_map else "]"
         pos = ws.match(text, pos + 1).end()
         while text[pos] != close:
