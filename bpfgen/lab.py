@@ -65,6 +65,7 @@ class Pod:
     udp: list[int]
     log: str
     pid: int = 0
+    host: bool = False  # a host endpoint: the server runs in the node's namespace, on its address
 
 
 @dataclass
@@ -79,7 +80,8 @@ class Lab:
 
     @property
     def namespaces(self) -> list[str]:
-        return [self.client_ns, *(n["ns"] for n in self.nodes.values()), *(p.ns for p in self.pods), self.switch]
+        return [self.client_ns, *(n["ns"] for n in self.nodes.values()), *(p.ns for p in self.pods if not p.host),
+                self.switch]
 
     @staticmethod
     def record_path(prefix: str) -> Path:
@@ -112,6 +114,9 @@ def plan(spec: Spec, spec_path: str, prefix: str) -> Lab:
         raise UsageError(f"lab prefix '{prefix}' must be at most 8 letters, digits or dashes")
     subnet = ipaddress.IPv4Network(f"{spec.nodes[0].address}/24", strict=False)
     taken = {n.address for n in spec.nodes} | {b.address for s in spec.services for b in s.backends}
+    origin = getattr(spec, "_origin", None)  # Kubernetes input (bpfgen.kube.Origin): its idle endpoints
+    idle = origin.idle if origin is not None else []
+    taken |= {ipaddress.IPv4Address(e.address) for e in idle}
     candidates = [subnet.network_address + CLIENT_HOST, *subnet.hosts()]
     client = next((a for a in candidates if a not in taken), None)
     if client is None:
@@ -122,19 +127,28 @@ def plan(spec: Spec, spec_path: str, prefix: str) -> Lab:
     lab = Lab(prefix, spec_path, f"{prefix}-sw", f"{prefix}-client", str(client))
     for n in spec.nodes:
         lab.nodes[n.name] = {"ns": f"{prefix}-{n.name}", "address": str(n.address), "iface": NODE_IFACE}
+    # A pod for each backend, and for each endpoint of Kubernetes input that does not serve (so
+    # that one can see it gets nothing). A backend at a node's address is that node's host: its
+    # server runs in the node's namespace. A backend on no node sits behind the first node (the
+    # network routes to it; every node's datapath treats it as remote).
+    node_of_address = {str(n.address): n.name for n in spec.nodes}
+    wanted = [(str(b.address), b.node, [(p.protocol, p.target_port) for p in svc.ports])
+              for svc in spec.services for b in svc.backends]
+    wanted += [(e.address, e.node, list(e.ports)) for e in idle]
     pods: dict[str, Pod] = {}
-    for svc in spec.services:
-        for b in svc.backends:
-            pod = pods.get(str(b.address))
-            if pod is None:
-                i = len(pods)
-                pod = pods[str(b.address)] = Pod(
-                    f"pod{i}", f"{prefix}-pod{i}", str(b.address), b.node, [], [], str(run_dir() / f"{prefix}-pod{i}.log")
-                )
-            for p in svc.ports:
-                ports = pod.tcp if p.protocol == "TCP" else pod.udp
-                if p.target_port not in ports:
-                    ports.append(p.target_port)
+    for address, node, ports in wanted:
+        pod = pods.get(address)
+        if pod is None:
+            i = len(pods)
+            host = node_of_address.get(address)
+            pod = pods[address] = Pod(
+                f"pod{i}", lab.nodes[host]["ns"] if host else f"{prefix}-pod{i}", address,
+                host or node or spec.nodes[0].name, [], [], str(run_dir() / f"{prefix}-pod{i}.log"), host=bool(host),
+            )
+        for protocol, port in ports:
+            listed = pod.tcp if protocol == "TCP" else pod.udp
+            if port not in listed:
+                listed.append(port)
     lab.pods = list(pods.values())
     return lab
 
@@ -195,6 +209,8 @@ def _build(lab: Lab, spec: Spec) -> None:
         ):
             sysctl(n["ns"], key, value)
     for i, pod in enumerate(lab.pods):
+        if pod.host:
+            continue
         node_ns = lab.node_ns(pod.node)
         veth = f"veth{i}"
         ip(pod.ns, "link", "add", NODE_IFACE, "type", "veth", "peer", "name", veth, "netns", node_ns)
@@ -216,6 +232,10 @@ def _build(lab: Lab, spec: Spec) -> None:
             if svc.cluster_ip is not None:
                 ip(n["ns"], "route", "replace", f"{svc.cluster_ip}/32", "dev", NODE_IFACE)
                 ip(n["ns"], "neigh", "replace", str(svc.cluster_ip), "lladdr", mac, "dev", NODE_IFACE, "nud", "permanent")
+    # The network routes external and load balancer IPs to a node (the first one).
+    first = lab.nodes[spec.nodes[0].name]["address"]
+    for address in sorted({str(a) for svc in spec.services for a in (*svc.external_ips, *svc.load_balancer_ips)}):
+        ip(lab.client_ns, "route", "replace", f"{address}/32", "via", first)
     for pod in lab.pods:
         _start_server(pod)
         lab.save()  # its pid, for down

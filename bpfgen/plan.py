@@ -22,8 +22,6 @@ from .errors import UsageError
 
 FORMAT = 1
 PROTOCOLS = layout.PROTOCOLS
-_NODEPORT = layout.FLAGS["SVC_NODEPORT"]
-_CLUSTERIP = layout.FLAGS["SVC_CLUSTERIP"]
 _LOCAL = layout.FLAGS["BACKEND_LOCAL"]
 
 
@@ -40,7 +38,9 @@ class ServicePlan:
     type: str  # NodePort | ClusterIP
     cluster_ip: str | None
     ports: tuple[tuple[str, int, int, int | None], ...]  # protocol, port, targetPort, nodePort
-    backends: tuple[tuple[str, str], ...]  # address, node
+    backends: tuple[tuple[str, str | None], ...]  # address, node (None: on no node)
+    external_ips: tuple[str, ...] = ()
+    load_balancer_ips: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -48,13 +48,22 @@ class Frontend:
     addr: str
     port: int
     proto: int
-    kind: str  # NodePort | ClusterIP
+    kind: str  # NodePort | ClusterIP | ExternalIP | LoadBalancer
     service: str  # namespace/name
     backends: tuple[tuple[str, int, int, bool], ...]  # addr, port, proto, local
 
     @property
     def key(self) -> tuple[str, int, int]:
         return (self.addr, self.port, self.proto)
+
+    @property
+    def flags(self) -> int:
+        """The bpfgen_svc_value flags of its kind (SVC_NODEPORT, SVC_CLUSTERIP, ...)."""
+        return layout.FLAGS[_KIND_FLAGS[self.kind]]
+
+
+_KIND_FLAGS = {"NodePort": "SVC_NODEPORT", "ClusterIP": "SVC_CLUSTERIP", "ExternalIP": "SVC_EXTERNALIP",
+               "LoadBalancer": "SVC_LOADBALANCER"}
 
 
 @dataclass(frozen=True)
@@ -80,6 +89,7 @@ class Plan:
                     s.key, s.type, str(s.cluster_ip) if s.cluster_ip else None,
                     tuple((p.protocol, p.port, p.target_port, p.node_port) for p in s.ports),
                     tuple((str(b.address), b.node) for b in s.backends),
+                    tuple(map(str, s.external_ips)), tuple(map(str, s.load_balancer_ips)),
                 )
                 for s in spec.services
             ),
@@ -93,7 +103,9 @@ class Plan:
             "snatPortRange": list(self.snat_port_range),
             "capacity": self.capacity,
             "nodes": [[n.name, str(n.address), str(n.pod_cidr) if n.pod_cidr else None] for n in self.nodes],
-            "services": [[s.key, s.type, s.cluster_ip, [list(p) for p in s.ports], [list(b) for b in s.backends]]
+            "services": [[s.key, s.type, s.cluster_ip, [list(p) for p in s.ports], [list(b) for b in s.backends],
+                          *([list(s.external_ips), list(s.load_balancer_ips)]
+                            if s.external_ips or s.load_balancer_ips else [])]
                          for s in self.services],
         }
         return json.dumps(data, separators=(",", ":")) + "\n"
@@ -112,8 +124,9 @@ class Plan:
                 capacity={k: int(v) for k, v in data["capacity"].items()},
                 nodes=tuple(NodeInfo(n, ipaddress.IPv4Address(a), ipaddress.IPv4Network(c) if c else None)
                             for n, a, c in data["nodes"]),
-                services=tuple(ServicePlan(k, t, ip, tuple(map(tuple, ports)), tuple(map(tuple, bes)))
-                               for k, t, ip, ports, bes in data["services"]),
+                services=tuple(ServicePlan(k, t, ip, tuple(map(tuple, ports)), tuple(map(tuple, bes)),
+                                           *map(tuple, extra))  # externalIPs, loadBalancerIPs (if any)
+                               for k, t, ip, ports, bes, *extra in data["services"]),
             )
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise UsageError(f"{where}: not a bpfgen plan ({e}); compile the spec again") from None
@@ -131,7 +144,9 @@ class Plan:
 
 def frontends(plan: Plan, node: NodeInfo) -> list[Frontend]:
     """Every frontend node serves: a ClusterIP one per port of a service with a clusterIP,
-    a NodePort one (on the node's address) per port of a NodePort service."""
+    a NodePort one (on the node's address) per port of a NodePort service, and per port an
+    ExternalIP one for each external IP and a LoadBalancer one for each load balancer IP (on
+    every node: any node may receive them). A backend on no node is remote from every node."""
     result = []
     node_addr = str(node.address)
     for svc in plan.services:
@@ -142,6 +157,10 @@ def frontends(plan: Plan, node: NodeInfo) -> list[Frontend]:
                 result.append(Frontend(svc.cluster_ip, port, proto, "ClusterIP", svc.key, backends))
             if node_port is not None:
                 result.append(Frontend(node_addr, node_port, proto, "NodePort", svc.key, backends))
+            for ip in svc.external_ips:
+                result.append(Frontend(ip, port, proto, "ExternalIP", svc.key, backends))
+            for ip in svc.load_balancer_ips:
+                result.append(Frontend(ip, port, proto, "LoadBalancer", svc.key, backends))
     return result
 
 
@@ -266,7 +285,7 @@ def _entries(fes: list[Frontend], fe_keys: list[bytes], fe_ids: dict[bytes, int]
     local_flag, remote_flag = bytes((_LOCAL,)), b"\0"
     for f, key in zip(fes, fe_keys):
         fid = fe_ids[key]
-        svc[key] = pk.svc_value(0, fid, len(f.backends), _NODEPORT if f.kind == "NodePort" else _CLUSTERIP, 0)
+        svc[key] = pk.svc_value(0, fid, len(f.backends), f.flags, 0)
         head, tail = key[:_SLOT.start], key[_SLOT.stop:]
         slot_value_tail = pk.svc_value(0, fid, 0, 0, 0)[4:]
         for slot, (baddr, port, proto, local) in enumerate(f.backends, start=1):

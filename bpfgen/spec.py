@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import re
+import socket
 import sys
 import typing
 from ipaddress import IPv4Address, IPv4Network
@@ -29,6 +30,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     StrictInt,
     StrictStr,
     ValidationError,
@@ -111,6 +113,14 @@ def _ipv4(value: Any) -> IPv4Address:
         return value
     if not isinstance(value, str):
         raise ValueError(f"expected an IPv4 address, got {_describe(value)}")
+    # Fast path (a large cluster has 100,000s of addresses): the C parser, then a check that
+    # the text was the canonical dotted quad that ipaddress would have accepted.
+    try:
+        packed = socket.inet_pton(socket.AF_INET, value)
+        if socket.inet_ntop(socket.AF_INET, packed) == value:
+            return IPv4Address(packed)
+    except OSError:
+        pass
     try:
         return IPv4Address(value)
     except ValueError:
@@ -299,7 +309,10 @@ class Backend(_Model):
     """An endpoint (pod) of a service."""
 
     address: IPv4
-    node: NodeName = Field(description="The node that hosts the backend (one of nodes).")
+    node: NodeName | None = Field(
+        default=None,
+        description="The node that hosts the backend (one of nodes); omitted: on no node, remote from every node.",
+    )
 
 
 class Service(_Model):
@@ -313,6 +326,13 @@ class Service(_Model):
     )
     ports: list[ServicePort] = Field(min_length=1)
     backends: list[Backend] = []
+    external_ips: list[IPv4] = Field(
+        default=[], alias="externalIPs", description="More frontends on each port (ExternalIP), on every node."
+    )
+    load_balancer_ips: list[IPv4] = Field(
+        default=[], alias="loadBalancerIPs",
+        description="The load balancer's addresses: more frontends on each port (LoadBalancer), on every node.",
+    )
 
     @property
     def key(self) -> str:
@@ -328,6 +348,14 @@ class Spec(_Model):
     cluster: Cluster = Field(default_factory=Cluster)
     nodes: list[Node] = Field(min_length=1)
     services: list[Service] = []
+    # Where the spec came from when it was not written as bpfgen/v1 (a kube.Origin: notes
+    # about what was skipped, where each part was in the Kubernetes objects); not in the data.
+    _origin: Any = PrivateAttr(default=None)
+
+    @property
+    def notes(self) -> list[str]:
+        """What reading the spec skipped or decided (Kubernetes input); [] for bpfgen/v1."""
+        return list(self._origin.notes) if self._origin is not None else []
 
     @model_validator(mode="after")
     def _check_and_resolve(self) -> Spec:
@@ -401,7 +429,8 @@ def _capacity_problems(capacity: Capacity, services: list[Service]) -> Found:
         if len(service.backends) > MAX_BACKENDS_PER_SERVICE:
             found.append((f"services[{i}].backends", f"{len(service.backends)} backends, more than a service can "
                           f"have ({MAX_BACKENDS_PER_SERVICE})"))
-        per_port = (service.cluster_ip is not None) + (service.type == "NodePort")
+        per_port = ((service.cluster_ip is not None) + (service.type == "NodePort") + len(service.external_ips)
+                    + len(service.load_balancer_ips))
         frontends += per_port * len(service.ports)
         slots += per_port * len(service.ports) * len(service.backends)
         backends.update((b.address, p.target_port, p.protocol) for p in service.ports for b in service.backends)
@@ -451,6 +480,11 @@ def _port_problems(
                     f"{where}.port",
                     f"duplicate port {service.cluster_ip}:{port.port}/{port.protocol} (also {first})",
                 ))
+        for field, addresses in (("externalIPs", service.external_ips), ("loadBalancerIPs", service.load_balancer_ips)):
+            for k, address in enumerate(addresses):
+                at_ip = f"{at}.{field}[{k}]"
+                if first := _first(cluster_ports, (address, port.port, port.protocol), at_ip):
+                    found.append((at_ip, f"duplicate frontend {address}:{port.port}/{port.protocol} (also {first})"))
         if port.node_port is None:
             continue
         if service.type != "NodePort":
@@ -475,7 +509,7 @@ def _backend_problems(service: Service, at: str, node_names: set[str] | None) ->
     addresses: dict[IPv4Address, str] = {}
     for k, backend in enumerate(service.backends):
         where = f"{at}.backends[{k}]"
-        if node_names is not None and backend.node not in node_names:
+        if node_names is not None and backend.node is not None and backend.node not in node_names:
             found.append((f"{where}.node", f"node '{backend.node}' is not defined in nodes"))
         if first := _first(addresses, backend.address, where):
             found.append((f"{where}.address", f"duplicate backend {backend.address} (also {first})"))
@@ -520,8 +554,19 @@ def load_spec(path: str | os.PathLike[str]) -> Spec:
 
 
 def parse_spec(text: str, filename: str = _PROGRAMMATIC) -> Spec:
-    """Parse a spec from YAML (or JSON) text; SpecError with all its problems if it is not valid."""
-    document = specio.load_document(text, filename)  # SpecError if malformed or over a limit
+    """Parse a spec from YAML (or JSON) text; SpecError with all its problems if it is not valid.
+
+    The text is a bpfgen/v1 ServiceSpec, or Kubernetes objects (a v1 List or a stream of Node,
+    Service and EndpointSlice objects, see bpfgen.kube), told apart by their apiVersion."""
+    documents = specio.load_documents(text, filename)  # SpecError if malformed or over a limit
+    from bpfgen import kube
+
+    if kube.is_kubernetes(documents):
+        return kube.to_spec(documents, filename)
+    if len(documents) != 1:
+        document = specio.load_document(text, filename)  # the problem of a stream, or an empty document
+    else:
+        document = documents[0]
     data, found = document.data, list(document.duplicates)
 
     if data is None:
@@ -530,17 +575,23 @@ def parse_spec(text: str, filename: str = _PROGRAMMATIC) -> Spec:
         message = f"expected a mapping at the top, got {_describe(data)}"
         raise SpecError([Problem(filename, "", message, document.line_of(""))])
 
-    try:
-        spec = Spec.model_validate(data, by_name=False)
-    except ValidationError as err:
-        found += [_describe_error(error) for error in err.errors()]
-        found += _rule_problems(*_salvage(data))
-    except SpecError as err:
-        found += [(problem.path, problem.message) for problem in err.problems]
+    spec, problems = validate_data(data)
+    found += problems
     if found:
         problems = [Problem(filename, path, message, document.line_of(path)) for path, message in found]
         raise SpecError(sorted(problems, key=lambda problem: problem.line or 0))
     return spec
+
+
+def validate_data(data: dict) -> tuple[Spec | None, Found]:
+    """The Spec of bpfgen/v1 data, or None and its problems as (YAML path, message)."""
+    try:
+        return Spec.model_validate(data, by_name=False), []
+    except ValidationError as err:
+        found = [_describe_error(error) for error in err.errors()]
+        return None, found + _rule_problems(*_salvage(data))
+    except SpecError as err:
+        return None, [(problem.path, problem.message) for problem in err.problems]
 
 
 def _salvage(data: dict) -> tuple[Cluster | None, list[Node | None], list[Service | None]]:
