@@ -39,19 +39,56 @@ def port_ranges(text: str) -> set[int]:
     return ports
 
 
-def ephemeral_port_warning(node: str, snat: tuple[int, int]) -> str | None:
-    """A warning when the calling thread's namespace hands out ephemeral ports inside
-    snatPortRange: a reply to the node's own connection could be taken for an SNAT reply."""
-    try:
-        lo, hi = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
-        reserved = port_ranges(Path("/proc/sys/net/ipv4/ip_local_reserved_ports").read_text())
-    except (OSError, ValueError):
-        return None
-    clash = [p for p in range(max(lo, snat[0]), min(hi, snat[1]) + 1) if p not in reserved]
-    if not clash:
-        return None
-    snat_range = f"{snat[0]}-{snat[1]}"
-    return (f"warning: node {node} hands out ephemeral ports {lo}-{hi}, {len(clash)} of them inside "
-            f"snatPortRange {snat_range}; replies to the node's own connections could be taken for SNAT replies. "
-            f"Reserve them (sysctl net.ipv4.ip_local_reserved_ports={snat_range}) or narrow "
-            "net.ipv4.ip_local_port_range")
+RESERVED = Path("/proc/sys/net/ipv4/ip_local_reserved_ports")
+EPHEMERAL = Path("/proc/sys/net/ipv4/ip_local_port_range")
+MIN_EPHEMERAL = 1024  # ports the node keeps for its own connections, at the least
+
+
+def format_ports(ports: set[int]) -> str:
+    """Ports as a sysctl list: "30000-32767,40000"."""
+    out, run = [], []
+    for p in sorted(ports):
+        if run and p == run[-1] + 1:
+            run.append(p)
+            continue
+        if run:
+            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+        run = [p]
+    if run:
+        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return ",".join(out)
+
+
+def reserve_ports(node_ports: tuple[int, int], snat: tuple[int, int]) -> tuple[set[int], set[int], str | None]:
+    """Keep the node's own connections off the ports the datapath answers on: the
+    nodePortRange, and the snatPortRange unless that would leave the node fewer than
+    MIN_EPHEMERAL ephemeral ports (then a warning says what to narrow), are added to
+    net.ipv4.ip_local_reserved_ports of the calling thread's namespace. Returns the ports
+    it wanted reserved, those it added (to give back) and the warning, if any."""
+    lo, hi = map(int, EPHEMERAL.read_text().split())
+    reserved = port_ranges(RESERVED.read_text())
+    wanted = set(range(node_ports[0], node_ports[1] + 1))
+    snat_ports = set(range(snat[0], snat[1] + 1))
+    free_after = {p for p in range(lo, hi + 1) if p not in reserved and p not in wanted and p not in snat_ports}
+    warning = None
+    if len(free_after) >= MIN_EPHEMERAL:
+        wanted |= snat_ports
+    else:
+        clash = [p for p in range(max(lo, snat[0]), min(hi, snat[1]) + 1) if p not in reserved]
+        if clash:
+            warning = (f"warning: the node hands out ephemeral ports {lo}-{hi}, {len(clash)} of them inside "
+                       f"snatPortRange {snat[0]}-{snat[1]}, and reserving those would leave its own connections "
+                       f"fewer than {MIN_EPHEMERAL} ports: replies to them could be taken for SNAT replies. Narrow "
+                       f"net.ipv4.ip_local_port_range (e.g. 1024-{min(node_ports[0], snat[0]) - 1}) or snatPortRange")
+    added = wanted - reserved
+    if added:
+        RESERVED.write_text(format_ports(reserved | added) + "\n")
+    return wanted, added, warning
+
+
+def release_ports(added: set[int]) -> None:
+    """Give back what reserve_ports added (ports reserved by others stay)."""
+    if not added:
+        return
+    reserved = port_ranges(RESERVED.read_text())
+    RESERVED.write_text(format_ports(reserved - added) + "\n")

@@ -27,7 +27,7 @@ from . import libbpf as bpf
 from . import plan as planning
 from .build import Build, check_object, find_build, open_build
 from .errors import BpfgenError, UsageError
-from .host import ephemeral_port_warning, interface_addresses
+from .host import interface_addresses, port_ranges, release_ports, reserve_ports, format_ports
 from .netns import enter_netns, ifindex as if_index
 from .plan import SERVICE_MAPS, Changes, Plan
 from .state import (
@@ -199,10 +199,6 @@ def load(iface: str, build: BuildSource = None, node: str | None = None, netns: 
         if previous and (previous.iface, previous.netns_inode) != (iface, ns_inode):
             raise UsageError(f"node '{n.name}' is loaded on {previous.where()}; unload it there first")
         _refuse_other_owner(n.name, iface, ns_inode, ifindex, netns)
-        with enter_netns(netns):
-            warning = ephemeral_port_warning(n.name, plan.snat_port_range)
-        if warning:
-            messages.append(warning)
         result = _load_node(b, plan, n, iface, ifindex, netns, ns_inode, previous)
         result.messages[:0] = messages
         return result
@@ -231,6 +227,7 @@ def _load_node(b: Build, plan: Plan, n: planning.NodeInfo, iface: str, ifindex: 
         else:
             changes, programs, created_qdisc = _load_object(b, pins, plan, n, config, sizes, ifindex, netns, undo)
             created_qdisc = created_qdisc or bool(previous and previous.created_qdisc)
+        reserved, warning = _reserve(plan, netns, previous, undo)
         now = _now()
         plan_bytes = b.plan_bytes()
         record_ids = _pinned_map_ids(pins)
@@ -241,9 +238,12 @@ def _load_node(b: Build, plan: Plan, n: planning.NodeInfo, iface: str, ifindex: 
             programs=programs, created_qdisc=created_qdisc,
             object_sha256=b.object_sha256, config=config.hex(), maps=sizes,
             map_ids=record_ids, plan_sha256=hashlib.sha256(plan_bytes).hexdigest(),
+            reserved_ports=format_ports(reserved),
         ).save(plan_bytes)
         result = LoadResult(n.name, iface, str(pins), previous is not None, programs,
                             changes.written, changes.deleted, programs_kept=same_datapath)
+        if warning:
+            result.messages.append(f"{warning} (node {n.name})")
         if previous is not None:
             gone = [name for name in ("ct_v4", "snat_v4") if previous.map_ids.get(name) not in (None, record_ids.get(name))]
             if gone:
@@ -256,6 +256,17 @@ def _load_node(b: Build, plan: Plan, n: planning.NodeInfo, iface: str, ifindex: 
         raise
     finally:
         undo.held.close()
+
+
+def _reserve(plan: Plan, netns: str | None, previous: NodeRecord | None, undo: _Undo) -> tuple[set[int], str | None]:
+    """The node's reserved ports as this plan wants them; returns the ports bpfgen holds
+    reserved now (what it added, this time or before) and a warning."""
+    before = port_ranges(previous.reserved_ports) if previous else set()
+    with enter_netns(netns):
+        wanted, added, warning = reserve_ports(plan.node_port_range, plan.snat_port_range)
+        undo.push("reserved ports", lambda: _in_netns(netns, release_ports, added))
+        release_ports(before - wanted)
+    return (before & wanted) | added, warning
 
 
 def _pinned_map_ids(pins: Path, names: Iterable[str] = tuple(m.name for m in layout.MAPS)) -> dict[str, int]:
@@ -555,6 +566,8 @@ def unload(iface: str, node: str | None = None, netns: str | None = None) -> Unl
                         detached.append(hook)
                 if record and record.created_qdisc:
                     removed_qdisc = bpf.tc_hook_destroy(ifindex)
+                if record:
+                    release_ports(port_ranges(record.reserved_ports))
             removed = remove_pins(name)
             if not (detached or removed or record):
                 raise UsageError(f"nothing of bpfgen is loaded for node '{name}'")

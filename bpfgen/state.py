@@ -131,7 +131,8 @@ class NodeRecord:
     config: str = ""  # the node's .rodata.config, hex
     maps: dict[str, int] = field(default_factory=dict)  # max_entries of every map
     map_ids: dict[str, int] = field(default_factory=dict)  # the pinned maps the plan was written into
-    plan_sha256: str = ""  # the plan last applied, kept beside the record (<node>.plan.json)
+    plan_sha256: str = ""  # the plan last applied, kept beside the record (<node>.applied-plan)
+    reserved_ports: str = ""  # what bpfgen added to net.ipv4.ip_local_reserved_ports ("30000-32767,...")
 
     @property
     def path(self) -> Path:

@@ -1013,17 +1013,35 @@ def test_update_failing_part_way_restores_the_programs(builds, state, netns: Net
         f"(tag {bpftool('prog', 'show', 'id', str(now['ingress']))['tag']}), not the previous {old['ingress']}")
 
 
-def test_ephemeral_ports_inside_the_snat_range_are_warned_about(builds, state, netns: Netns):
-    """The node's own sockets draw ports from ip_local_port_range: inside snatPortRange a
-    reply to them could be taken for an SNAT reply, so load says so (and not otherwise)."""
+def reserved_ports(ns: Netns) -> str:
+    return ns.run("cat", "/proc/sys/net/ipv4/ip_local_reserved_ports").stdout.strip()
+
+
+def test_load_reserves_the_service_ports_and_unload_gives_them_back(builds, state, netns: Netns):
+    """The node's own connections never draw a nodePort or an SNAT port (as Cilium does for
+    NodePorts); what someone else reserved stays."""
+    netns.run("sysctl", "-qw", "net.ipv4.ip_local_port_range=10000 29999", "net.ipv4.ip_local_reserved_ports=12345")
+    stderr = load(netns, builds["seed"])
+    assert "warning" not in stderr
+    assert reserved_ports(netns) == "12345,30000-65535"
+    (row,) = json.loads(ok_stdout(bpfgen("status", "-o", "json")))
+    load(netns, builds["snat-code"])  # snatPortRange 32768-60999: 61000-65535 given back
+    assert reserved_ports(netns) == "12345,30000-60999"
+    ok(bpfgen("unload", "--iface", IFACE, "--netns", netns.name))
+    assert reserved_ports(netns) == "12345"
+
+
+def test_snat_ports_covering_the_ephemeral_range_are_warned_about_not_reserved(builds, state, netns: Netns):
+    """Reserving snatPortRange on a stock node (ephemeral 32768-60999) would leave the node
+    no port for its own connections: load reserves the nodePorts only and says what to narrow."""
     netns.run("sysctl", "-qw", "net.ipv4.ip_local_port_range=32768 60999")
     stderr = load(netns, builds["seed"])
-    assert "warning: node node0 hands out ephemeral ports 32768-60999" in stderr
-    assert "ip_local_reserved_ports=32768-65535" in stderr
-    netns.run("sysctl", "-qw", "net.ipv4.ip_local_reserved_ports=32768-65535")
+    assert "warning: the node hands out ephemeral ports 32768-60999, 28232 of them inside snatPortRange" in stderr
+    assert "Narrow net.ipv4.ip_local_port_range (e.g. 1024-29999)" in stderr
+    assert reserved_ports(netns) == "30000-32767"
+    netns.run("sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 29999")
     assert "warning" not in load(netns, builds["seed"])
-    netns.run("sysctl", "-qw", "net.ipv4.ip_local_reserved_ports=", "net.ipv4.ip_local_port_range=10000 29999")
-    assert "warning" not in load(netns, builds["seed"])
+    assert reserved_ports(netns) == "30000-65535"
 
 
 def test_unload_from_another_namespace_refuses_and_changes_nothing(builds, state, netns: Netns):
