@@ -98,13 +98,19 @@ class ObjectInfo:
         return asdict(self)
 
 
+MAX_OBJECT_BYTES = 64 << 20  # a BPF object of bpfgen is about 100 KiB
+
+
 def inspect_object(path: str | Path) -> ObjectInfo:
     """Read the BPF object at `path`. Raises InspectError for anything that is not one."""
     path = str(path)
     try:
-        raw = Path(path).read_bytes()
+        with open(path, "rb") as f:
+            raw = f.read(MAX_OBJECT_BYTES + 1)
     except OSError as e:
         raise InspectError(f"{path}: {e.strerror or e}") from None
+    if len(raw) > MAX_OBJECT_BYTES:
+        raise InspectError(f"{path}: larger than {MAX_OBJECT_BYTES >> 20} MiB, not a bpfgen-sized BPF object")
     if raw[:4] != b"\x7fELF":
         raise InspectError(f"{path}: not an ELF file")
     try:

@@ -251,6 +251,7 @@ MAX_BACKEND_SLOTS = 1 << 24
 MAX_BACKENDS = 1 << 22
 MAX_FLOWS = 1 << 23
 MAX_BACKENDS_PER_SERVICE = 65535
+MAX_CLUSTER_NODES = 15000  # three times Kubernetes' largest supported cluster (5,000 nodes)
 
 
 class Capacity(_Model):
@@ -346,7 +347,7 @@ class Spec(_Model):
     kind: Literal[KIND]
     metadata: Metadata
     cluster: Cluster = Field(default_factory=Cluster)
-    nodes: list[Node] = Field(min_length=1)
+    nodes: list[Node] = Field(min_length=1, max_length=MAX_CLUSTER_NODES)
     services: list[Service] = []
     # Where the spec came from when it was not written as bpfgen/v1 (a kube.Origin: notes
     # about what was skipped, where each part was in the Kubernetes objects); not in the data.
@@ -646,6 +647,8 @@ def _describe_error(error: Any) -> tuple[str, str]:
         return path, f"invalid {name} {_describe(value)}: expected {ctx['expected']}"
     if kind == "too_short":
         return path, f"{name} must have at least {ctx['min_length']} entry"
+    if kind == "too_long":
+        return path, f"{name} has {ctx.get('actual_length', 'too many')} entries, at most {ctx['max_length']}"
     if kind in _EXPECTED:
         return path, f"expected {_EXPECTED[kind]}, got {_describe(value)}"
     return path, error["msg"]

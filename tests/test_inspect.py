@@ -214,3 +214,14 @@ def test_corrupt_btf(sample_obj, tmp_path):
 
 def test_inspect_error_is_a_usage_error():
     assert issubclass(InspectError, UsageError)
+
+
+def test_a_file_larger_than_any_bpf_object_is_refused_without_reading_it_whole(tmp_path):
+    from bpfgen.inspect import MAX_OBJECT_BYTES, InspectError, inspect_object
+
+    big = tmp_path / "big.o"
+    with open(big, "wb") as f:
+        f.write(b"\x7fELF")
+        f.truncate(MAX_OBJECT_BYTES + 4096)  # sparse
+    with pytest.raises(InspectError, match="larger than 64 MiB"):
+        inspect_object(big)

@@ -314,3 +314,14 @@ def test_bad_spec(name: str):
     assert matching, f"{expected} not among:\n" + "\n".join(map(str, problems))
     for problem in problems:
         assert "Value error" not in problem.message and "errors.pydantic.dev" not in problem.message
+
+
+def test_a_spec_of_more_nodes_than_the_cap_is_refused():
+    from bpfgen.spec import MAX_CLUSTER_NODES
+
+    nodes = "".join(f"  - {{name: n{i}, address: 10.{i // 65536}.{i // 256 % 256}.{i % 256}}}\n"
+                    for i in range(MAX_CLUSTER_NODES + 1))
+    text = f"apiVersion: bpfgen/v1\nkind: ServiceSpec\nmetadata: {{name: big}}\nnodes:\n{nodes}"
+    with pytest.raises(SpecError) as e:
+        parse_spec(text, "big.yaml")
+    assert str(e.value.problems[0]) == f"big.yaml:4: nodes: nodes has {MAX_CLUSTER_NODES + 1} entries, at most {MAX_CLUSTER_NODES}"
