@@ -14,6 +14,7 @@ import importlib.resources
 import ipaddress
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import BpfgenError, UsageError
+from .files import write_file
 from .spec import Spec, load_spec
 from .state import check_privileges, run_dir
 
@@ -85,11 +87,12 @@ class Lab:
 
     @staticmethod
     def record_path(prefix: str) -> Path:
+        check_prefix(prefix)  # (it becomes a path and namespace names)
         return run_dir() / f"lab-{prefix}.json"
 
     def save(self) -> None:
-        run_dir().mkdir(parents=True, exist_ok=True)
-        self.record_path(self.prefix).write_text(json.dumps(asdict(self), indent=2) + "\n")
+        run_dir().mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_file(self.record_path(self.prefix), json.dumps(asdict(self), indent=2) + "\n", 0o600)
 
     @classmethod
     def load(cls, prefix: str) -> Lab | None:
@@ -108,10 +111,18 @@ class Lab:
         return self.nodes[node]["ns"]
 
 
+_PREFIX = re.compile(r"[a-z0-9][-a-z0-9]{0,7}")
+
+
+def check_prefix(prefix: str) -> None:
+    if not _PREFIX.fullmatch(prefix):
+        raise UsageError(f"invalid lab prefix {prefix!r}: at most 8 lowercase letters, digits or dashes, "
+                         "starting with a letter or digit")
+
+
 def plan(spec: Spec, spec_path: str, prefix: str) -> Lab:
     """Names and addresses of the lab for spec; nothing is created."""
-    if not prefix.replace("-", "").isalnum() or len(prefix) > 8:
-        raise UsageError(f"lab prefix '{prefix}' must be at most 8 letters, digits or dashes")
+    check_prefix(prefix)
     subnet = ipaddress.IPv4Network(f"{spec.nodes[0].address}/24", strict=False)
     taken = {n.address for n in spec.nodes} | {b.address for s in spec.services for b in s.backends}
     origin = getattr(spec, "_origin", None)  # Kubernetes input (bpfgen.kube.Origin): its idle endpoints
@@ -245,6 +256,8 @@ def _start_server(pod: Pod) -> None:
     args = [sys.executable, "-m", "bpfgen.labnet", "serve", "--log", pod.log, "--bind", pod.address]
     args += [a for p in pod.tcp for a in ("--tcp", str(p))] + [a for p in pod.udp for a in ("--udp", str(p))]
     Path(pod.log).unlink(missing_ok=True)
+    # The pod's log holds client addresses: root's alone, a new file (never through a link).
+    os.close(os.open(pod.log, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
     proc = subprocess.Popen(
         ["nsenter", f"--net=/run/netns/{pod.ns}", *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,

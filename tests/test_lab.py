@@ -296,3 +296,23 @@ def test_a_pod_reaches_a_clusterip_whose_backend_is_on_another_node(pods_lab, pr
     assert r["reply_from"] == "10.96.0.80:80"
     assert r["pod"] == "10.0.1.10:8080"
     assert r["pod_saw_peer"] == r["client"] and _addr(r["client"]) == "10.0.0.10"
+
+
+def test_pod_logs_and_the_lab_record_are_root_only(lab) -> None:
+    """They hold client addresses."""
+    import stat
+
+    run = Path(lab.pods[0].log).parent  # (another module lab may have moved BPFGEN_RUN_DIR since)
+    paths = [Path(p.log) for p in lab.pods] + [run / f"lab-{lab.prefix}.json"]
+    for path in paths:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+
+
+@pytest.mark.parametrize("prefix", ["../../tmp/x", "a/b", "UPPER", "toolongprefix", ""])
+def test_a_lab_prefix_that_would_become_another_path_is_refused(prefix: str, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("BPFGEN_RUN_DIR", str(tmp_path / "run"))
+    for command in (["lab", "down", "--prefix", prefix], ["lab", "up", "--prefix", prefix]):
+        r = CliRunner().invoke(cli, command)
+        assert r.exit_code == 2, r.output
+        assert "invalid lab prefix" in r.stderr and "Traceback" not in r.stderr
+    assert not any(ns.startswith(prefix) for ns in _namespaces()) or prefix == ""
