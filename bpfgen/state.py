@@ -255,19 +255,33 @@ def check_node_name(node: str) -> None:
 
 @contextmanager
 def _lock(name: str, what: str) -> Iterator[None]:
-    """An exclusive lock; a second one fails at once."""
+    """An exclusive lock; a second one fails at once. The lock file goes when the lock is
+    released (so locks do not accumulate): a lock counts only while its file is still the
+    one at the path, which the holder checks after taking it."""
     run_dir().mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(run_dir() / name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
+    path = run_dir() / name
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
+            os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
                 raise BpfgenError(f"another bpfgen command is changing {what} right now; try again") from None
             raise
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # its holder removed it as we opened it: take the new one
+    try:
         yield
     finally:
-        os.close(fd)
+        try:
+            path.unlink()
+        finally:
+            os.close(fd)
 
 
 def node_lock(node: str):

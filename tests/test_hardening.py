@@ -180,3 +180,10 @@ def test_a_second_command_on_the_same_interface_is_locked_out(builds, state, net
                                       netns.name, "--node", NODE), exit_code=1)
         assert f"changing interface '{IFACE}' right now" in err
     assert attached(netns) == {"ingress": None, "egress": None}
+
+
+def test_locks_do_not_accumulate(builds, state, netns: Netns):
+    for _ in range(3):
+        load(netns, builds["seed"])
+        ok(bpfgen("unload", "--iface", IFACE, "--netns", netns.name))
+    assert list(state["run"].glob("*.lock")) == []
