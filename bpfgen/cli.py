@@ -148,13 +148,14 @@ def compile_cmd(spec: Path, out_dir: Path | None) -> None:
 @handle_errors
 def inspect(obj: Path, output: str) -> None:
     """List the programs, maps, license and BTF of any BPF object file."""
-    from .inspect import format_text, inspect_object
+    from .inspect import inspect_object
+    from .text import format_inspect
 
     result = inspect_object(obj)
     if output == "json":
         emit_json(result.to_dict())
     else:
-        click.echo(format_text(result), nl=False)
+        click.echo(format_inspect(result), nl=False)
 
 
 @cli.command()
@@ -227,6 +228,7 @@ def unload(iface: str, node: str | None, netns: str | None) -> None:
 def status(output: str) -> None:
     """What bpfgen has loaded, per node."""
     from .loader import status as do_status
+    from .text import format_status
 
     rows = do_status()
     if output == "json":
@@ -235,27 +237,7 @@ def status(output: str) -> None:
     if not rows:
         info("nothing loaded")
         return
-    for r in rows:
-        if not r["record"]:
-            click.echo(f"{r['node']}: pins in {r['pin_dir']}, no record: {r['note']}")
-            continue
-        where = f"{r['iface']}" + (f" (netns {r['netns']})" if r["netns"] else "")
-        progs = ", ".join(f"{hook}={p['name']}#{p['id']}" for hook, p in r["programs"].items())
-        click.echo(f"{r['node']}: {where} spec {r['spec']} loaded {r['loaded_at']} updated {r['updated_at']}")
-        click.echo(f"  programs: {progs}")
-        click.echo(f"  pins: {r['pin_dir']}{'' if r['pinned'] else ' (missing!)'}")
-        if r["stale"]:
-            click.echo("  stale: the kernel no longer has these programs (interface or namespace removed?); "
-                       f"`bpfgen unload --iface {r['iface']} --node {r['node']}` clears it")
-        attached = r.get("attached")
-        if attached is not None:
-            if "error" in attached:
-                click.echo(f"  attached: cannot tell ({attached['error']})")
-            else:
-                wrong = [hook for hook, p in r["programs"].items() if attached.get(hook) != p["id"]]
-                state = "as recorded" if not wrong else "NOT as recorded: " + ", ".join(
-                    f"{hook} has {attached.get(hook) or 'nothing'}" for hook in wrong)
-                click.echo(f"  attached (tc): {state}")
+    click.echo(format_status(rows), nl=False)
 
 
 def read_options(fn: Callable) -> Callable:
@@ -284,14 +266,15 @@ def maps() -> None:
 def maps_dump(map_name: str | None, node: str | None, netns: str | None, output: str) -> None:
     """Print MAP (default: every map) decoded by its BTF; JSON in bpftool's shape."""
     from .state import resolve_loaded_node
-    from .views import dump, format_dump
+    from .text import format_dump
+    from .views import dump
 
     _show(dump(resolve_loaded_node(node, netns), map_name), output, format_dump)
 
 
 def _table(name: str, group_help: str, list_help: str, rows: str, text: str) -> None:
     """A `bpfgen NAME list` command: an operator's table read from a node's pinned maps
-    (views.<rows> gives the rows, views.<text> their text form)."""
+    (views.<rows> gives the rows, text.<text> their text form)."""
 
     @cli.group(name=name, help=group_help)
     def group() -> None:
@@ -301,10 +284,10 @@ def _table(name: str, group_help: str, list_help: str, rows: str, text: str) -> 
     @read_options
     @handle_errors
     def list_cmd(node: str | None, netns: str | None, output: str) -> None:
-        from . import views
+        from . import text as texts, views
         from .state import resolve_loaded_node
 
-        _show(getattr(views, rows)(resolve_loaded_node(node, netns)), output, getattr(views, text))
+        _show(getattr(views, rows)(resolve_loaded_node(node, netns)), output, getattr(texts, text))
 
 
 _table("service", "The service table as the kernel holds it.",
@@ -364,7 +347,7 @@ def lab_down(prefix: str) -> None:
 def lab_demo(spec: Path | None, prefix: str, keep: bool, output: str) -> None:
     """Run the NodePort walk end to end in the lab and show what each step did."""
     from .lab import demo
-    from .views import format_ct_list, format_nat_list, format_service_list
+    from .text import format_ct_list, format_nat_list, format_service_list
 
     report = demo(spec, prefix, keep)
     if output == "json":

@@ -366,7 +366,6 @@ def incremental(old: Plan, new: Plan, node: NodeInfo, kernel: KernelView, held: 
         still_named = {(addr, target, PROTOCOLS[proto]) for s in new.services if s.key not in changed
                        for proto, _, target, _ in s.ports for addr, _ in s.backends}
         unnamed = {identity: t for identity, t in unnamed.items() if t not in still_named}
-    freed_be = {existing_be[identity] for identity in unnamed}
     kept_be = {identity: bid for identity, bid in existing_be.items() if identity not in unnamed}
     fe_ids = _allocate(new_keys, {k: v for k, v in existing_fe.items() if k in new_key_set},
                        new.capacity["frontends"], held.frontends, "frontends",

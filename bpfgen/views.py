@@ -16,8 +16,6 @@ from .errors import UsageError
 from .inspect import map_type_name
 from .state import pin_dir
 
-# Keys that are an index into a table the BTF cannot name.
-KEY_LABELS = {"drop_stats": layout.DROP_REASONS.label}
 PROTO_NAMES = {v: k for k, v in layout.PROTOCOLS.items()}
 
 
@@ -101,68 +99,6 @@ def dump(node: str, map_name: str | None = None) -> list[dict]:
         return [dump_map(m) for m in maps.values()]
 
 
-# ---------------------------------------------------------------- text forms
-
-
-def _pairs(d: dict) -> dict:
-    """Join <p>addr with <p>port into one "a.b.c.d:port" field named after p."""
-    out: dict = {}
-    names = {"s": "src", "d": "dst", "": "addr"}
-    for k, v in d.items():
-        if k.endswith("port") and k[:-4] + "addr" in d:
-            continue
-        if k.endswith("addr") and k[:-4] + "port" in d:
-            prefix = k[:-4]
-            out[names.get(prefix, prefix.rstrip("_"))] = f"{v}:{d[prefix + 'port']}"
-        else:
-            out[k] = v
-    return out
-
-
-def compact(value: Any) -> str:
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k}={compact(v)}" for k, v in _pairs(value).items()) + "}"
-    if isinstance(value, list):
-        return "[" + ", ".join(compact(v) for v in value) + "]"
-    return str(value)
-
-
-def _sum(values: list[Any]) -> Any:
-    """Per-CPU values summed field by field (what an operator wants to read)."""
-    first = values[0]
-    if isinstance(first, dict):
-        return {k: _sum([v[k] for v in values]) for k in first}
-    if isinstance(first, (int, float)) and not isinstance(first, bool):
-        return sum(values)
-    return first
-
-
-def _is_zero(value: Any) -> bool:
-    if isinstance(value, dict):
-        return all(_is_zero(v) for v in value.values())
-    return value == 0
-
-
-def format_dump(maps: list[dict]) -> str:
-    lines = []
-    for m in maps:
-        label = KEY_LABELS.get(m["name"])
-        shown = 0
-        body = []
-        for e in m["entries"]:
-            value = _sum([v["value"] for v in e["values"]]) if "values" in e else e["value"]
-            if m["type"].endswith("array") and _is_zero(value):
-                continue  # arrays hold every index: show the ones in use
-            key = label(e["key"]) if label and isinstance(e["key"], int) else compact(e["key"])
-            body.append(f"  {key} => {compact(value)}")
-            shown += 1
-        note = "" if shown == len(m["entries"]) else f", {len(m['entries']) - shown} zero entries not shown"
-        summed = ", per-CPU values summed" if any("values" in e for e in m["entries"]) else ""
-        lines.append(f"{m['name']} ({m['type']}, {len(m['entries'])} entries{note}{summed})")
-        lines += body
-    return "\n".join(lines) + "\n"
-
-
 # ---------------------------------------------------------------- operator tables
 
 
@@ -207,16 +143,6 @@ def service_list(node: str) -> list[dict]:
     return sorted(rows, key=lambda r: r["id"])
 
 
-def format_service_list(rows: list[dict]) -> str:
-    lines = [f"{'ID':<5}{'Frontend':<27}{'Service Type':<15}Backend"]
-    for r in rows:
-        bes = [f"{b['slot']} => {b['address']}/{b['protocol']}" if b["address"] else f"{b['slot']} => (missing {b['missing']})"
-               for b in r["backends"]] or ["(no backends)"]
-        lines.append(f"{r['id']:<5}{r['frontend'] + '/' + r['protocol']:<27}{r['type']:<15}{bes[0]}")
-        lines += [" " * 47 + b for b in bes[1:]]
-    return "\n".join(lines) + "\n"
-
-
 CT_DIRS = {layout.FLAGS["CT_SERVICE"]: "SVC", layout.FLAGS["CT_OUT"]: "OUT", layout.FLAGS["CT_SERVICE_EGRESS"]: "SVC_EGRESS"}
 CT_FLAG_NAMES = (("closing", "CT_CLOSING"), ("established", "CT_ESTABLISHED"), ("snat", "CT_SNAT"),
                  ("fin_client", "CT_FIN_CLIENT"), ("fin_backend", "CT_FIN_BACKEND"),
@@ -245,17 +171,6 @@ def ct_list(node: str) -> list[dict]:
     return sorted(rows, key=lambda r: (r["dir"], r["src"], r["dst"]))
 
 
-def format_ct_list(rows: list[dict]) -> str:
-    out = []
-    for r in rows:
-        extra = f" snat={r['snat']}" if r["snat"] else ""
-        out.append(
-            f"{r['proto']} {r['dir']} {r['src']} -> {r['dst']} expires={r['expires_in']}s "
-            f"backend={r['backend_id']} rev_nat={r['rev_nat_id']} flags={','.join(r['flags']) or '-'}{extra}"
-        )
-    return "\n".join(out) + ("\n" if out else "")
-
-
 def nat_list(node: str) -> list[dict]:
     rows = []
     with open_maps(node, ["snat_v4"]) as maps:
@@ -266,7 +181,3 @@ def nat_list(node: str) -> list[dict]:
             rows.append({"proto": proto, "dir": d, "src": src, "dst": dst,
                          "xlate": "XLATE_SRC" if d == "OUT" else "XLATE_DST", "to": _ep(e["addr"], e["port"])})
     return sorted(rows, key=lambda r: (r["dir"] != "OUT", r["src"], r["dst"]))
-
-
-def format_nat_list(rows: list[dict]) -> str:
-    return "".join(f"{r['proto']} {r['dir']} {r['src']} -> {r['dst']} {r['xlate']} {r['to']}\n" for r in rows)

@@ -18,10 +18,10 @@ from bpfgen.inspect import (
     InspectError,
     MapInfo,
     ProgramInfo,
-    format_text,
     inspect_object,
     map_type_name,
 )
+from bpfgen.text import format_inspect
 
 # The object-building helpers live in conftest.py, with the objdir/sample_obj/sample_obj_be fixtures.
 from conftest import BPFTOOL, DATA, compile_bpf
@@ -122,7 +122,7 @@ def test_legacy_object(legacy_obj):
         MapInfo("sessions", "lru_hash", 16, 32, 65536, 2, section="maps"),
     ]
     assert info.programs == [ProgramInfo("socket", "count_packets", func_symbols(legacy_obj).pop()[2] // 8)]
-    assert "kernel version: 5.10.0" in format_text(info)
+    assert "kernel version: 5.10.0" in format_inspect(info)
 
 
 def test_function_without_size_uses_section_size(asm_obj):
@@ -141,7 +141,7 @@ def test_to_dict_is_json(sample_obj):
 
 
 def test_format_text(sample_obj):
-    text = format_text(inspect_object(sample_obj))
+    text = format_inspect(inspect_object(sample_obj))
     lines = text.splitlines()
     assert lines[0] == f"{sample_obj}: BPF object (little-endian)"
     assert "  license: GPL" in lines

@@ -1,0 +1,181 @@
+"""Every text form bpfgen prints for people: dumps, the operator's tables, object
+summaries, status. The library returns data; the CLI prints it through these."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import layout
+from .inspect import ObjectInfo
+
+# Keys that are an index into a table the BTF cannot name.
+KEY_LABELS = {"drop_stats": layout.DROP_REASONS.label}
+
+
+# ---------------------------------------------------------------- maps dump
+
+
+def _pairs(d: dict) -> dict:
+    """Join <p>addr with <p>port into one "a.b.c.d:port" field named after p."""
+    out: dict = {}
+    names = {"s": "src", "d": "dst", "": "addr"}
+    for k, v in d.items():
+        if k.endswith("port") and k[:-4] + "addr" in d:
+            continue
+        if k.endswith("addr") and k[:-4] + "port" in d:
+            prefix = k[:-4]
+            out[names.get(prefix, prefix.rstrip("_"))] = f"{v}:{d[prefix + 'port']}"
+        else:
+            out[k] = v
+    return out
+
+
+def compact(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}={compact(v)}" for k, v in _pairs(value).items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(compact(v) for v in value) + "]"
+    return str(value)
+
+
+def _sum(values: list[Any]) -> Any:
+    """Per-CPU values summed field by field (what an operator wants to read)."""
+    first = values[0]
+    if isinstance(first, dict):
+        return {k: _sum([v[k] for v in values]) for k in first}
+    if isinstance(first, (int, float)) and not isinstance(first, bool):
+        return sum(values)
+    return first
+
+
+def _is_zero(value: Any) -> bool:
+    if isinstance(value, dict):
+        return all(_is_zero(v) for v in value.values())
+    return value == 0
+
+
+def format_dump(maps: list[dict]) -> str:
+    lines = []
+    for m in maps:
+        label = KEY_LABELS.get(m["name"])
+        shown = 0
+        body = []
+        for e in m["entries"]:
+            value = _sum([v["value"] for v in e["values"]]) if "values" in e else e["value"]
+            if m["type"].endswith("array") and _is_zero(value):
+                continue  # arrays hold every index: show the ones in use
+            key = label(e["key"]) if label and isinstance(e["key"], int) else compact(e["key"])
+            body.append(f"  {key} => {compact(value)}")
+            shown += 1
+        note = "" if shown == len(m["entries"]) else f", {len(m['entries']) - shown} zero entries not shown"
+        summed = ", per-CPU values summed" if any("values" in e for e in m["entries"]) else ""
+        lines.append(f"{m['name']} ({m['type']}, {len(m['entries'])} entries{note}{summed})")
+        lines += body
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- operator tables
+
+
+def format_service_list(rows: list[dict]) -> str:
+    lines = [f"{'ID':<5}{'Frontend':<27}{'Service Type':<15}Backend"]
+    for r in rows:
+        bes = [f"{b['slot']} => {b['address']}/{b['protocol']}" if b["address"] else f"{b['slot']} => (missing {b['missing']})"
+               for b in r["backends"]] or ["(no backends)"]
+        lines.append(f"{r['id']:<5}{r['frontend'] + '/' + r['protocol']:<27}{r['type']:<15}{bes[0]}")
+        lines += [" " * 47 + b for b in bes[1:]]
+    return "\n".join(lines) + "\n"
+
+
+def format_ct_list(rows: list[dict]) -> str:
+    out = []
+    for r in rows:
+        extra = f" snat={r['snat']}" if r["snat"] else ""
+        out.append(
+            f"{r['proto']} {r['dir']} {r['src']} -> {r['dst']} expires={r['expires_in']}s "
+            f"backend={r['backend_id']} rev_nat={r['rev_nat_id']} flags={','.join(r['flags']) or '-'}{extra}"
+        )
+    return "\n".join(out) + ("\n" if out else "")
+
+
+def format_nat_list(rows: list[dict]) -> str:
+    return "".join(f"{r['proto']} {r['dir']} {r['src']} -> {r['dst']} {r['xlate']} {r['to']}\n" for r in rows)
+
+
+# ---------------------------------------------------------------- objects
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    cells = [header] + [["-" if v is None else str(v) for v in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    return ["  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+
+
+def _version_string(version: int) -> str:
+    return f"{version >> 16}.{(version >> 8) & 0xFF}.{version & 0xFF}"
+
+
+def format_inspect(info: ObjectInfo) -> str:
+    """A human-readable summary: header line, then program and map tables."""
+    lines = [
+        f"{info.path}: BPF object ({info.byteorder}-endian)",
+        f"  license: {info.license if info.license is not None else '-'}",
+        f"  BTF: {'yes' if info.btf else 'no'}, BTF.ext: {'yes' if info.btf_ext else 'no'}",
+    ]
+    if info.kern_version is not None:
+        lines.append(f"  kernel version: {_version_string(info.kern_version)}")
+
+    lines += ["", f"Programs ({len(info.programs)}):"]
+    lines += _table(
+        ["SECTION", "NAME", "INSNS", "KIND"],
+        [[p.section, p.name, p.insns, "subprog" if p.subprog else "prog"] for p in info.programs],
+    )
+    lines += ["", f"Maps ({len(info.maps)}):"]
+    lines += _table(
+        ["NAME", "TYPE", "KEY", "VALUE", "MAX", "FLAGS", "PINNING", "KEY TYPE", "VALUE TYPE"],
+        [
+            [
+                m.name + (" (internal)" if m.internal else ""),
+                m.type,
+                m.key_size,
+                m.value_size,
+                m.max_entries,
+                hex(m.map_flags),
+                m.pinning,
+                m.key_type,
+                m.value_type,
+            ]
+            for m in info.maps
+        ],
+    )
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- status
+
+
+def format_status(rows: list[dict]) -> str:
+    """What `bpfgen status` shows of loader.status()'s rows."""
+    out: list[str] = []
+    for r in rows:
+        if not r["record"]:
+            out.append(f"{r['node']}: pins in {r['pin_dir']}, no record: {r['note']}")
+            continue
+        where = f"{r['iface']}" + (f" (netns {r['netns']})" if r["netns"] else "")
+        progs = ", ".join(f"{hook}={p['name']}#{p['id']}" for hook, p in r["programs"].items())
+        out.append(f"{r['node']}: {where} spec {r['spec']} loaded {r['loaded_at']} updated {r['updated_at']}")
+        out.append(f"  programs: {progs}")
+        out.append(f"  pins: {r['pin_dir']}{'' if r['pinned'] else ' (missing!)'}")
+        if r["stale"]:
+            out.append("  stale: the kernel no longer has these programs (interface or namespace removed?); "
+                       f"`bpfgen unload --iface {r['iface']} --node {r['node']}` clears it")
+        attached = r.get("attached")
+        if attached is not None:
+            if "error" in attached:
+                out.append(f"  attached: cannot tell ({attached['error']})")
+            else:
+                wrong = [hook for hook, p in r["programs"].items() if attached.get(hook) != p["id"]]
+                state = "as recorded" if not wrong else "NOT as recorded: " + ", ".join(
+                    f"{hook} has {attached.get(hook) or 'nothing'}" for hook in wrong)
+                out.append(f"  attached (tc): {state}")
+    return "\n".join(out) + "\n"
