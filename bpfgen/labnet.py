@@ -3,6 +3,11 @@ client that sends one request. Both run inside network namespaces:
 
     python -m bpfgen.labnet serve --tcp 80 --udp 80 --log FILE
     python -m bpfgen.labnet request tcp 172.26.50.101 30645
+
+A TCP request is answered with one JSON line, then the server closes; requests "delay S"
+(answered S seconds late), "echo" (everything after the answer is echoed until the peer
+closes), "send N" and "recv N" (bulk) change that. A UDP datagram starting with "quiet"
+is logged and not answered (a one-way flow).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import socket
 import socketserver
 import sys
 import threading
+import time
 
 GREETING = b"hello from the client\n"
 
@@ -53,6 +59,17 @@ def _bulk(sock: socket.socket, first: bytes) -> None:
     sock.sendall(b"%d\n" % got)
 
 
+def _echo(sock: socket.socket) -> None:
+    """A long-lived connection (request "echo"): every later read is sent back, without
+    a deadline, until the peer closes."""
+    sock.settimeout(None)
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            return
+        sock.sendall(data)
+
+
 def serve(tcp_ports: list[int], udp_ports: list[int], log_path: str | None, bind: str = "0.0.0.0") -> None:
     log = _Log(log_path)
 
@@ -61,19 +78,26 @@ def serve(tcp_ports: list[int], udp_ports: list[int], log_path: str | None, bind
             self.request.settimeout(10)
             try:
                 first = self.request.recv(4096)
+                words = first.split()
+                if len(words) == 2 and words[0] == b"delay":  # answer late (a half-closed request)
+                    time.sleep(float(words[1]))
                 data = _reply("TCP", self.request.getsockname(), self.client_address)
                 log.write(data)
                 self.request.sendall(data)
-                _bulk(self.request, first)
+                if words == [b"echo"]:
+                    _echo(self.request)
+                else:
+                    _bulk(self.request, first)
             except OSError:
                 pass
 
     class UdpHandler(socketserver.BaseRequestHandler):
         def handle(self) -> None:
-            _, sock = self.request
+            first, sock = self.request
             data = _reply("UDP", sock.getsockname(), self.client_address)
             log.write(data)
-            sock.sendto(data, self.client_address)
+            if not first.startswith(b"quiet"):  # a one-way flow: logged, never answered
+                sock.sendto(data, self.client_address)
 
     class TcpServer(socketserver.ThreadingTCPServer):
         allow_reuse_address = True

@@ -1,0 +1,178 @@
+"""Sustained connection rate through a NodePort to a remote backend, in the lab (issue 8).
+
+    .venv/bin/python bench/connrate.py [--seconds 30] [--slice 5]
+
+The lab of tests/specs/lab/snat-1000.yaml: the client reaches pod 10.0.1.72 (on node1)
+through node0's NodePort 30645 (DNAT, SNAT to node0, reverse NAT), once with the default
+snatPortRange and once with its 1000 ports. Each loop is connect, request, answer, close;
+the pod answers and closes first. The same loop straight to the pod (client -> node1 ->
+pod, no NAT: a route in the client's namespace) is interleaved with it in slices, so the
+two arms see the same machine; the client (this process, plain sockets) and the server (a
+single-threaded accept loop replacing the lab's server in the pod) are the same in both.
+Run with one client address and with two (a second address on the client's interface,
+taken in turn).
+
+Prints connections/s of each arm, the ratio NAT / no NAT, failed connects (none answered
+within 3 s, or an error) and the slowest connect. Targets: >= 0.9x, zero failed, no
+connect slower than 0.5 s. Needs root; everything lives in the lab's namespaces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+SPEC = REPO / "tests" / "specs" / "lab" / "snat-1000.yaml"
+NODE0, NODE1, POD, NODEPORT = "172.26.50.101", "172.26.50.102", "10.0.1.72", 30645
+SECOND_CLIENT = "172.26.50.181"
+SLOW = 0.5
+
+SERVER = r"""
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], 80))
+s.listen(4096)
+print("ready", flush=True)
+reply = b'{"proto": "TCP"}\n'
+while True:
+    c, _ = s.accept()
+    try:
+        c.settimeout(5)
+        c.recv(4096)
+        c.sendall(reply)
+    except OSError:
+        pass
+    c.close()  # the pod closes first
+"""
+
+
+def loop(host: str, port: int, seconds: float, sources: tuple[str, ...]) -> dict:
+    """connect/request/answer/close for seconds (the caller is in the client's namespace)."""
+    done = failed = 0
+    worst = 0.0
+    slow = 0
+    start = time.monotonic()
+    end = start + seconds
+    i = 0
+    while time.monotonic() < end:
+        s = socket.socket()
+        s.settimeout(3)
+        try:
+            if sources[i % len(sources)]:
+                s.bind((sources[i % len(sources)], 0))
+            i += 1
+            t = time.monotonic()
+            s.connect((host, port))
+            took = time.monotonic() - t
+            worst = max(worst, took)
+            slow += took > SLOW
+            s.sendall(b"hi\n")
+            while s.recv(4096):
+                pass
+            done += 1
+        except OSError:
+            failed += 1
+        finally:
+            s.close()
+    return {"done": done, "failed": failed, "worst": worst, "slow": slow, "elapsed": time.monotonic() - start}
+
+
+def merge(a: dict | None, b: dict) -> dict:
+    if a is None:
+        return dict(b)
+    return {"done": a["done"] + b["done"], "failed": a["failed"] + b["failed"], "worst": max(a["worst"], b["worst"]),
+            "slow": a["slow"] + b["slow"], "elapsed": a["elapsed"] + b["elapsed"]}
+
+
+def run_config(name: str, spec: Path, seconds: float, slice_: float, tmp: Path) -> list[tuple]:
+    from bpfgen import lab as labmod
+    from bpfgen.build import compile_spec
+    from bpfgen.loader import load
+    from bpfgen.netns import enter_netns
+
+    prefix = f"r{secrets.token_hex(3)}"
+    lab = labmod.up(spec, prefix)
+    server = None
+    rows = []
+    try:
+        build = compile_spec(spec, tmp / f"build-{prefix}")
+        for node in lab.nodes:
+            load("eth0", build=build.dir, netns=lab.node_ns(node))
+        labmod.ip(lab.client_ns, "addr", "add", f"{SECOND_CLIENT}/24", "dev", "eth0")
+        labmod.ip(lab.client_ns, "route", "add", f"{POD}/32", "via", NODE1)  # the no-NAT arm
+        [pod] = lab.pods
+        labmod._stop_server(pod)
+        time.sleep(0.3)
+        server = subprocess.Popen(["nsenter", f"--net=/run/netns/{pod.ns}", sys.executable, "-c", SERVER, pod.address],
+                                  stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, start_new_session=True)
+        assert server.stdout.readline().strip() == b"ready"
+        for clients, sources in (("one client", ("",)), ("two addresses", (lab.client_address, SECOND_CLIENT))):
+            with enter_netns(lab.client_ns):
+                loop(NODE0, NODEPORT, 0.3, sources)  # neighbours resolved
+                loop(POD, 80, 0.3, sources)
+                nat = direct = None
+                left = seconds
+                while left > 0:
+                    step = min(slice_, left)
+                    nat = merge(nat, loop(NODE0, NODEPORT, step, sources))
+                    direct = merge(direct, loop(POD, 80, step, sources))
+                    left -= step
+            rows.append((name, clients, nat, direct))
+            print_row(rows[-1])
+            time.sleep(2)
+    finally:
+        if server is not None:
+            os.killpg(server.pid, 15)
+            server.wait()
+        labmod.down(prefix)
+    return rows
+
+
+def print_row(row: tuple) -> None:
+    name, clients, nat, direct = row
+    rate = nat["done"] / nat["elapsed"]
+    base = direct["done"] / direct["elapsed"]
+    print(f"{name:<22} {clients:<14} NAT {rate:8.0f}/s  no NAT {base:8.0f}/s  ratio {rate / base:5.2f}x  "
+          f"failed {nat['failed']} (no NAT {direct['failed']})  slowest connect {nat['worst'] * 1000:.0f} ms "
+          f"(no NAT {direct['worst'] * 1000:.0f} ms), {nat['slow']} over 0.5 s, {nat['done']} connections", flush=True)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seconds", type=float, default=30.0, help="seconds of each arm (NAT and no NAT)")
+    p.add_argument("--slice", type=float, default=5.0, help="seconds of one interleaved slice")
+    args = p.parse_args()
+    if os.geteuid() != 0:
+        print("needs root", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="connrate-") as tmp_:
+        tmp = Path(tmp_)
+        os.environ.setdefault("BPFGEN_PIN_ROOT", f"/sys/fs/bpf/bpfgen-bench-{secrets.token_hex(4)}")
+        os.environ.setdefault("BPFGEN_RUN_DIR", str(tmp / "run"))
+        doc = yaml.safe_load(SPEC.read_text())
+        del doc["cluster"]["snatPortRange"]
+        default = tmp / "snat-default.yaml"
+        default.write_text(yaml.safe_dump(doc, sort_keys=False))
+        print(f"{args.seconds:.0f} s per arm, slices of {args.slice:.0f} s, NodePort {NODE0}:{NODEPORT} -> "
+              f"pod {POD} on node1 (SNAT), against the same loop straight to the pod")
+        try:
+            for name, spec in (("default snatPortRange", default), ("1000-port snatPortRange", SPEC)):
+                run_config(name, spec, args.seconds, args.slice, tmp)
+        finally:
+            subprocess.run(["rm", "-rf", os.environ["BPFGEN_PIN_ROOT"]])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
