@@ -176,9 +176,17 @@ CT_ENTRY = _s(
     "bpfgen_ct_entry",
     "Conntrack state of one direction-tagged tuple.",
     ("expires", "u32", "seconds of the datapath clock after which the entry is dead"),
-    ("backend_id", "u32"), ("rev_nat_id", "u32"), ("flags", "u8"), ("pad", "u8"),
+    ("backend_id", "u32"), ("rev_nat_id", "u32"), ("flags", "u8"),
+    ("nh", "u8", "next hop of packets that find this entry: NH_STACK, or NH_FIB and the cached answer"),
     ("snat_port", "port"), ("snat_addr", "ip4"),
     ("nat_cookie", "u32", "SNAT: the cookie of the NAT_IN claim this flow made (0: none)"),
+    ("xl_saddr", "ip4", "the whole translation of packets that find this entry: new source,"),
+    ("xl_daddr", "ip4", "destination,"), ("xl_sport", "port"), ("xl_dport", "port", "and ports"),
+    ("ifindex", "u32", "cached next hop: the interface (NH_REDIRECT, NH_NEIGH)"),
+    ("checked", "u32", "when the next hop and the backend were last checked (datapath seconds; 0: never)"),
+    ("l2_dst", "u32", "cached next hop: destination MAC bytes 0-3 (NH_NEIGH: the gateway's address)"),
+    ("l2_mid", "u32", "destination MAC bytes 4-5, source MAC bytes 0-1"),
+    ("l2_src", "u32", "source MAC bytes 2-5"),
 )
 NAT_ENTRY = _s(
     "bpfgen_nat_entry",
@@ -267,6 +275,11 @@ FLAGS = {
     "CT_BACKEND_CLOSED_FIRST": 32,  # the backend's FIN came first: it holds TIME_WAIT
     "CT_EGRESS": 64,  # a flow of the node or its pods (to_netdev), keyed CT_SERVICE_EGRESS
     "CT_MIDSTREAM": 128,  # opened by a segment without SYN: short-lived, never established
+    # ct entry nh: where packets that find the entry go
+    "NH_STACK": 0,  # the stack delivers them (a local backend; replies to the node's own flows)
+    "NH_FIB": 1,  # forwarded by the program; the next hop is not cached yet
+    "NH_REDIRECT": 2,  # cached: out of ifindex with the cached MACs
+    "NH_NEIGH": 3,  # cached: out of ifindex through the kernel's neighbour lookup of l2_dst
     # tuple.dir of conntrack keys
     "CT_SERVICE": 1,
     "CT_OUT": 2,

@@ -184,6 +184,12 @@ class Datapath:
         return sum(r["packets"] for r in rows), sum(r["bytes"] for r in rows)
 
 
+def age_check(dp: Datapath, flow: tuple[str, int, str, int], direction: str, proto: int = TCP) -> None:
+    """Make the entry's backend and next hop due for their once-a-second check."""
+    entry = dp.ct(flow, direction, proto)
+    dp.put_ct(flow, direction, proto, **{**entry, "checked": 1})
+
+
 def tuple_key(flow: tuple[str, int, str, int], direction: str, proto: int = TCP) -> bytes:
     saddr, sport, daddr, dport = flow
     return layout.TUPLE.pack(saddr=saddr, daddr=daddr, sport=sport, dport=dport, proto=proto, dir=FLAGS[direction])
@@ -835,15 +841,18 @@ def test_flow_keeps_its_backend_when_backends_are_added(datapath, node):
 
 @pytest.mark.parametrize("node", ["node0", "node1"])
 def test_flow_off_a_removed_backend_stays_translated_both_ways(datapath, node):
-    """The backend of an established flow is removed and another one added: the flow's
-    next packets go to a live backend, and that backend's replies are still
-    reverse-translated to the frontend (never leaked with the pod's address)."""
+    """The backend of an established flow is removed and another one added: once the
+    flow's entry is checked again (at most a second later: the fast path checks its
+    backend once a second), the flow's next packets go to a live backend, and that
+    backend's replies are still reverse-translated to the frontend (never leaked with the
+    pod's address)."""
     dp = datapath(SEED, node)
     service = (CLIENT, 40000, dp.address, NODEPORT)
     dp.from_netdev(pk.tcp(*service, pk.SYN))
     dp.from_netdev(pk.tcp(*service, pk.ACK))
 
     dp.sync(REPLACED)  # 10.0.1.72 is gone, 10.0.1.80 is the only backend
+    age_check(dp, service, "CT_SERVICE")  # a second has passed since the entry was checked
 
     p = dp.from_netdev(pk.tcp(*service, pk.ACK, b"more")).pkt
     assert (p.daddr, p.dport) == ("10.0.1.80", BACKEND_PORT)

@@ -22,6 +22,10 @@ typedef __u8 bpfgen_proto_t; /* IP protocol number (6 TCP, 17 UDP) */
 #define CT_BACKEND_CLOSED_FIRST 32
 #define CT_EGRESS 64
 #define CT_MIDSTREAM 128
+#define NH_STACK 0
+#define NH_FIB 1
+#define NH_REDIRECT 2
+#define NH_NEIGH 3
 #define CT_SERVICE 1
 #define CT_OUT 2
 #define CT_SERVICE_EGRESS 3
@@ -98,12 +102,21 @@ struct bpfgen_ct_entry {
 	__u32 backend_id;
 	__u32 rev_nat_id;
 	__u8 flags;
-	__u8 pad;
+	__u8 nh; /* next hop of packets that find this entry: NH_STACK, or NH_FIB and the cached answer */
 	bpfgen_port_t snat_port;
 	bpfgen_ip4_t snat_addr;
 	__u32 nat_cookie; /* SNAT: the cookie of the NAT_IN claim this flow made (0: none) */
+	bpfgen_ip4_t xl_saddr; /* the whole translation of packets that find this entry: new source, */
+	bpfgen_ip4_t xl_daddr; /* destination, */
+	bpfgen_port_t xl_sport;
+	bpfgen_port_t xl_dport; /* and ports */
+	__u32 ifindex; /* cached next hop: the interface (NH_REDIRECT, NH_NEIGH) */
+	__u32 checked; /* when the next hop and the backend were last checked (datapath seconds; 0: never) */
+	__u32 l2_dst; /* cached next hop: destination MAC bytes 0-3 (NH_NEIGH: the gateway's address) */
+	__u32 l2_mid; /* destination MAC bytes 4-5, source MAC bytes 0-1 */
+	__u32 l2_src; /* source MAC bytes 2-5 */
 };
-_Static_assert(sizeof(struct bpfgen_ct_entry) == 24, "bpfgen_ct_entry layout");
+_Static_assert(sizeof(struct bpfgen_ct_entry) == 56, "bpfgen_ct_entry layout");
 
 /* An SNAT translation: NAT_OUT rewrites the source to addr:port, NAT_IN the destination. */
 struct bpfgen_nat_entry {

@@ -36,11 +36,21 @@ struct pkt {
 	__sum16 ip_check;
 };
 
-/* The datapath's clock: monotonic seconds plus an offset, so that it is never near 0. */
+/* The datapath's clock: monotonic seconds plus an offset, so that it is never near 0. The
+ * coarse clock (the last tick's time) is cheaper than a clock read and precise enough for
+ * timeouts in seconds. */
 static __always_inline __u32 now_sec(void)
 {
-	return bpf_ktime_get_ns() / NSEC_PER_SEC + DATAPATH_CLOCK_OFFSET;
+	return bpf_ktime_get_coarse_ns() / NSEC_PER_SEC + DATAPATH_CLOCK_OFFSET;
 }
+
+/*
+ * Packets from_netdev redirected carry this in skb->cb[0] (the qdisc's private area, which
+ * bpf_redirect keeps), so that to_netdev on the interface they leave by passes them at
+ * once; to_netdev clears it. The IP layer zeroes that word (ip_rcv; locally sent TCP
+ * segments have it zeroed), so other packets never carry it.
+ */
+#define REDIRECTED_MAGIC 0xb9f6e0a1
 
 static __always_inline int drop(__u32 reason)
 {
@@ -119,11 +129,20 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 		return PARSE_SHORT;
 	}
 	if (ip.protocol == IPPROTO_TCP) {
-		if (bpf_skb_load_bytes(skb, p->l4_off, &l4, sizeof(l4)) < 0)
+		struct tcp_head *th = data + (p->l4_off & 0x7f);
+
+		if ((void *)(th + 1) <= data_end)
+			l4 = *th;
+		else if (bpf_skb_load_bytes(skb, p->l4_off, &l4, sizeof(l4)) < 0)
 			return PARSE_MALFORMED;
 		p->csum_off = p->l4_off + offsetof(struct tcphdr, check);
 	} else {
-		if (bpf_skb_load_bytes(skb, p->l4_off, l4.ports, sizeof(l4.ports)) < 0)
+		__be16 *ports = data + (p->l4_off & 0x7f);
+
+		if ((void *)(ports + 2) <= data_end) {
+			l4.ports[0] = ports[0];
+			l4.ports[1] = ports[1];
+		} else if (bpf_skb_load_bytes(skb, p->l4_off, l4.ports, sizeof(l4.ports)) < 0)
 			return PARSE_MALFORMED;
 		p->csum_off = p->l4_off + offsetof(struct udphdr, check);
 	}
@@ -151,6 +170,14 @@ static __always_inline __u32 csum_change(__u32 from, __u32 to)
 	return csum_add(~from, to);
 }
 
+/* A 32-bit one's complement sum folded to a 16-bit checksum field. */
+static __always_inline __sum16 csum_fold32(__u32 sum)
+{
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	return (__sum16)~sum;
+}
+
 /* IPv4 header bytes 8..19: written in one store (the checksum is fixed up after). */
 struct ip_tail {
 	__u8 ttl;
@@ -162,14 +189,17 @@ struct ip_tail {
 
 /*
  * Rewrites the packet's addresses and ports to the tuple t (same protocol), and
- * decrements the TTL when we forward it ourselves: two stores and three checksum
- * updates in difference mode, the L4 one in two parts because with a partial checksum
- * (veth, local sockets) only the pseudo-header's addresses count. Helpers rather than
- * direct writes: a program that writes packets directly gets a prologue that uncopies
- * every cloned skb, service traffic or not.
+ * decrements the TTL when we forward it ourselves. direct (from_netdev): the headers are
+ * written in place and the IPv4 checksum computed here (never offloaded); else (to_netdev,
+ * or headers outside the linear area) with two stores and the L3 checksum helper: a
+ * program that writes packets directly gets a prologue that uncopies every cloned skb,
+ * and locally sent TCP segments on egress are clones. The L4 checksum is always fixed by
+ * the kernel's helper, in two parts in difference mode, because with a partial checksum
+ * (veth, local sockets) only the pseudo-header's addresses count, and with a complete one
+ * skb->csum follows: what the program cannot see.
  */
 static __always_inline int rewrite(struct __sk_buff *skb, const struct pkt *p, const struct bpfgen_tuple *t,
-				   int dec_ttl)
+				   int dec_ttl, int direct)
 {
 	struct ip_tail tail = {
 		.ttl = p->ttl - (dec_ttl ? 1 : 0),
@@ -188,10 +218,28 @@ static __always_inline int rewrite(struct __sk_buff *skb, const struct pkt *p, c
 	__u32 l3 = csum_add(addrs, csum_change(bpf_htons((__u16)(p->ttl << 8 | p->t.proto)),
 					       bpf_htons((__u16)(tail.ttl << 8 | p->t.proto))));
 
+	if (direct) {
+		void *data = (void *)(long)skb->data;
+		void *data_end = (void *)(long)skb->data_end;
+		struct iphdr *iph = data + ETH_HLEN;
+		__be16 *l4 = data + (p->l4_off & 0x7f);
+
+		if ((void *)(iph + 1) <= data_end && (void *)(l4 + 2) <= data_end) {
+			iph->ttl = tail.ttl;
+			iph->check = csum_fold32(csum_add((__u16)~p->ip_check, l3));
+			iph->saddr = t->saddr;
+			iph->daddr = t->daddr;
+			l4[0] = t->sport;
+			l4[1] = t->dport;
+			goto l4_csum;
+		}
+	}
 	if (bpf_skb_store_bytes(skb, ETH_HLEN + offsetof(struct iphdr, ttl), &tail, sizeof(tail), 0) ||
 	    bpf_l3_csum_replace(skb, ETH_HLEN + offsetof(struct iphdr, check), 0, l3, 0) ||
-	    bpf_skb_store_bytes(skb, p->l4_off, ports, sizeof(ports), 0) ||
-	    bpf_l4_csum_replace(skb, p->csum_off, 0, addrs, BPF_F_PSEUDO_HDR | mangled) ||
+	    bpf_skb_store_bytes(skb, p->l4_off, ports, sizeof(ports), 0))
+		return drop(DROP_REWRITE_FAILED);
+l4_csum:
+	if (bpf_l4_csum_replace(skb, p->csum_off, 0, addrs, BPF_F_PSEUDO_HDR | mangled) ||
 	    bpf_l4_csum_replace(skb, p->csum_off, 0, l4_ports, mangled))
 		return drop(DROP_REWRITE_FAILED);
 	return 0;
@@ -199,63 +247,79 @@ static __always_inline int rewrite(struct __sk_buff *skb, const struct pkt *p, c
 
 /* ---- routing: where a translated packet goes ---- */
 
-enum route_verdict { ROUTE_REDIRECT, ROUTE_NEIGH, ROUTE_STACK };
-
 /*
- * Routes the translated tuple t before anything is rewritten or recorded. Returns a
- * route_verdict, or -1 after counting a drop: every answer but a next hop is a drop
- * (from ingress the stack would discard a packet whose source is now this node, a
- * martian; from egress it would leave with the link address of the frontend).
- * tot_len stays 0 so that the kernel's MTU check knows GSO packets.
+ * Looks up the next hop of the translated tuple t and caches it in the conntrack entry e
+ * (in place in the map, or a new entry): NH_REDIRECT with the interface and both MACs,
+ * NH_NEIGH with the interface and the gateway. 0, or -1 after counting a drop: every
+ * other answer is one (from ingress the stack would discard a packet whose source is now
+ * this node, a martian; from egress it would leave with the link address of the
+ * frontend). tot_len stays 0 so that the kernel's MTU check knows GSO packets.
  */
-static __always_inline int route(struct __sk_buff *skb, const struct pkt *p, const struct bpfgen_tuple *t,
-				 int egress, struct bpf_fib_lookup *fib)
+static __always_inline int route(struct __sk_buff *skb, const struct bpfgen_tuple *t, int egress,
+				 struct bpfgen_ct_entry *e, __u32 now)
 {
+	struct bpf_fib_lookup fib = {};
 	long rc;
 
-	if (!egress && p->ttl <= 1) {
-		drop(DROP_TTL_EXCEEDED);
+	fib.family = AF_INET;
+	fib.l4_protocol = t->proto;
+	fib.sport = t->sport;
+	fib.dport = t->dport;
+	fib.ipv4_src = t->saddr;
+	fib.ipv4_dst = t->daddr;
+	fib.ifindex = skb->ifindex;
+	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), egress ? BPF_FIB_LOOKUP_OUTPUT : 0);
+	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
+		__builtin_memcpy(&e->l2_dst, fib.dmac, ETH_ALEN);
+		__builtin_memcpy((__u8 *)&e->l2_dst + ETH_ALEN, fib.smac, ETH_ALEN);
+		e->nh = NH_REDIRECT;
+	} else if (rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
+		e->l2_dst = fib.ipv4_dst; /* the gateway, where the route has one */
+		e->nh = NH_NEIGH;
+	} else {
+		/* No next hop (no route, forwarding off, too big with DF): no ICMP is sent back. */
+		drop(DROP_FIB_FAILED);
 		return -1;
 	}
-	fib->family = AF_INET;
-	fib->l4_protocol = t->proto;
-	fib->sport = t->sport;
-	fib->dport = t->dport;
-	fib->ipv4_src = t->saddr;
-	fib->ipv4_dst = t->daddr;
-	fib->ifindex = skb->ifindex;
-	rc = bpf_fib_lookup(skb, fib, sizeof(*fib), egress ? BPF_FIB_LOOKUP_OUTPUT : 0);
-	if (rc == BPF_FIB_LKUP_RET_SUCCESS)
-		return ROUTE_REDIRECT;
-	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
-		return ROUTE_NEIGH;
-	/* No next hop (no route, forwarding off, too big with DF): no ICMP is sent back. */
-	drop(DROP_FIB_FAILED);
-	return -1;
+	e->ifindex = fib.ifindex;
+	e->checked = now;
+	return 0;
 }
 
-/* Sends a translated packet where route() said. */
-static __always_inline int send(struct __sk_buff *skb, const struct bpf_fib_lookup *fib, int verdict, int egress)
+/* Sends a translated packet to the next hop cached in e (NH_STACK: the stack delivers it). */
+static __always_inline int send(struct __sk_buff *skb, const struct bpfgen_ct_entry *e, int egress, int direct)
 {
 	struct bpf_redir_neigh nh = {};
+	__u32 l2[3] = { e->l2_dst, e->l2_mid, e->l2_src };
 
-	if (verdict == ROUTE_STACK)
+	if (e->nh == NH_STACK)
 		return TC_ACT_OK;
-	if (egress && verdict == ROUTE_REDIRECT && fib->ifindex == skb->ifindex) {
+	if (egress && e->nh == NH_REDIRECT && e->ifindex == skb->ifindex) {
 		/* Already leaving through the right interface: only the next hop's MAC changes. */
-		if (bpf_skb_store_bytes(skb, 0, fib->dmac, ETH_ALEN, 0) < 0)
+		if (bpf_skb_store_bytes(skb, 0, l2, ETH_ALEN, 0) < 0)
 			return drop(DROP_REWRITE_FAILED);
 		return TC_ACT_OK;
 	}
-	if (verdict == ROUTE_NEIGH) {
+	if (!egress)
+		skb->cb[0] = REDIRECTED_MAGIC; /* to_netdev passes it */
+	if (e->nh == NH_NEIGH) {
 		nh.nh_family = AF_INET;
-		nh.ipv4_nh = fib->ipv4_dst; /* the gateway, where the route has one */
-		return bpf_redirect_neigh(fib->ifindex, &nh, sizeof(nh), 0);
+		nh.ipv4_nh = l2[0];
+		return bpf_redirect_neigh(e->ifindex, &nh, sizeof(nh), 0);
 	}
-	if (bpf_skb_store_bytes(skb, 0, fib->dmac, ETH_ALEN, 0) < 0 ||
-	    bpf_skb_store_bytes(skb, ETH_ALEN, fib->smac, ETH_ALEN, 0) < 0)
+	if (direct) {
+		__u32 *eth = (void *)(long)skb->data;
+
+		if ((void *)(eth + 3) <= (void *)(long)skb->data_end) {
+			eth[0] = l2[0];
+			eth[1] = l2[1];
+			eth[2] = l2[2];
+			return bpf_redirect(e->ifindex, 0);
+		}
+	}
+	if (bpf_skb_store_bytes(skb, 0, l2, sizeof(l2), 0) < 0)
 		return drop(DROP_REWRITE_FAILED);
-	return bpf_redirect(fib->ifindex, 0);
+	return bpf_redirect(e->ifindex, 0);
 }
 
 /* ---- services and conntrack ---- */
@@ -396,25 +460,6 @@ static __always_inline int ct_touch(struct bpfgen_ct_entry *ct, const struct pkt
 		changed = 1;
 	}
 	return changed;
-}
-
-/*
- * A packet of one direction keeps both entries of its flow alive: when its own entry
- * changed (at most once a second, or on a state change), the partner at key is
- * refreshed too. A flow whose replies are rare (UDP) stays translated both ways.
- */
-static __always_inline void ct_refresh(struct bpfgen_ct_entry *ct, struct bpfgen_tuple *partner,
-				       const struct pkt *p, __u32 now, __u8 fin)
-{
-	struct bpfgen_ct_entry *other;
-
-	if (!ct_touch(ct, p, now, fin))
-		return;
-	other = bpf_map_lookup_elem(&ct_v4, partner);
-	/* (a client may reuse its tuple for a new flow while late packets of the old one
-	 * still arrive: those leave the new flow alone) */
-	if (other && other->backend_id == ct->backend_id && other->snat_port == ct->snat_port)
-		ct_touch(other, p, now, fin);
 }
 
 static __always_inline int ct_is_live(const struct bpfgen_ct_entry *ct, __u32 now)
@@ -593,144 +638,182 @@ static __always_inline __be16 snat_alloc(const struct pkt *p, const struct bpfge
 
 /* ---- the service path: frontend -> backend ---- */
 
+/*
+ * A new flow through frontend svc: a backend, the next hop, an SNAT port for a remote
+ * backend, and the flow's two conntrack entries, each holding the whole translation of
+ * the packets that will find it (CT_SERVICE: the forward one and its next hop; CT_OUT:
+ * the reply's, whose next hop its first reply looks up).
+ */
 static __always_inline int lb_forward(struct __sk_buff *skb, struct pkt *p, const struct bpfgen_svc_value *svc,
-				      int egress)
+				      __u32 now, int egress, int direct)
 {
 	struct bpfgen_tuple svc_key = p->t;
 	struct bpfgen_tuple out_key;
 	struct bpfgen_tuple xlated;
-	struct bpf_fib_lookup fib = {};
-	struct bpfgen_backend *be = NULL;
-	struct bpfgen_ct_entry *ct;
+	struct bpfgen_backend *be;
 	struct bpfgen_ct_entry entry = {};
-	__u32 now = now_sec();
+	struct bpfgen_ct_entry out;
 	__u32 backend_id = 0;
-	int verdict = ROUTE_STACK, snat;
+	int snat;
 	int syn = p->t.proto == IPPROTO_TCP && (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
 
 	count_frontend(svc->id, p->len);
 	/* (egress flows have keys of their own: they never meet an ingress flow's entry) */
 	svc_key.dir = egress ? CT_SERVICE_EGRESS : CT_SERVICE;
-	ct = bpf_map_lookup_elem(&ct_v4, &svc_key);
-	if (ct && (!ct_is_live(ct, now) || (syn && (ct->flags & (CT_CLOSING | CT_MIDSTREAM)))))
-		ct = NULL; /* dead, or a closed flow's tuple reused by a new connection */
-	if (ct) {
-		backend_id = ct->backend_id;
-		be = bpf_map_lookup_elem(&backend_v4, &backend_id);
-		if (!be)
-			ct = NULL; /* its backend was removed: the flow moves to a live one (which resets it) */
-	}
-	if (!ct) {
-		be = select_backend(p, svc, &backend_id);
-		if (!be)
-			return drop(DROP_NO_BACKEND);
-		/* A flow of this node (or its pods) to a backend on this node: the reply would
-		 * never cross this interface to be translated back. */
-		if (egress && (be->flags & BACKEND_LOCAL))
-			return drop(DROP_LOCAL_FROM_NODE);
-	}
+	be = select_backend(p, svc, &backend_id);
+	if (!be)
+		return drop(DROP_NO_BACKEND);
+	/* A flow of this node (or its pods) to a backend on this node: the reply would
+	 * never cross this interface to be translated back. */
+	if (egress && (be->flags & BACKEND_LOCAL))
+		return drop(DROP_LOCAL_FROM_NODE);
 
 	/* A remote backend gets SNAT, except for traffic leaving this node (its own, whose
 	 * source is already the node, and its pods', whose addresses are routed). */
-	snat = ct ? !!(ct->flags & CT_SNAT) : !(be->flags & BACKEND_LOCAL) && !egress;
+	snat = !(be->flags & BACKEND_LOCAL) && !egress;
 	xlated = p->t;
 	xlated.daddr = be->addr;
 	xlated.dport = be->port;
-	if (snat) {
+	if (snat)
 		xlated.saddr = NODE_IP;
-		if (ct)
-			xlated.sport = ct->snat_port;
-	}
 	if (egress || !(be->flags & BACKEND_LOCAL)) {
-		verdict = route(skb, p, &xlated, egress, &fib);
-		if (verdict < 0)
+		if (!egress && p->ttl <= 1)
+			return drop(DROP_TTL_EXCEEDED);
+		if (route(skb, &xlated, egress, &entry, now) < 0)
 			return TC_ACT_SHOT;
+	} else {
+		entry.nh = NH_STACK; /* a local backend: the stack delivers it */
+		entry.checked = now;
 	}
 
-	if (ct) {
-		ct_out_key(&out_key, xlated.saddr, xlated.sport, be->addr, be->port, p->t.proto);
-		ct_refresh(ct, &out_key, p, now, CT_FIN_CLIENT);
-	} else {
-		entry.backend_id = backend_id;
-		entry.rev_nat_id = svc->id;
-		/* A TCP segment without SYN of no known flow still reaches a backend, which resets
-		 * it (translated back): the client fails fast, and the state lives CT_CLOSE_TIMEOUT. */
-		entry.flags = (egress ? CT_EGRESS : 0) | (p->t.proto == IPPROTO_TCP && !syn ? CT_MIDSTREAM : 0);
-		entry.flags = ct_flags_after(p, entry.flags, CT_FIN_CLIENT);
-		entry.expires = now + ct_lifetime(p, entry.flags);
-		if (snat && !egress) { /* (egress never SNATs: this keeps the allocator out of to_netdev) */
-			entry.snat_port = snat_alloc(p, be, svc->id, now, &entry.nat_cookie);
-			if (!entry.snat_port)
-				return drop(DROP_SNAT_EXHAUSTED);
-			entry.snat_addr = NODE_IP;
-			entry.flags |= CT_SNAT;
-			xlated.sport = entry.snat_port;
-		}
-		ct_out_key(&out_key, xlated.saddr, xlated.sport, be->addr, be->port, p->t.proto);
-		if (bpf_map_update_elem(&ct_v4, &svc_key, &entry, BPF_ANY) ||
-		    bpf_map_update_elem(&ct_v4, &out_key, &entry, BPF_ANY))
-			return drop(DROP_CT_FULL);
+	entry.backend_id = backend_id;
+	entry.rev_nat_id = svc->id;
+	/* A TCP segment without SYN of no known flow still reaches a backend, which resets
+	 * it (translated back): the client fails fast, and the state lives CT_CLOSE_TIMEOUT. */
+	entry.flags = (egress ? CT_EGRESS : 0) | (p->t.proto == IPPROTO_TCP && !syn ? CT_MIDSTREAM : 0);
+	entry.flags = ct_flags_after(p, entry.flags, CT_FIN_CLIENT);
+	entry.expires = now + ct_lifetime(p, entry.flags);
+	if (snat) {
+		entry.snat_port = snat_alloc(p, be, svc->id, now, &entry.nat_cookie);
+		if (!entry.snat_port)
+			return drop(DROP_SNAT_EXHAUSTED);
+		entry.snat_addr = NODE_IP;
+		entry.flags |= CT_SNAT;
+		xlated.sport = entry.snat_port;
 	}
+	entry.xl_saddr = xlated.saddr;
+	entry.xl_daddr = xlated.daddr;
+	entry.xl_sport = xlated.sport;
+	entry.xl_dport = xlated.dport;
+	/* The reply's entry: from the frontend back to the client; routed by us after SNAT. */
+	out = entry;
+	out.xl_saddr = p->t.daddr;
+	out.xl_sport = p->t.dport;
+	out.xl_daddr = p->t.saddr;
+	out.xl_dport = p->t.sport;
+	out.nh = snat ? NH_FIB : NH_STACK;
+	out.checked = 0;
+	out.ifindex = 0;
+	out.l2_dst = out.l2_mid = out.l2_src = 0;
+	ct_out_key(&out_key, xlated.saddr, xlated.sport, be->addr, be->port, p->t.proto);
+	if (bpf_map_update_elem(&ct_v4, &svc_key, &entry, BPF_ANY) ||
+	    bpf_map_update_elem(&ct_v4, &out_key, &out, BPF_ANY))
+		return drop(DROP_CT_FULL);
 
 	/* We forward it ourselves (ingress, a next hop): decrement the TTL as a router does. */
-	if (rewrite(skb, p, &xlated, !egress && verdict != ROUTE_STACK))
+	if (rewrite(skb, p, &xlated, !egress && entry.nh != NH_STACK, direct))
 		return TC_ACT_SHOT;
-	return send(skb, &fib, verdict, egress); /* a local backend: the stack delivers it */
+	return send(skb, &entry, egress, direct);
+}
+
+/* The key of the entry of the other direction of ct's flow (reply: ct is a CT_OUT entry). */
+static __always_inline void partner_key(struct bpfgen_tuple *key, const struct bpfgen_ct_entry *ct, __u8 proto,
+					int reply)
+{
+	if (reply) {
+		key->saddr = ct->xl_daddr; /* the client */
+		key->sport = ct->xl_dport;
+		key->daddr = ct->xl_saddr; /* the frontend */
+		key->dport = ct->xl_sport;
+		key->proto = proto;
+		key->dir = (ct->flags & CT_EGRESS) ? CT_SERVICE_EGRESS : CT_SERVICE;
+		key->pad = 0;
+	} else {
+		ct_out_key(key, ct->xl_saddr, ct->xl_sport, ct->xl_daddr, ct->xl_dport, proto);
+	}
 }
 
 /*
- * The reply path: a packet backend -> node:snat_port or backend -> client gets the
- * client as its destination and the frontend as its source again. ct is the flow's
- * live CT_OUT entry.
+ * The fast path: a packet of a known flow (reply: a backend's, whose CT_OUT entry is ct;
+ * else the client's, ct its CT_SERVICE(_EGRESS) entry) is translated with what ct holds,
+ * after one lookup. At most once a second the entry's backend is checked (a forward
+ * entry's: still the backend of its id) and its next hop looked up again; a state change
+ * or a new second also refreshes the other direction's entry (a second lookup, then).
+ * Returns a TC verdict, or -1: the entry is not this packet's flow any more (dead, a
+ * closed flow's tuple reused by a new connection, or its backend removed): a new flow.
  */
-static __always_inline int rev_nat(struct __sk_buff *skb, struct pkt *p, struct bpfgen_ct_entry *ct,
-				   __be32 client_addr, __be16 client_port, int forward)
+static __always_inline int ct_fast(struct __sk_buff *skb, struct pkt *p, struct bpfgen_ct_entry *ct, __u32 now,
+				   int reply, int egress, int direct)
 {
-	struct bpf_fib_lookup fib = {};
-	struct bpfgen_revnat *fe;
-	struct bpfgen_tuple xlated;
-	struct bpfgen_tuple svc_key;
-	__u32 now = now_sec();
-	int verdict = ROUTE_STACK;
-	__u32 id;
+	struct bpfgen_tuple xl = p->t;
+	struct bpfgen_tuple partner;
+	struct bpfgen_ct_entry *other;
+	__u8 fin = reply ? CT_FIN_BACKEND : CT_FIN_CLIENT;
 
-	id = ct->rev_nat_id;
-	fe = bpf_map_lookup_elem(&revnat_v4, &id);
-	if (!fe)
-		return TC_ACT_OK;
+	if (!ct_is_live(ct, now))
+		return -1;
+	if (!reply && p->t.proto == IPPROTO_TCP && (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN &&
+	    (ct->flags & (CT_CLOSING | CT_MIDSTREAM)))
+		return -1;
+	xl.saddr = ct->xl_saddr;
+	xl.daddr = ct->xl_daddr;
+	xl.sport = ct->xl_sport;
+	xl.dport = ct->xl_dport;
+	if (now > ct->checked + 1) {
+		if (!reply) {
+			__u32 id = ct->backend_id;
+			struct bpfgen_backend *be = bpf_map_lookup_elem(&backend_v4, &id);
 
-	xlated = p->t;
-	xlated.saddr = fe->addr;
-	xlated.sport = fe->port;
-	xlated.daddr = client_addr;
-	xlated.dport = client_port;
-	if (forward) {
-		verdict = route(skb, p, &xlated, 0, &fib);
-		if (verdict < 0)
+			/* its backend was removed: the flow moves to a live one (which resets it) */
+			if (!be || be->addr != xl.daddr || be->port != xl.dport)
+				return -1;
+		}
+		if (ct->nh == NH_STACK)
+			ct->checked = now;
+		else if (route(skb, &xl, egress, ct, now) < 0)
 			return TC_ACT_SHOT;
 	}
-
-	svc_key = xlated;
-	svc_key.saddr = client_addr;
-	svc_key.sport = client_port;
-	svc_key.daddr = fe->addr;
-	svc_key.dport = fe->port;
-	svc_key.dir = (ct->flags & CT_EGRESS) ? CT_SERVICE_EGRESS : CT_SERVICE;
-	ct_refresh(ct, &svc_key, p, now, CT_FIN_BACKEND);
-
-	if (rewrite(skb, p, &xlated, verdict != ROUTE_STACK))
+	if (!egress && ct->nh != NH_STACK && p->ttl <= 1)
+		return drop(DROP_TTL_EXCEEDED);
+	if (ct_touch(ct, p, now, fin)) {
+		partner_key(&partner, ct, p->t.proto, reply);
+		other = bpf_map_lookup_elem(&ct_v4, &partner);
+		/* (a client may reuse its tuple for a new flow while late packets of the old one
+		 * still arrive: those leave the new flow alone) */
+		if (other && other->backend_id == ct->backend_id && other->snat_port == ct->snat_port)
+			ct_touch(other, p, now, fin);
+	}
+	if (!reply)
+		count_frontend(ct->rev_nat_id, p->len);
+	if (rewrite(skb, p, &xl, !egress && ct->nh != NH_STACK, direct))
 		return TC_ACT_SHOT;
-	return send(skb, &fib, verdict, 0);
+	return send(skb, ct, egress, direct);
 }
 
-/* The live CT_OUT entry of the flow a reply t (backend -> its peer) belongs to, if any. */
-static __always_inline struct bpfgen_ct_entry *reply_flow(const struct bpfgen_tuple *t)
+/* The CT_OUT entry of the flow a reply t (backend -> its peer) belongs to, if any. */
+static __always_inline struct bpfgen_ct_entry *reply_entry(const struct bpfgen_tuple *t)
 {
 	struct bpfgen_tuple key;
-	struct bpfgen_ct_entry *ct;
 
 	ct_out_key(&key, t->daddr, t->dport, t->saddr, t->sport, t->proto);
-	ct = bpf_map_lookup_elem(&ct_v4, &key);
+	return bpf_map_lookup_elem(&ct_v4, &key);
+}
+
+/* The live CT_OUT entry of the flow a reply t belongs to, if any. */
+static __always_inline struct bpfgen_ct_entry *reply_flow(const struct bpfgen_tuple *t)
+{
+	struct bpfgen_ct_entry *ct = reply_entry(t);
+
 	return ct && ct_is_live(ct, now_sec()) ? ct : NULL;
 }
 
@@ -757,11 +840,12 @@ static __always_inline int is_service_traffic(struct pkt *p)
 static __always_inline int nodeport_from_netdev(struct __sk_buff *skb)
 {
 	struct bpfgen_svc_value *svc;
-	struct bpfgen_ct_entry *ct;
-	struct bpfgen_nat_entry *nat;
+	struct bpfgen_ct_entry *ct, *reply = NULL;
 	struct bpfgen_tuple key;
 	struct pkt p;
+	__u32 now;
 	__u16 dport;
+	int to_node, looked = 0, verdict;
 
 	switch (parse(skb, &p)) {
 	case PARSE_PASS:
@@ -773,28 +857,55 @@ static __always_inline int nodeport_from_netdev(struct __sk_buff *skb)
 	}
 
 	dport = bpf_ntohs(p.t.dport);
-	if (p.t.daddr == NODE_IP && dport >= SNAT_PORT_MIN && dport <= SNAT_PORT_MAX) {
+	to_node = p.t.daddr == NODE_IP;
+	if (to_node && dport >= SNAT_PORT_MIN && dport <= SNAT_PORT_MAX) {
 		/* A reply to an SNATed flow: backend -> node:snat_port. */
-		nat_in_key(&key, p.t.saddr, p.t.sport, p.t.dport, p.t.proto);
-		nat = bpf_map_lookup_elem(&snat_v4, &key);
-		ct = nat ? reply_flow(&p.t) : NULL;
-		if (ct && (ct->flags & CT_SNAT))
-			return rev_nat(skb, &p, ct, nat->addr, nat->port, 1);
-		/* else: a stale NAT entry; the node's own flow may still own the port (below) */
+		reply = reply_entry(&p.t);
+		looked = 1;
+		if (reply && (reply->flags & CT_SNAT)) {
+			now = now_sec();
+			verdict = ct_fast(skb, &p, reply, now, 1, 0, 1);
+			if (verdict >= 0)
+				return verdict;
+		}
+		/* else: no live SNATed flow; the node's own flow may still own the port (below) */
 	}
 
-	/* The node's address is a frontend only on NodePorts (a clusterIP is never a node's). */
-	if (p.t.daddr != NODE_IP || (dport >= NODEPORT_MIN && dport <= NODEPORT_MAX)) {
-		svc = lookup_frontend(&p);
+	/*
+	 * The node's address is a frontend only on NodePorts (a clusterIP is never a node's):
+	 * there the flow's entry is looked up first (one lookup per established packet).
+	 * Another address is looked up as a frontend first, so that traffic passing by costs
+	 * one lookup (an established flow to a clusterIP or external address, two).
+	 */
+	if (!to_node || (dport >= NODEPORT_MIN && dport <= NODEPORT_MAX)) {
+		svc = NULL;
+		if (!to_node && !(svc = lookup_frontend(&p)))
+			goto not_a_frontend;
+		key = p.t;
+		key.dir = CT_SERVICE;
+		ct = bpf_map_lookup_elem(&ct_v4, &key);
+		now = now_sec();
+		if (ct) {
+			verdict = ct_fast(skb, &p, ct, now, 0, 0, 1);
+			if (verdict >= 0)
+				return verdict;
+		}
+		if (!svc)
+			svc = lookup_frontend(&p);
 		if (svc)
-			return lb_forward(skb, &p, svc, 0);
+			return lb_forward(skb, &p, svc, now, 0, 1);
 	}
+not_a_frontend:
 
-	if (p.t.daddr == NODE_IP || (p.t.daddr & POD_MASK) == POD_NET) {
+	if (to_node || (p.t.daddr & POD_MASK) == POD_NET) {
 		/* A reply to a flow this node or one of its pods opened to a ClusterIP. */
-		ct = reply_flow(&p.t);
-		if (ct && (ct->flags & (CT_SNAT | CT_EGRESS)) == CT_EGRESS)
-			return rev_nat(skb, &p, ct, p.t.daddr, p.t.dport, 0);
+		if (!looked)
+			reply = reply_entry(&p.t);
+		if (reply && (reply->flags & (CT_SNAT | CT_EGRESS)) == CT_EGRESS) {
+			verdict = ct_fast(skb, &p, reply, now_sec(), 1, 0, 1);
+			if (verdict >= 0)
+				return verdict;
+		}
 	}
 	return TC_ACT_OK;
 }
@@ -803,20 +914,41 @@ static __always_inline int nodeport_to_netdev(struct __sk_buff *skb)
 {
 	struct bpfgen_svc_value *svc;
 	struct bpfgen_ct_entry *ct;
+	struct bpfgen_tuple key;
 	struct pkt p;
+	int verdict;
 
+	/* Redirected here by from_netdev: translated already. */
+	if (skb->cb[0] == REDIRECTED_MAGIC) {
+		skb->cb[0] = 0;
+		return TC_ACT_OK;
+	}
 	if (parse(skb, &p) != PARSE_OK)
 		return TC_ACT_OK;
 
 	/* A reply of a local backend: backend -> client. */
-	ct = reply_flow(&p.t);
-	if (ct && !(ct->flags & (CT_SNAT | CT_EGRESS)))
-		return rev_nat(skb, &p, ct, p.t.daddr, p.t.dport, 0);
+	ct = reply_entry(&p.t);
+	if (ct && !(ct->flags & (CT_SNAT | CT_EGRESS))) {
+		verdict = ct_fast(skb, &p, ct, now_sec(), 1, 1, 0);
+		if (verdict >= 0)
+			return verdict;
+	}
 
 	/* Traffic of this node, or of its pods routed out of this interface, to a ClusterIP. */
 	svc = lookup_frontend(&p);
-	if (svc && (svc->flags & SVC_CLUSTERIP))
-		return lb_forward(skb, &p, svc, 1);
+	if (svc && (svc->flags & SVC_CLUSTERIP)) {
+		__u32 now = now_sec();
+
+		key = p.t;
+		key.dir = CT_SERVICE_EGRESS;
+		ct = bpf_map_lookup_elem(&ct_v4, &key);
+		if (ct) {
+			verdict = ct_fast(skb, &p, ct, now, 0, 1, 0);
+			if (verdict >= 0)
+				return verdict;
+		}
+		return lb_forward(skb, &p, svc, now, 1, 0);
+	}
 	return TC_ACT_OK;
 }
 
