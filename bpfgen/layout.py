@@ -316,7 +316,10 @@ MAPS = (
     MapDef("backend_v4", "HASH", ID_KEY, BACKEND, "backends by id", lambda c: c["backends"], BPF_F_NO_PREALLOC),
     MapDef("revnat_v4", "HASH", ID_KEY, REVNAT, "frontend by reverse-NAT id", lambda c: c["frontends"],
            BPF_F_NO_PREALLOC),
-    MapDef("ct_v4", "LRU_HASH", TUPLE, CT_ENTRY, "conntrack", lambda c: 2 * c["flows"]),
+    MapDef("ct_v4", "LRU_HASH", TUPLE, CT_ENTRY, "conntrack of established TCP flows, UDP flows and the node's own",
+           lambda c: 2 * c["flows"]),
+    MapDef("ct_half_v4", "LRU_HASH", TUPLE, CT_ENTRY, "conntrack of TCP flows not established yet (promoted to"
+           " ct_v4 when they are): a SYN flood evicts only these", lambda c: 2 * c.get("half_open_flows", 65536)),
     MapDef("snat_v4", "LRU_HASH", TUPLE, NAT_ENTRY, "SNAT pairs (like cilium_snat_v4_external)",
            lambda c: 2 * c["flows"]),
     MapDef("svc_stats", "PERCPU_ARRAY", ID_KEY, SVC_STATS, "packets and bytes per frontend id",

@@ -266,6 +266,10 @@ class Capacity(_Model):
         default=262144, description="Distinct backends (address, port, protocol) per node.")
     flows: _count("flows", 1, MAX_FLOWS) = Field(
         default=262144, description="Connections a node tracks at once (conntrack and SNAT).")
+    half_open_flows: _count("halfOpenFlows", 1, MAX_FLOWS) = Field(
+        default=65536,
+        description="TCP flows not yet established (SYN seen, or picked up mid-stream) a node tracks at once, apart "
+                    "from the established ones: a SYN flood evicts only these.")
 
 
 class Cluster(_Model):

@@ -143,12 +143,21 @@ class Datapath:
 
     # -- state maps
 
+    def ct_table(self, flow: tuple[str, int, str, int], direction: str, proto: int = TCP) -> str | None:
+        """Which conntrack table holds the entry: ct_v4, ct_half_v4 (half-open TCP) or None."""
+        key = tuple_key(flow, direction, proto)
+        return next((name for name in ("ct_v4", "ct_half_v4") if self.maps[name].lookup(key) is not None), None)
+
     def ct(self, flow: tuple[str, int, str, int], direction: str, proto: int = TCP) -> dict | None:
-        raw = self.maps["ct_v4"].lookup(tuple_key(flow, direction, proto))
-        return None if raw is None else layout.CT_ENTRY.unpack(raw)
+        """The entry, from whichever conntrack table holds it."""
+        table = self.ct_table(flow, direction, proto)
+        raw = table and self.maps[table].lookup(tuple_key(flow, direction, proto))
+        return None if not raw else layout.CT_ENTRY.unpack(raw)
 
     def put_ct(self, flow: tuple[str, int, str, int], direction: str, proto: int = TCP, **entry: object) -> None:
-        self.maps["ct_v4"].update(tuple_key(flow, direction, proto), layout.CT_ENTRY.pack(**entry))
+        """Write the entry where it is (ct_v4 for a new one)."""
+        table = self.ct_table(flow, direction, proto) or "ct_v4"
+        self.maps[table].update(tuple_key(flow, direction, proto), layout.CT_ENTRY.pack(**entry))
 
     def nat(self, flow: tuple[str, int, str, int], direction: str, proto: int = TCP) -> tuple[str, int] | None:
         raw = self.maps["snat_v4"].lookup(tuple_key(flow, direction, proto))
@@ -165,7 +174,7 @@ class Datapath:
 
     def forget_flows(self) -> None:
         """Empty conntrack and SNAT (a fresh node with the same services)."""
-        for name in ("ct_v4", "snat_v4"):
+        for name in ("ct_v4", "ct_half_v4", "snat_v4"):
             for key in list(self.maps[name].keys()):
                 self.maps[name].delete(key)
 
@@ -967,8 +976,9 @@ def test_snat_port_of_a_stale_flow_is_reused_when_range_is_full(datapath):
     port_of = {c: dp.from_netdev(pk.tcp(*c, NODE0, NODEPORT, pk.SYN)).pkt.sport for c in clients}
     # The first client's flow is gone (its conntrack entries expired and were evicted).
     gone = clients[0]
-    dp.maps["ct_v4"].delete(tuple_key((NODE0, port_of[gone], BACKEND, BACKEND_PORT), "CT_OUT"))
-    dp.maps["ct_v4"].delete(tuple_key((*gone, NODE0, NODEPORT), "CT_SERVICE"))
+    for flow, direction in (((NODE0, port_of[gone], BACKEND, BACKEND_PORT), "CT_OUT"),
+                            ((*gone, NODE0, NODEPORT), "CT_SERVICE")):
+        dp.maps[dp.ct_table(flow, direction)].delete(tuple_key(flow, direction))
     nat_key = tuple_key((BACKEND, BACKEND_PORT, NODE0, port_of[gone]), "NAT_IN")
     fresh = layout.NAT_ENTRY.unpack(dp.maps["snat_v4"].lookup(nat_key))
     # Claimed a moment ago, a port without conntrack is a flow still being set up: kept.
@@ -1198,3 +1208,47 @@ def test_late_fin_of_an_old_flow_leaves_the_new_flow_of_its_tuple_alone(node0):
     late = node0.from_netdev(pk.tcp(BACKEND, BACKEND_PORT, NODE0, old_port, pk.FIN | pk.ACK)).pkt
     assert late.flow == (NODE0, NODEPORT, CLIENT, 10000)
     assert not node0.ct(service, "CT_SERVICE")["flags"] & (FLAGS["CT_CLOSING"] | FLAGS["CT_FIN_BACKEND"])
+
+
+# ================================================================ 11. flood resistance
+
+HALF_OPEN = SPECS / "half-open.yaml"  # capacity: flows 64, halfOpenFlows 8
+
+
+@pytest.mark.parametrize("node", ["node0", "node1"])
+def test_flow_is_half_open_until_established_then_moves_to_the_main_table(datapath, node):
+    dp = datapath(HALF_OPEN, node)
+    service = (CLIENT, 40000, dp.address, NODEPORT)
+    dp.from_netdev(pk.tcp(*service, pk.SYN))
+    snat = dp.ct(service, "CT_SERVICE")["snat_port"]
+    out = _out_flow(dp, snat)
+    assert dp.ct_table(service, "CT_SERVICE") == dp.ct_table(out, "CT_OUT") == "ct_half_v4"
+    _reply(dp, snat, pk.SYN | pk.ACK)
+    assert dp.ct_table(out, "CT_OUT") == "ct_half_v4"
+    run = dp.from_netdev(pk.tcp(*service, pk.ACK, b"request"))
+    assert run.pkt.daddr == BACKEND and run.pkt.checksums_ok()
+    assert dp.ct_table(service, "CT_SERVICE") == dp.ct_table(out, "CT_OUT") == "ct_v4"
+    assert dp.entries("ct_half_v4") == {}
+    assert dp.ct(service, "CT_SERVICE")["flags"] & FLAGS["CT_ESTABLISHED"]
+    assert dp.ct(out, "CT_OUT")["flags"] & FLAGS["CT_ESTABLISHED"]
+    answer = _reply(dp, snat, pk.PSH | pk.ACK, b"answer")
+    assert answer.pkt.flow == (dp.address, NODEPORT, CLIENT, 40000) and answer.pkt.checksums_ok()
+
+
+def test_syn_flood_larger_than_the_half_open_table_leaves_established_flows(datapath):
+    """Established flows live in ct_v4; half-open ones (a spoofed SYN flood) in ct_half_v4,
+    which is all a flood larger than it evicts."""
+    dp = datapath(HALF_OPEN, "node0")
+    established = [_established(dp, client_port=41000 + i) for i in range(4)]
+    before = {s: dp.ct(s, "CT_SERVICE") for s, _ in established}
+    for i in range(200):  # 25 times the half-open capacity
+        dp.from_netdev(pk.tcp(f"172.28.{i // 250}.{i % 250 + 1}", 20000 + i, NODE0, NODEPORT, pk.SYN))
+    assert len(dp.entries("ct_half_v4")) <= 2 * 8
+    assert len(dp.entries("ct_v4")) == 2 * len(established)
+    for service, snat in established:
+        assert dp.ct(service, "CT_SERVICE") == before[service]
+        run = dp.from_netdev(pk.tcp(*service, pk.ACK, b"still here"))
+        assert run.retval == TC_ACT_REDIRECT and run.pkt.flow == (NODE0, snat, BACKEND, BACKEND_PORT)
+        back = _reply(dp, snat, pk.ACK, b"answer", client_port=service[1])
+        assert back.pkt.flow == (NODE0, NODEPORT, CLIENT, service[1])
+    assert not any(dp.all_drops().values())

@@ -198,22 +198,22 @@ struct ip_tail {
  * (veth, local sockets) only the pseudo-header's addresses count, and with a complete one
  * skb->csum follows: what the program cannot see.
  */
-static __always_inline int rewrite(struct __sk_buff *skb, const struct pkt *p, const struct bpfgen_tuple *t,
-				   int dec_ttl, int direct)
+static __always_inline int rewrite(struct __sk_buff *skb, const struct pkt *p, __be32 saddr, __be32 daddr,
+				   __be16 sport, __be16 dport, int dec_ttl, int direct)
 {
 	struct ip_tail tail = {
 		.ttl = p->ttl - (dec_ttl ? 1 : 0),
 		.protocol = p->t.proto,
 		.check = p->ip_check,
-		.saddr = t->saddr,
-		.daddr = t->daddr,
+		.saddr = saddr,
+		.daddr = daddr,
 	};
-	__be16 ports[2] = { t->sport, t->dport };
+	__be16 ports[2] = { sport, dport };
 	/* UDP: a zero checksum means "none" and stays zero. */
 	__u64 mangled = p->t.proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
-	__u32 addrs = csum_add(csum_change(p->t.saddr, t->saddr), csum_change(p->t.daddr, t->daddr));
+	__u32 addrs = csum_add(csum_change(p->t.saddr, saddr), csum_change(p->t.daddr, daddr));
 	/* the two ports are one 32-bit word; any order of their halves folds the same */
-	__u32 l4_ports = csum_change(p->t.sport | (__u32)p->t.dport << 16, t->sport | (__u32)t->dport << 16);
+	__u32 l4_ports = csum_change(p->t.sport | (__u32)p->t.dport << 16, sport | (__u32)dport << 16);
 	/* bytes 8..9 (TTL, protocol) are one 16-bit word of the header checksum */
 	__u32 l3 = csum_add(addrs, csum_change(bpf_htons((__u16)(p->ttl << 8 | p->t.proto)),
 					       bpf_htons((__u16)(tail.ttl << 8 | p->t.proto))));
@@ -227,10 +227,10 @@ static __always_inline int rewrite(struct __sk_buff *skb, const struct pkt *p, c
 		if ((void *)(iph + 1) <= data_end && (void *)(l4 + 2) <= data_end) {
 			iph->ttl = tail.ttl;
 			iph->check = csum_fold32(csum_add((__u16)~p->ip_check, l3));
-			iph->saddr = t->saddr;
-			iph->daddr = t->daddr;
-			l4[0] = t->sport;
-			l4[1] = t->dport;
+			iph->saddr = saddr;
+			iph->daddr = daddr;
+			l4[0] = sport;
+			l4[1] = dport;
 			goto l4_csum;
 		}
 	}
@@ -253,10 +253,11 @@ l4_csum:
  * NH_NEIGH with the interface and the gateway. 0, or -1 after counting a drop: every
  * other answer is one (from ingress the stack would discard a packet whose source is now
  * this node, a martian; from egress it would leave with the link address of the
- * frontend). tot_len stays 0 so that the kernel's MTU check knows GSO packets.
+ * frontend). tot_len stays 0 so that the kernel's MTU check knows GSO packets. (A function
+ * of its own: one frame for its lookup, which runs once a second per flow.)
  */
-static __always_inline int route(struct __sk_buff *skb, const struct bpfgen_tuple *t, int egress,
-				 struct bpfgen_ct_entry *e, __u32 now)
+static __noinline int route(struct __sk_buff *skb, const struct bpfgen_tuple *t, int egress,
+			    struct bpfgen_ct_entry *e, __u32 now)
 {
 	struct bpf_fib_lookup fib = {};
 	long rc;
@@ -290,13 +291,12 @@ static __always_inline int route(struct __sk_buff *skb, const struct bpfgen_tupl
 static __always_inline int send(struct __sk_buff *skb, const struct bpfgen_ct_entry *e, int egress, int direct)
 {
 	struct bpf_redir_neigh nh = {};
-	__u32 l2[3] = { e->l2_dst, e->l2_mid, e->l2_src };
 
 	if (e->nh == NH_STACK)
 		return TC_ACT_OK;
 	if (egress && e->nh == NH_REDIRECT && e->ifindex == skb->ifindex) {
 		/* Already leaving through the right interface: only the next hop's MAC changes. */
-		if (bpf_skb_store_bytes(skb, 0, l2, ETH_ALEN, 0) < 0)
+		if (bpf_skb_store_bytes(skb, 0, &e->l2_dst, ETH_ALEN, 0) < 0)
 			return drop(DROP_REWRITE_FAILED);
 		return TC_ACT_OK;
 	}
@@ -304,20 +304,20 @@ static __always_inline int send(struct __sk_buff *skb, const struct bpfgen_ct_en
 		skb->cb[0] = REDIRECTED_MAGIC; /* to_netdev passes it */
 	if (e->nh == NH_NEIGH) {
 		nh.nh_family = AF_INET;
-		nh.ipv4_nh = l2[0];
+		nh.ipv4_nh = e->l2_dst;
 		return bpf_redirect_neigh(e->ifindex, &nh, sizeof(nh), 0);
 	}
 	if (direct) {
 		__u32 *eth = (void *)(long)skb->data;
 
 		if ((void *)(eth + 3) <= (void *)(long)skb->data_end) {
-			eth[0] = l2[0];
-			eth[1] = l2[1];
-			eth[2] = l2[2];
+			eth[0] = e->l2_dst;
+			eth[1] = e->l2_mid;
+			eth[2] = e->l2_src;
 			return bpf_redirect(e->ifindex, 0);
 		}
 	}
-	if (bpf_skb_store_bytes(skb, 0, l2, sizeof(l2), 0) < 0)
+	if (bpf_skb_store_bytes(skb, 0, &e->l2_dst, 3 * sizeof(__u32), 0) < 0)
 		return drop(DROP_REWRITE_FAILED);
 	return bpf_redirect(e->ifindex, 0);
 }
@@ -462,6 +462,22 @@ static __always_inline int ct_touch(struct bpfgen_ct_entry *ct, const struct pkt
 	return changed;
 }
 
+/*
+ * The entry at key: in ct_v4, or, a TCP flow not established yet (from_netdev's: SYN seen,
+ * or picked up mid-stream), in ct_half_v4, a table of its own so that a flood of them
+ * evicts none of the established flows; *half says which.
+ */
+static __always_inline struct bpfgen_ct_entry *ct_lookup(const struct bpfgen_tuple *key, int *half)
+{
+	struct bpfgen_ct_entry *ct = bpf_map_lookup_elem(&ct_v4, key);
+
+	*half = 0;
+	if (ct || key->proto != IPPROTO_TCP)
+		return ct;
+	*half = 1;
+	return bpf_map_lookup_elem(&ct_half_v4, key);
+}
+
 static __always_inline int ct_is_live(const struct bpfgen_ct_entry *ct, __u32 now)
 {
 	return ct->expires >= now;
@@ -521,10 +537,10 @@ static __always_inline int snat_is_stale(struct bpfgen_nat_entry *nat, __u32 cla
 	struct bpfgen_tuple ct_key;
 	struct bpfgen_ct_entry *ct;
 	__u32 now = s->now;
-	int live;
+	int live, half;
 
 	ct_out_key(&ct_key, NODE_IP, key->dport, key->saddr, key->sport, key->proto);
-	ct = bpf_map_lookup_elem(&ct_v4, &ct_key);
+	ct = ct_lookup(&ct_key, &half);
 	if (!ct || ct->nat_cookie != cookie)
 		return now > claimed + 1;
 	live = ct_is_live(ct, now);
@@ -638,23 +654,36 @@ static __always_inline __be16 snat_alloc(const struct pkt *p, const struct bpfge
 
 /* ---- the service path: frontend -> backend ---- */
 
+/* A new flow's entry: into ct_half_v4 (half: a TCP flow of from_netdev) or ct_v4. */
+static __always_inline int ct_insert(int half, const struct bpfgen_tuple *key, const struct bpfgen_ct_entry *e)
+{
+	if (half)
+		return bpf_map_update_elem(&ct_half_v4, key, e, BPF_ANY);
+	return bpf_map_update_elem(&ct_v4, key, e, BPF_ANY);
+}
+
 /*
  * A new flow through frontend svc: a backend, the next hop, an SNAT port for a remote
  * backend, and the flow's two conntrack entries, each holding the whole translation of
  * the packets that will find it (CT_SERVICE: the forward one and its next hop; CT_OUT:
  * the reply's, whose next hop its first reply looks up).
  */
+#define LB_EGRESS 1 /* lb_forward's mode: to_netdev's flow */
+#define LB_DIRECT 2 /* direct packet writes (from_netdev) */
+#define LB_STALE 4 /* an old flow's entry of the tuple is in ct_v4 */
+
 static __always_inline int lb_forward(struct __sk_buff *skb, struct pkt *p, const struct bpfgen_svc_value *svc,
-				      __u32 now, int egress, int direct)
+				      __u32 now, int mode)
 {
+	int egress = mode & LB_EGRESS, direct = mode & LB_DIRECT, stale = mode & LB_STALE;
 	struct bpfgen_tuple svc_key = p->t;
 	struct bpfgen_tuple out_key;
 	struct bpfgen_tuple xlated;
 	struct bpfgen_backend *be;
 	struct bpfgen_ct_entry entry = {};
-	struct bpfgen_ct_entry out;
-	__u32 backend_id = 0;
-	int snat;
+	__u32 backend_id = 0, fwd_ifindex;
+	__u8 fwd_nh;
+	int snat, half = p->t.proto == IPPROTO_TCP && !(mode & LB_EGRESS);
 	int syn = p->t.proto == IPPROTO_TCP && (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
 
 	count_frontend(svc->id, p->len);
@@ -705,23 +734,35 @@ static __always_inline int lb_forward(struct __sk_buff *skb, struct pkt *p, cons
 	entry.xl_daddr = xlated.daddr;
 	entry.xl_sport = xlated.sport;
 	entry.xl_dport = xlated.dport;
-	/* The reply's entry: from the frontend back to the client; routed by us after SNAT. */
-	out = entry;
-	out.xl_saddr = p->t.daddr;
-	out.xl_sport = p->t.dport;
-	out.xl_daddr = p->t.saddr;
-	out.xl_dport = p->t.sport;
-	out.nh = snat ? NH_FIB : NH_STACK;
-	out.checked = 0;
-	out.ifindex = 0;
-	out.l2_dst = out.l2_mid = out.l2_src = 0;
 	ct_out_key(&out_key, xlated.saddr, xlated.sport, be->addr, be->port, p->t.proto);
-	if (bpf_map_update_elem(&ct_v4, &svc_key, &entry, BPF_ANY) ||
-	    bpf_map_update_elem(&ct_v4, &out_key, &out, BPF_ANY))
+	if (half) {
+		/* Half-open until established. An old flow's entries of these keys in ct_v4 (a
+		 * closed flow's tuple or SNAT port taken again) would be found first: gone. */
+		if (stale)
+			bpf_map_delete_elem(&ct_v4, &svc_key);
+		if (stale || snat)
+			bpf_map_delete_elem(&ct_v4, &out_key);
+	}
+	if (ct_insert(half, &svc_key, &entry))
 		return drop(DROP_CT_FULL);
+	/* The reply's entry (the same struct, to save stack): from the frontend back to the
+	 * client; routed by us after SNAT, its next hop looked up by its first packet. */
+	fwd_nh = entry.nh;
+	fwd_ifindex = entry.ifindex;
+	entry.xl_saddr = p->t.daddr;
+	entry.xl_sport = p->t.dport;
+	entry.xl_daddr = p->t.saddr;
+	entry.xl_dport = p->t.sport;
+	entry.nh = snat ? NH_FIB : NH_STACK;
+	entry.checked = 0;
+	if (ct_insert(half, &out_key, &entry))
+		return drop(DROP_CT_FULL);
+	entry.nh = fwd_nh;
+	entry.ifindex = fwd_ifindex;
 
 	/* We forward it ourselves (ingress, a next hop): decrement the TTL as a router does. */
-	if (rewrite(skb, p, &xlated, !egress && entry.nh != NH_STACK, direct))
+	if (rewrite(skb, p, xlated.saddr, xlated.daddr, xlated.sport, xlated.dport, !egress && entry.nh != NH_STACK,
+		    direct))
 		return TC_ACT_SHOT;
 	return send(skb, &entry, egress, direct);
 }
@@ -744,20 +785,44 @@ static __always_inline void partner_key(struct bpfgen_tuple *key, const struct b
 }
 
 /*
+ * A half-open flow has just been established by a packet that found ct at key: its two
+ * entries move to ct_v4 (ct's partner refreshed as it goes). If ct_v4 refuses the entry,
+ * the flow stays half-open.
+ */
+static __always_inline void ct_promote(const struct bpfgen_tuple *key, struct bpfgen_ct_entry *ct,
+				       const struct pkt *p, int reply, __u32 now, __u8 fin)
+{
+	struct bpfgen_tuple partner;
+	struct bpfgen_ct_entry *other;
+
+	partner_key(&partner, ct, p->t.proto, reply);
+	if (bpf_map_update_elem(&ct_v4, key, ct, BPF_ANY))
+		return;
+	other = bpf_map_lookup_elem(&ct_half_v4, &partner);
+	if (other && other->backend_id == ct->backend_id && other->snat_port == ct->snat_port) {
+		ct_touch(other, p, now, fin);
+		bpf_map_update_elem(&ct_v4, &partner, other, BPF_ANY);
+		bpf_map_delete_elem(&ct_half_v4, &partner);
+	}
+	bpf_map_delete_elem(&ct_half_v4, key);
+}
+
+/*
  * The fast path: a packet of a known flow (reply: a backend's, whose CT_OUT entry is ct;
  * else the client's, ct its CT_SERVICE(_EGRESS) entry) is translated with what ct holds,
  * after one lookup. At most once a second the entry's backend is checked (a forward
  * entry's: still the backend of its id) and its next hop looked up again; a state change
  * or a new second also refreshes the other direction's entry (a second lookup, then).
+ * key is where ct was found, half whether in ct_half_v4.
  * Returns a TC verdict, or -1: the entry is not this packet's flow any more (dead, a
  * closed flow's tuple reused by a new connection, or its backend removed): a new flow.
  */
-static __always_inline int ct_fast(struct __sk_buff *skb, struct pkt *p, struct bpfgen_ct_entry *ct, __u32 now,
-				   int reply, int egress, int direct)
+static __always_inline int ct_fast(struct __sk_buff *skb, struct pkt *p, const struct bpfgen_tuple *key,
+				   struct bpfgen_ct_entry *ct, int half, __u32 now, int reply, int egress, int direct)
 {
-	struct bpfgen_tuple xl = p->t;
-	struct bpfgen_tuple partner;
+	struct bpfgen_tuple partner; /* (the translated tuple, then the partner's key) */
 	struct bpfgen_ct_entry *other;
+	int promote = 0, verdict;
 	__u8 fin = reply ? CT_FIN_BACKEND : CT_FIN_CLIENT;
 
 	if (!ct_is_live(ct, now))
@@ -765,55 +830,70 @@ static __always_inline int ct_fast(struct __sk_buff *skb, struct pkt *p, struct 
 	if (!reply && p->t.proto == IPPROTO_TCP && (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN &&
 	    (ct->flags & (CT_CLOSING | CT_MIDSTREAM)))
 		return -1;
-	xl.saddr = ct->xl_saddr;
-	xl.daddr = ct->xl_daddr;
-	xl.sport = ct->xl_sport;
-	xl.dport = ct->xl_dport;
 	if (now > ct->checked + 1) {
 		if (!reply) {
 			__u32 id = ct->backend_id;
 			struct bpfgen_backend *be = bpf_map_lookup_elem(&backend_v4, &id);
 
 			/* its backend was removed: the flow moves to a live one (which resets it) */
-			if (!be || be->addr != xl.daddr || be->port != xl.dport)
+			if (!be || be->addr != ct->xl_daddr || be->port != ct->xl_dport)
 				return -1;
 		}
-		if (ct->nh == NH_STACK)
+		if (ct->nh == NH_STACK) {
 			ct->checked = now;
-		else if (route(skb, &xl, egress, ct, now) < 0)
-			return TC_ACT_SHOT;
+		} else {
+			partner = p->t;
+			partner.saddr = ct->xl_saddr;
+			partner.daddr = ct->xl_daddr;
+			partner.sport = ct->xl_sport;
+			partner.dport = ct->xl_dport;
+			if (route(skb, &partner, egress, ct, now) < 0)
+				return TC_ACT_SHOT;
+		}
 	}
 	if (!egress && ct->nh != NH_STACK && p->ttl <= 1)
 		return drop(DROP_TTL_EXCEEDED);
 	if (ct_touch(ct, p, now, fin)) {
-		partner_key(&partner, ct, p->t.proto, reply);
-		other = bpf_map_lookup_elem(&ct_v4, &partner);
-		/* (a client may reuse its tuple for a new flow while late packets of the old one
-		 * still arrive: those leave the new flow alone) */
-		if (other && other->backend_id == ct->backend_id && other->snat_port == ct->snat_port)
-			ct_touch(other, p, now, fin);
+		if (half && (ct->flags & CT_ESTABLISHED)) {
+			promote = 1; /* after the packet is sent: the entry leaves ct_half_v4 */
+		} else {
+			partner_key(&partner, ct, p->t.proto, reply);
+			if (half)
+				other = bpf_map_lookup_elem(&ct_half_v4, &partner);
+			else
+				other = bpf_map_lookup_elem(&ct_v4, &partner);
+			/* (a client may reuse its tuple for a new flow while late packets of the old
+			 * one still arrive: those leave the new flow alone) */
+			if (other && other->backend_id == ct->backend_id && other->snat_port == ct->snat_port)
+				ct_touch(other, p, now, fin);
+		}
 	}
 	if (!reply)
 		count_frontend(ct->rev_nat_id, p->len);
-	if (rewrite(skb, p, &xl, !egress && ct->nh != NH_STACK, direct))
+	if (rewrite(skb, p, ct->xl_saddr, ct->xl_daddr, ct->xl_sport, ct->xl_dport, !egress && ct->nh != NH_STACK,
+		    direct))
 		return TC_ACT_SHOT;
-	return send(skb, ct, egress, direct);
+	verdict = send(skb, ct, egress, direct);
+	if (promote)
+		ct_promote(key, ct, p, reply, now, fin);
+	return verdict;
 }
 
-/* The CT_OUT entry of the flow a reply t (backend -> its peer) belongs to, if any. */
-static __always_inline struct bpfgen_ct_entry *reply_entry(const struct bpfgen_tuple *t)
+/* The key of the CT_OUT entry of the flow a reply t (backend -> its peer) belongs to. */
+static __always_inline void reply_key(struct bpfgen_tuple *key, const struct bpfgen_tuple *t)
 {
-	struct bpfgen_tuple key;
-
-	ct_out_key(&key, t->daddr, t->dport, t->saddr, t->sport, t->proto);
-	return bpf_map_lookup_elem(&ct_v4, &key);
+	ct_out_key(key, t->daddr, t->dport, t->saddr, t->sport, t->proto);
 }
 
-/* The live CT_OUT entry of the flow a reply t belongs to, if any. */
+/* The live CT_OUT entry of the flow a reply t belongs to, if any (either table). */
 static __always_inline struct bpfgen_ct_entry *reply_flow(const struct bpfgen_tuple *t)
 {
-	struct bpfgen_ct_entry *ct = reply_entry(t);
+	struct bpfgen_tuple key;
+	struct bpfgen_ct_entry *ct;
+	int half;
 
+	reply_key(&key, t);
+	ct = ct_lookup(&key, &half);
 	return ct && ct_is_live(ct, now_sec()) ? ct : NULL;
 }
 
@@ -841,11 +921,11 @@ static __always_inline int nodeport_from_netdev(struct __sk_buff *skb)
 {
 	struct bpfgen_svc_value *svc;
 	struct bpfgen_ct_entry *ct, *reply = NULL;
-	struct bpfgen_tuple key;
+	struct bpfgen_tuple key, rkey;
 	struct pkt p;
 	__u32 now;
 	__u16 dport;
-	int to_node, looked = 0, verdict;
+	int to_node, looked = 0, verdict, half = 0, rhalf = 0;
 
 	switch (parse(skb, &p)) {
 	case PARSE_PASS:
@@ -860,15 +940,12 @@ static __always_inline int nodeport_from_netdev(struct __sk_buff *skb)
 	to_node = p.t.daddr == NODE_IP;
 	if (to_node && dport >= SNAT_PORT_MIN && dport <= SNAT_PORT_MAX) {
 		/* A reply to an SNATed flow: backend -> node:snat_port. */
-		reply = reply_entry(&p.t);
+		reply_key(&rkey, &p.t);
+		reply = ct_lookup(&rkey, &rhalf);
 		looked = 1;
-		if (reply && (reply->flags & CT_SNAT)) {
-			now = now_sec();
-			verdict = ct_fast(skb, &p, reply, now, 1, 0, 1);
-			if (verdict >= 0)
-				return verdict;
-		}
-		/* else: no live SNATed flow; the node's own flow may still own the port (below) */
+		if (reply && (reply->flags & CT_SNAT))
+			goto fast_reply;
+		/* else: no SNATed flow; the node's own flow may still own the port (below) */
 	}
 
 	/*
@@ -883,31 +960,35 @@ static __always_inline int nodeport_from_netdev(struct __sk_buff *skb)
 			goto not_a_frontend;
 		key = p.t;
 		key.dir = CT_SERVICE;
-		ct = bpf_map_lookup_elem(&ct_v4, &key);
+		ct = ct_lookup(&key, &half);
 		now = now_sec();
 		if (ct) {
-			verdict = ct_fast(skb, &p, ct, now, 0, 0, 1);
+			verdict = ct_fast(skb, &p, &key, ct, half, now, 0, 0, 1);
 			if (verdict >= 0)
 				return verdict;
 		}
 		if (!svc)
 			svc = lookup_frontend(&p);
 		if (svc)
-			return lb_forward(skb, &p, svc, now, 0, 1);
+			return lb_forward(skb, &p, svc, now, LB_DIRECT | (ct && !half ? LB_STALE : 0));
 	}
 not_a_frontend:
 
 	if (to_node || (p.t.daddr & POD_MASK) == POD_NET) {
-		/* A reply to a flow this node or one of its pods opened to a ClusterIP. */
-		if (!looked)
-			reply = reply_entry(&p.t);
-		if (reply && (reply->flags & (CT_SNAT | CT_EGRESS)) == CT_EGRESS) {
-			verdict = ct_fast(skb, &p, reply, now_sec(), 1, 0, 1);
-			if (verdict >= 0)
-				return verdict;
+		/* A reply to a flow this node or one of its pods opened to a ClusterIP (in ct_v4). */
+		if (!looked) {
+			reply_key(&rkey, &p.t);
+			reply = bpf_map_lookup_elem(&ct_v4, &rkey);
+			rhalf = 0;
 		}
+		if (reply && (reply->flags & (CT_SNAT | CT_EGRESS)) == CT_EGRESS)
+			goto fast_reply;
 	}
 	return TC_ACT_OK;
+
+fast_reply:
+	verdict = ct_fast(skb, &p, &rkey, reply, rhalf, now_sec(), 1, 0, 1);
+	return verdict >= 0 ? verdict : TC_ACT_OK; /* (a dead flow's reply passes) */
 }
 
 static __always_inline int nodeport_to_netdev(struct __sk_buff *skb)
@@ -916,7 +997,7 @@ static __always_inline int nodeport_to_netdev(struct __sk_buff *skb)
 	struct bpfgen_ct_entry *ct;
 	struct bpfgen_tuple key;
 	struct pkt p;
-	int verdict;
+	int verdict, half;
 
 	/* Redirected here by from_netdev: translated already. */
 	if (skb->cb[0] == REDIRECTED_MAGIC) {
@@ -927,14 +1008,16 @@ static __always_inline int nodeport_to_netdev(struct __sk_buff *skb)
 		return TC_ACT_OK;
 
 	/* A reply of a local backend: backend -> client. */
-	ct = reply_entry(&p.t);
+	reply_key(&key, &p.t);
+	ct = ct_lookup(&key, &half);
 	if (ct && !(ct->flags & (CT_SNAT | CT_EGRESS))) {
-		verdict = ct_fast(skb, &p, ct, now_sec(), 1, 1, 0);
+		verdict = ct_fast(skb, &p, &key, ct, half, now_sec(), 1, 1, 0);
 		if (verdict >= 0)
 			return verdict;
 	}
 
-	/* Traffic of this node, or of its pods routed out of this interface, to a ClusterIP. */
+	/* Traffic of this node, or of its pods routed out of this interface, to a ClusterIP
+	 * (its flows are in ct_v4 from the first packet: not half-open). */
 	svc = lookup_frontend(&p);
 	if (svc && (svc->flags & SVC_CLUSTERIP)) {
 		__u32 now = now_sec();
@@ -943,11 +1026,11 @@ static __always_inline int nodeport_to_netdev(struct __sk_buff *skb)
 		key.dir = CT_SERVICE_EGRESS;
 		ct = bpf_map_lookup_elem(&ct_v4, &key);
 		if (ct) {
-			verdict = ct_fast(skb, &p, ct, now, 0, 1, 0);
+			verdict = ct_fast(skb, &p, &key, ct, 0, now, 0, 1, 0);
 			if (verdict >= 0)
 				return verdict;
 		}
-		return lb_forward(skb, &p, svc, now, 1, 0);
+		return lb_forward(skb, &p, svc, now, LB_EGRESS | (ct ? LB_STALE : 0));
 	}
 	return TC_ACT_OK;
 }
