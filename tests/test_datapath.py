@@ -1113,19 +1113,24 @@ def test_malformed_packet_is_never_translated(node0, prog, name):
 
 
 @pytest.mark.parametrize("length", [14, 24, 33], ids=["ethernet-only", "10-byte-ip-header", "19-byte-ip-header"])
-def test_frame_shorter_than_an_ipv4_header_is_a_counted_drop(node0, netns, length):
-    """BPF_PROG_TEST_RUN refuses IPv4 frames shorter than 14 + 20 bytes, so for these
-    from_netdev is attached to eth0's ingress *inside the test namespace* and the frame
-    is sent from the veth peer."""
+def test_frame_shorter_than_an_ipv4_header_passes(node0, netns, length):
+    """Not a packet the datapath can read, so not service traffic: it passes to the stack
+    (which judges it). BPF_PROG_TEST_RUN refuses IPv4 frames shorter than 14 + 20 bytes,
+    so from_netdev is attached to eth0's ingress *inside the test namespace* and the frame
+    is sent from the veth peer, then a short service packet, which is a counted drop: the
+    one drop shows the program saw both, in order."""
     frame = _tcp_to_nodeport()[:length]
+    short_service = MALFORMED["tcp-header-truncated"]
     with attached(node0, netns, "from_netdev", bpf.BPF_TC_INGRESS):
         with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as s:
             s.bind(("peer0", 0))
             s.send(frame)
+            s.send(short_service)
         deadline = time.monotonic() + 2
         while node0.drops("MALFORMED") == 0 and time.monotonic() < deadline:
             time.sleep(0.01)
     assert node0.drops("MALFORMED") == 1
+    assert sum(node0.all_drops().values()) == 1
     assert node0.entries("ct_v4") == {} and node0.entries("snat_v4") == {}
 
 

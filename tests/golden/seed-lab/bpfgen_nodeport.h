@@ -23,7 +23,11 @@
  * the packet's end); the tuple holds its addresses and, where the bytes are there, its
  * ports (else 0). Only service traffic of that kind is dropped, the rest passes.
  */
-enum parse_result { PARSE_OK, PARSE_PASS, PARSE_MALFORMED, PARSE_SHORT };
+/* PARSE_PASS: not a TCP/UDP packet this program could translate (another protocol, a
+ * fragment, or a header it cannot read: the stack judges those), passed untouched.
+ * PARSE_SHORT: its IPv4 header is whole but the TCP/UDP header is cut short; dropped only
+ * when it is service traffic. */
+enum parse_result { PARSE_OK, PARSE_PASS, PARSE_SHORT };
 
 /* A parsed IPv4 TCP/UDP packet: offsets, its tuple (host view) and TCP flags. */
 struct pkt {
@@ -98,9 +102,9 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 	if ((void *)(iph + 1) <= data_end)
 		ip = *iph;
 	else if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) < 0)
-		return PARSE_MALFORMED;
+		return PARSE_PASS; /* shorter than an IPv4 header */
 	if (ip.version != 4 || ip.ihl < 5)
-		return PARSE_MALFORMED;
+		return PARSE_PASS;
 	if (ip.protocol != IPPROTO_TCP && ip.protocol != IPPROTO_UDP)
 		return PARSE_PASS;
 	/* Fragments carry no (or a partial) L4 header: never translated. */
@@ -108,7 +112,7 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 		return PARSE_PASS;
 	ihl_len = ip.ihl * 4;
 	if (ETH_HLEN + ihl_len > skb->len)
-		return PARSE_MALFORMED;
+		return PARSE_PASS; /* no port to tell whether it is for a service */
 	l4_min = ip.protocol == IPPROTO_TCP ? sizeof(struct tcphdr) : sizeof(struct udphdr);
 	ip_len = bpf_ntohs(ip.tot_len);
 	if (ip_len == 0) /* BIG TCP: the length is the packet's */
@@ -134,7 +138,7 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 		if ((void *)(th + 1) <= data_end)
 			l4 = *th;
 		else if (bpf_skb_load_bytes(skb, p->l4_off, &l4, sizeof(l4)) < 0)
-			return PARSE_MALFORMED;
+			return PARSE_PASS;
 		p->csum_off = p->l4_off + offsetof(struct tcphdr, check);
 	} else {
 		__be16 *ports = data + (p->l4_off & 0x7f);
@@ -143,7 +147,7 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 			l4.ports[0] = ports[0];
 			l4.ports[1] = ports[1];
 		} else if (bpf_skb_load_bytes(skb, p->l4_off, l4.ports, sizeof(l4.ports)) < 0)
-			return PARSE_MALFORMED;
+			return PARSE_PASS;
 		p->csum_off = p->l4_off + offsetof(struct udphdr, check);
 	}
 	p->tcp_flags = l4.flags;
@@ -930,8 +934,6 @@ static __always_inline int nodeport_from_netdev(struct __sk_buff *skb)
 	switch (parse(skb, &p)) {
 	case PARSE_PASS:
 		return TC_ACT_OK;
-	case PARSE_MALFORMED:
-		return drop(DROP_MALFORMED);
 	case PARSE_SHORT:
 		return is_service_traffic(&p) ? drop(DROP_MALFORMED) : TC_ACT_OK;
 	}
