@@ -651,7 +651,7 @@ def test_unload_leaves_nothing(builds, state, netns: Netns, loaded):
     write_state(pins)
     maps0 = map_ids(pins)
     stderr = ok(bpfgen("unload", "--iface", IFACE, "--netns", netns.name))
-    assert f"unloaded node {NODE} from {IFACE}: detached ingress, egress, removed 7 pins" in stderr
+    assert f"unloaded node {NODE} from {IFACE}: detached ingress, egress, removed 8 pins" in stderr
     assert "removed the clsact qdisc" in stderr
     assert_nothing_left(netns, pins, state["run"])
     assert not state["root"].exists()
