@@ -12,6 +12,10 @@ single-threaded accept loop replacing the lab's server in the pod) are the same 
 Run with one client address and with two (a second address on the client's interface,
 taken in turn).
 
+Then --sequential connections (100,000) in a row through the 1000-port range, once with
+the pod closing first and once with the client closing first (the lab's own server, which
+waits for the client's FIN), with their failed and slowest connects.
+
 Prints connections/s of each arm, the ratio NAT / no NAT, failed connects (none answered
 within 3 s, or an error) and the slowest connect. Targets: >= 0.9x, zero failed, no
 connect slower than 0.5 s. Needs root; everything lives in the lab's namespaces.
@@ -36,6 +40,7 @@ SPEC = REPO / "tests" / "specs" / "lab" / "snat-1000.yaml"
 NODE0, NODE1, POD, NODEPORT = "172.26.50.101", "172.26.50.102", "10.0.1.72", 30645
 SECOND_CLIENT = "172.26.50.181"
 SLOW = 0.5
+SEQUENTIAL_DEADLINE = 120.0  # seconds: a stalling datapath would take hours for 100k
 
 SERVER = r"""
 import socket, sys
@@ -88,6 +93,43 @@ def loop(host: str, port: int, seconds: float, sources: tuple[str, ...]) -> dict
     return {"done": done, "failed": failed, "worst": worst, "slow": slow, "elapsed": time.monotonic() - start}
 
 
+def sequential(count: int, client_closes: bool) -> dict:
+    """count connect/request/answer/close loops through the NodePort, without a deadline:
+    failed connects and the slowest connect (the caller is in the client's namespace)."""
+    done = failed = slow = 0
+    worst = 0.0
+    start = time.monotonic()
+    for _ in range(count):
+        if time.monotonic() - start > SEQUENTIAL_DEADLINE:
+            break
+        s = socket.socket()
+        s.settimeout(3)
+        try:
+            t = time.monotonic()
+            s.connect((NODE0, NODEPORT))
+            took = time.monotonic() - t
+            worst = max(worst, took)
+            slow += took > SLOW
+            if client_closes:  # the lab's server echoes after its answer until the client closes
+                s.sendall(b"echo\n")
+                data = b""
+                while not data.endswith(b"\n"):
+                    chunk = s.recv(4096)
+                    if not chunk:
+                        raise ConnectionError("closed before the answer")
+                    data += chunk
+            else:
+                s.sendall(b"hi\n")
+                while s.recv(4096):
+                    pass
+            done += 1
+        except OSError:
+            failed += 1
+        finally:
+            s.close()
+    return {"done": done, "failed": failed, "worst": worst, "slow": slow, "elapsed": time.monotonic() - start}
+
+
 def merge(a: dict | None, b: dict) -> dict:
     if a is None:
         return dict(b)
@@ -95,7 +137,7 @@ def merge(a: dict | None, b: dict) -> dict:
             "slow": a["slow"] + b["slow"], "elapsed": a["elapsed"] + b["elapsed"]}
 
 
-def run_config(name: str, spec: Path, seconds: float, slice_: float, tmp: Path) -> list[tuple]:
+def run_config(name: str, spec: Path, seconds: float, slice_: float, tmp: Path, count: int = 0) -> list[tuple]:
     from bpfgen import lab as labmod
     from bpfgen.build import compile_spec
     from bpfgen.loader import load
@@ -112,6 +154,16 @@ def run_config(name: str, spec: Path, seconds: float, slice_: float, tmp: Path) 
         labmod.ip(lab.client_ns, "addr", "add", f"{SECOND_CLIENT}/24", "dev", "eth0")
         labmod.ip(lab.client_ns, "route", "add", f"{POD}/32", "via", NODE1)  # the no-NAT arm
         [pod] = lab.pods
+        if count:  # with the lab's own server, which can wait for the client's FIN
+            labmod.sysctl(lab.client_ns, "net.ipv4.tcp_tw_reuse", 1)  # the client's TIME_WAIT ports
+            with enter_netns(lab.client_ns):
+                sequential(3, False)
+                for client_closes in (False, True):
+                    r = sequential(count, client_closes)
+                    print(f"{name:<22} {count} sequential, {'client' if client_closes else 'pod'} closes first: "
+                          f"{r['done']} answered (of {count}) in {r['elapsed']:.0f} s ({r['done'] / r['elapsed']:.0f}/s), "
+                          f"failed {r['failed']}, {r['slow']} connects over 0.5 s, slowest {r['worst'] * 1000:.0f} ms",
+                          flush=True)
         labmod._stop_server(pod)
         time.sleep(0.3)
         server = subprocess.Popen(["nsenter", f"--net=/run/netns/{pod.ns}", sys.executable, "-c", SERVER, pod.address],
@@ -152,6 +204,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seconds", type=float, default=30.0, help="seconds of each arm (NAT and no NAT)")
     p.add_argument("--slice", type=float, default=5.0, help="seconds of one interleaved slice")
+    p.add_argument("--sequential", type=int, default=100_000,
+                   help="connections in a row through the 1000-port range, pod and client closing first (0: none)")
     args = p.parse_args()
     if os.geteuid() != 0:
         print("needs root", file=sys.stderr)
@@ -167,8 +221,9 @@ def main() -> int:
         print(f"{args.seconds:.0f} s per arm, slices of {args.slice:.0f} s, NodePort {NODE0}:{NODEPORT} -> "
               f"pod {POD} on node1 (SNAT), against the same loop straight to the pod")
         try:
-            for name, spec in (("default snatPortRange", default), ("1000-port snatPortRange", SPEC)):
-                run_config(name, spec, args.seconds, args.slice, tmp)
+            for name, spec, count in (("default snatPortRange", default, 0),
+                                      ("1000-port snatPortRange", SPEC, args.sequential)):
+                run_config(name, spec, args.seconds, args.slice, tmp, count)
         finally:
             subprocess.run(["rm", "-rf", os.environ["BPFGEN_PIN_ROOT"]])
     return 0
