@@ -67,15 +67,19 @@ def read_maps(maps: dict[str, bpf.MapFd]) -> planning.Contents:
 _CT_REFS = struct.Struct("<III")  # bpfgen_ct_entry: expires, backend_id, rev_nat_id
 
 
-def conntrack_refs(ct: bpf.MapFd) -> tuple[set[int], set[int]]:
+CONNTRACK_MAPS = ("ct_v4", "ct_half_v4")  # established flows, and those still opening
+
+
+def conntrack_refs(cts: list[bpf.MapFd]) -> tuple[set[int], set[int]]:
     """Backend ids and reverse-NAT ids that live conntrack entries refer to."""
     now = layout.datapath_now()
     backends, revnats = set(), set()
-    for _, v in ct.lookup_batch(BATCH):
-        expires, backend_id, rev_nat_id = _CT_REFS.unpack_from(v)
-        if expires >= now:  # dead entries the LRU has not evicted hold nothing
-            backends.add(backend_id)
-            revnats.add(rev_nat_id)
+    for ct in cts:
+        for _, v in ct.lookup_batch(BATCH):
+            expires, backend_id, rev_nat_id = _CT_REFS.unpack_from(v)
+            if expires >= now:  # dead entries the LRU has not evicted hold nothing
+                backends.add(backend_id)
+                revnats.add(rev_nat_id)
     return backends, revnats
 
 
@@ -87,9 +91,9 @@ def apply_changes(maps: dict[str, bpf.MapFd], changes: Changes) -> None:
 
 
 def sync_service_maps(maps: dict[str, bpf.MapFd], plan: Plan, node: planning.NodeInfo,
-                      ct: bpf.MapFd | None = None, have: planning.Contents | None = None) -> Changes:
+                      ct: list[bpf.MapFd] | None = None, have: planning.Contents | None = None) -> Changes:
     """Make node's service maps hold what the plan says, writing only the difference;
-    returns what was written and deleted. ct: conntrack, whose live ids are not reused."""
+    returns what was written and deleted. ct: the conntrack maps, whose live ids are not reused."""
     have = read_maps(maps) if have is None else have
     held = planning.Held(lambda: conntrack_refs(ct)) if ct is not None else None
     changes = planning.diff_maps(planning.desired(plan, node, have, held), have)
@@ -281,7 +285,7 @@ def _pinned_map_ids(pins: Path, names: Iterable[str] = tuple(m.name for m in lay
     return ids
 
 
-def _sync_with_undo(maps: dict[str, bpf.MapFd], ct: bpf.MapFd, plan: Plan, n: planning.NodeInfo,
+def _sync_with_undo(maps: dict[str, bpf.MapFd], ct: list[bpf.MapFd], plan: Plan, n: planning.NodeInfo,
                     undo: _Undo) -> Changes:
     snapshot = read_maps(maps)
     undo.push("contents of the service maps",
@@ -329,7 +333,7 @@ def _update_data(pins: Path, plan: Plan, n: planning.NodeInfo, previous: NodeRec
     load applied, only the services that differ are looked at; without it (or when the
     maps are not as that load left them), every entry is compared."""
     maps = {name: undo.hold(bpf.MapFd.from_pin(pins / name)) for name in SERVICE_MAPS}
-    ct = undo.hold(bpf.MapFd.from_pin(pins / "ct_v4"))
+    ct = [undo.hold(bpf.MapFd.from_pin(pins / name)) for name in CONNTRACK_MAPS]
     old = _applied_plan(previous, _map_ids(maps))
     if old is not None:
         try:
@@ -382,7 +386,7 @@ def _load_object(b: Build, pins: Path, plan: Plan, n: planning.NodeInfo, config:
         for name, old in resized.items():
             _migrate(old, obj.map(name), sizes[name])
         maps = {name: undo.hold(obj.map(name).map_fd()) for name in SERVICE_MAPS}
-        ct = undo.hold(obj.map("ct_v4").map_fd())
+        ct = [undo.hold(obj.map(name).map_fd()) for name in CONNTRACK_MAPS]
         changes = _sync_with_undo(maps, ct, plan, n, undo)
         programs, created_qdisc = _attach(obj, ifindex, netns, undo)
     # The programs now use the new maps: the old ones go with their last pin.

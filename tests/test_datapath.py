@@ -126,7 +126,7 @@ class Datapath:
         _route_backends(spec, self.node)
         plan = Plan.from_spec(spec)
         service = {name: self.maps[name] for name in SERVICE_MAPS}
-        sync_service_maps(service, plan, plan.node(self.node), self.maps["ct_v4"])
+        sync_service_maps(service, plan, plan.node(self.node), [self.maps["ct_v4"], self.maps["ct_half_v4"]])
 
     def frontend_id(self, port: int = NODEPORT, proto: int = TCP, addr: str | None = None) -> int:
         key = layout.SVC_KEY.pack(addr=addr or self.address, port=port, proto=proto, slot=0)

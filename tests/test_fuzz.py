@@ -167,7 +167,7 @@ class Node0:
             node = plan.node("node0")
             obj = self.obj = stack.enter_context(open_datapath(self.build, plan, node, pins))
             self.maps = {m.name: stack.enter_context(obj.map(m.name).map_fd()) for m in layout.MAPS}
-            sync_service_maps({n: self.maps[n] for n in SERVICE_MAPS}, plan, node, self.maps["ct_v4"])
+            sync_service_maps({n: self.maps[n] for n in SERVICE_MAPS}, plan, node, [self.maps["ct_v4"], self.maps["ct_half_v4"]])
             ctx = bytearray(SKB_CTX_SIZE)
             ctx[SKB_IFINDEX_OFFSET : SKB_IFINDEX_OFFSET + 4] = if_index("eth0").to_bytes(4, "little")
             self.ctx = bytes(ctx)

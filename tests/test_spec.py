@@ -200,7 +200,8 @@ def test_spec_to_dict_is_resolved():
     data = spec_to_dict(parse_spec(MINIMAL))
     assert data["cluster"] == {
         "nodePortRange": "30000-32767", "snatPortRange": "32768-65535",
-        "capacity": {"frontends": 131072, "backendSlots": 1048576, "backends": 262144, "flows": 262144},
+        "capacity": {"frontends": 131072, "backendSlots": 1048576, "backends": 262144, "flows": 262144,
+                     "halfOpenFlows": 65536},
     }
     assert data["services"][0]["namespace"] == "default"
     (port,) = data["services"][0]["ports"]
