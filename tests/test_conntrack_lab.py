@@ -6,7 +6,8 @@ first failure and at a deadline.
 Two labs, one per class (class-scoped, so only one is up at a time: the loader's pins and
 records follow the environment, which each lab sets while it is up):
 - TestRate: tests/specs/lab/snat-1000.yaml, one backend, a 1000-port snatPortRange.
-- TestState: tests/specs/lab/conntrack-small.yaml, two backends, capacity.flows 256.
+- TestState: tests/specs/lab/conntrack-small.yaml, two backends, capacity.flows 256 and
+  halfOpenFlows 1024.
 """
 
 from __future__ import annotations
@@ -329,10 +330,11 @@ class TestState:
             finally:
                 _load(lab, SMALL_SPEC)
 
-    @pytest.mark.xfail(strict=True, reason="issue 8: half-open flows share the LRU conntrack with established "
-                       "ones, so a SYN flood evicts them (no half-open table or budget yet)")
+    @pytest.mark.xfail(strict=True, reason="issue 8: a SYN flood still breaks about half the idle established "
+                       "flows: flood flows get promoted into ct_v4 (a backend's RST|ACK or challenge ACK counts as "
+                       "established) and ct_v4's LRU evicts one entry of a flow (CT_OUT), leaving it hanging")
     def test_a_spoofed_syn_flood_does_not_evict_established_flows(self, lab) -> None:
-        """FLOOD spoofed SYNs (about 270 x capacity.flows) (half-open flows that never complete) while 20
+        """FLOOD spoofed SYNs (about 70 x capacity.halfOpenFlows) (half-open flows that never complete) while 20
         established connections sit idle: they stay usable."""
         with ExitStack() as stack:
             conns = []
@@ -419,12 +421,25 @@ class TestState:
 
             try:
                 _load(lab, _spec_variant(lab, SMALL_SPEC, without))
-                s.settimeout(2)
+                # The datapath may check a flow's backend on a coarse clock: the connection may
+                # go on for a moment, but within about two seconds the next send gets a reset.
+                s.settimeout(1)
                 t = time.monotonic()
-                with pytest.raises(ConnectionResetError):
-                    s.sendall(b"after\n")
-                    _read_line(s)
-                assert time.monotonic() - t < 2.5
+                outcome = None
+                while outcome is None:
+                    try:
+                        s.sendall(b"after\n")
+                        _read_line(s)
+                    except ConnectionResetError:
+                        outcome = "reset"
+                    except OSError as e:  # a hang (timeout) or a close without a reset
+                        outcome = repr(e)
+                    else:
+                        if time.monotonic() - t > 3:
+                            outcome = "still served by the removed backend after 3 s"
+                        time.sleep(0.2)
+                assert outcome == "reset", outcome
+                assert time.monotonic() - t < 3.5
                 for _ in range(10):
                     r = labmod.client_request(lab, "TCP", NODE0, NODEPORT)
                     assert not r["pod"].startswith(gone + ":"), r
