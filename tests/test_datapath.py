@@ -912,8 +912,12 @@ OCCUPANTS = {
     # the backend closed first: it holds node:port -> backend in TIME_WAIT
     "other-client-waits": (OTHER_CLIENT, (5, BACKEND_FIRST), False, False),
     "other-client-after-the-rest": (OTHER_CLIENT, (-GRACE - 1, BACKEND_FIRST), False, True),
-    "same-client-reuses-at-once": (CLIENT, (5, BACKEND_FIRST), False, True),
-    "same-client-other-frontend-address-waits": (CLIENT, (5, BACKEND_FIRST), True, False),
+    # the same connection tuple (client address and port, frontend) reuses it at once:
+    # TCP timestamp offsets are per connection (kernel 6.18 hashes the ports too), so
+    # only that tuple's clock passes the backend's TIME_WAIT
+    "same-client-tuple-reuses-at-once": ((CLIENT, 40000), (5, BACKEND_FIRST), False, True),
+    "same-client-other-port-waits": (CLIENT, (5, BACKEND_FIRST), False, False),
+    "same-client-other-frontend-waits": ((CLIENT, 40000), (5, BACKEND_FIRST), True, False),
     # the client closed first (or a reset): the backend holds no TIME_WAIT
     "client-closed-first-no-rest": (OTHER_CLIENT, (5, CLOSED), False, True),
     "reset-no-rest": (OTHER_CLIENT, (5, FLAGS["CT_ESTABLISHED"] | FLAGS["CT_CLOSING"]), False, True),
@@ -924,10 +928,10 @@ OCCUPANTS = {
 @pytest.mark.parametrize("occupant_state", OCCUPANTS)
 def test_client_port_held_by_another_flow(node0, occupant_state):
     """kernel-notes, SNAT and TCP: a port whose flow closed is taken at once by the same
-    client address to the same frontend address, by another one only after the rest,
-    and by anyone at once when the client closed first; a live flow keeps it."""
-    client_addr, ct, other_frontend, taken_over = OCCUPANTS[occupant_state]
-    occupant = (client_addr, 50000)
+    connection tuple (client address and port, frontend), by another flow only after the
+    rest, and by anyone at once when the client closed first; a live flow keeps it."""
+    client, ct, other_frontend, taken_over = OCCUPANTS[occupant_state]
+    occupant = client if isinstance(client, tuple) else (client, 50000)
     rev_nat_id = node0.frontend_id(80, addr="10.106.91.98") if other_frontend else None
     if ct is None:
         _occupy(node0, 40000, occupant, None)
@@ -947,7 +951,11 @@ def test_client_port_held_by_another_flow(node0, occupant_state):
         assert out["nat_cookie"] != 0
     else:
         assert port != 40000 and port in SNAT_RANGE
-        assert_nat_pair(node0, occupant, 40000)  # the occupant keeps its mapping
+        # the occupant keeps its mapping (its NAT_OUT key is the new flow's too when both
+        # are one client tuple to one backend: then NAT_IN alone says it)
+        assert node0.nat((BACKEND, BACKEND_PORT, NODE0, 40000), "NAT_IN") == occupant
+        if occupant != (CLIENT, 40000):
+            assert_nat_pair(node0, occupant, 40000)
     # Replies to the chosen port reach this client.
     back = node0.from_netdev(pk.tcp(BACKEND, BACKEND_PORT, NODE0, port, pk.SYN | pk.ACK)).pkt
     assert back.flow == (NODE0, NODEPORT, CLIENT, 40000)
@@ -1023,20 +1031,41 @@ def test_snat_port_after_the_client_closed_first_has_no_rest(node0):
     assert back.flow == (NODE0, NODEPORT, OTHER_CLIENT, 40000)
 
 
-def test_many_sequential_connections_through_a_small_range_never_exhaust_it(datapath):
-    """One client's connect/answer/close loop, the backend closing first, through a
-    four-port range: every closed port is the same client's again at once."""
+@pytest.mark.parametrize("closes_first", ["client", "backend"])
+def test_many_sequential_connections_through_a_small_range_never_exhaust_it(datapath, closes_first):
+    """A connect/answer/close loop through a four-port range never runs out: when the
+    client closes first (no TIME_WAIT on the backend) from a new port each time, and when
+    the backend closes first but the client connects from one port again (the same tuple,
+    which passes the backend's TIME_WAIT)."""
     dp = datapath(TINY_SNAT, "node0")
     for i in range(40):
-        service = (CLIENT, 50000 + i, NODE0, NODEPORT)
+        service = (CLIENT, 50000 + (i if closes_first == "client" else 0), NODE0, NODEPORT)
         run = dp.from_netdev(pk.tcp(*service, pk.SYN))
         assert run.retval == TC_ACT_REDIRECT, f"connection {i}: {dp.all_drops()}"
         port = run.pkt.sport
         dp.from_netdev(pk.tcp(BACKEND, BACKEND_PORT, NODE0, port, pk.SYN | pk.ACK))
         dp.from_netdev(pk.tcp(*service, pk.ACK, b"request"))
-        dp.from_netdev(pk.tcp(BACKEND, BACKEND_PORT, NODE0, port, pk.FIN | pk.PSH | pk.ACK, b"answer"))
-        dp.from_netdev(pk.tcp(*service, pk.FIN | pk.ACK))
+        if closes_first == "client":
+            dp.from_netdev(pk.tcp(*service, pk.FIN | pk.ACK, b"request"))
+            dp.from_netdev(pk.tcp(BACKEND, BACKEND_PORT, NODE0, port, pk.FIN | pk.PSH | pk.ACK, b"answer"))
+        else:
+            dp.from_netdev(pk.tcp(BACKEND, BACKEND_PORT, NODE0, port, pk.FIN | pk.PSH | pk.ACK, b"answer"))
+            dp.from_netdev(pk.tcp(*service, pk.FIN | pk.ACK))
     assert dp.drops("SNAT_EXHAUSTED") == 0
+
+
+def test_a_backend_closed_flows_port_rests_for_the_clients_next_port(datapath):
+    """The backend closed first and holds TIME_WAIT with the old connection's timestamps:
+    the same client from another port may not take that port (with every other port
+    live, its SYN is a counted drop); the same tuple again takes it at once."""
+    dp = datapath(TINY_SNAT, "node0")  # snatPortRange 40000-40003
+    flows = [_established(dp, 50000 + i) for i in range(4)]
+    service, snat = flows[0]
+    _close(dp, service, snat, first="backend")
+    run = dp.from_netdev(pk.tcp(CLIENT, 50010, NODE0, NODEPORT, pk.SYN))
+    assert run.retval == TC_ACT_SHOT and dp.drops("SNAT_EXHAUSTED") == 1
+    run = dp.from_netdev(pk.tcp(*service, pk.SYN))
+    assert run.retval == TC_ACT_REDIRECT and run.pkt.sport == snat
 
 
 @pytest.mark.parametrize("first", ["ingress", "egress"])
@@ -1202,17 +1231,18 @@ def test_one_client_port_to_two_frontends_of_one_backend_stays_two_flows(node0):
         assert reply.checksums_ok()
 
 
-def test_late_fin_of_an_old_flow_leaves_the_new_flow_of_its_tuple_alone(node0):
-    """The client reconnects on the same tuple; a late FIN of the old connection
-    (to the old SNAT port) must not close the new one. (The client's port is outside
-    the SNAT range: each flow gets a random port.)"""
+def test_a_tuple_reconnecting_after_the_backend_closed_takes_its_port_again(node0):
+    """The client reconnects on the same tuple after the backend closed first: the same
+    connection tuple passes the backend's TIME_WAIT (its timestamps run on the old
+    connection's clock), so the new flow takes the old SNAT port at once, from the start
+    of a fresh flow's state. (The client's port is outside the SNAT range.)"""
     service, old_port = _established(node0, client_port=10000)
     _close(node0, service, old_port, first="backend")
-    new_port = node0.from_netdev(pk.tcp(*service, pk.SYN)).pkt.sport
-    assert new_port != old_port
-    late = node0.from_netdev(pk.tcp(BACKEND, BACKEND_PORT, NODE0, old_port, pk.FIN | pk.ACK)).pkt
-    assert late.flow == (NODE0, NODEPORT, CLIENT, 10000)
+    run = node0.from_netdev(pk.tcp(*service, pk.SYN))
+    assert run.retval == TC_ACT_REDIRECT and run.pkt.sport == old_port
     assert not node0.ct(service, "CT_SERVICE")["flags"] & (FLAGS["CT_CLOSING"] | FLAGS["CT_FIN_BACKEND"])
+    back = node0.from_netdev(pk.tcp(BACKEND, BACKEND_PORT, NODE0, old_port, pk.SYN | pk.ACK)).pkt
+    assert back.flow == (NODE0, NODEPORT, CLIENT, 10000)
 
 
 # ================================================================ 11. flood resistance

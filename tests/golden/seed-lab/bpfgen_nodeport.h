@@ -434,7 +434,10 @@ static __always_inline __u8 ct_flags_after(const struct pkt *p, __u8 flags, __u8
 {
 	if (p->t.proto != IPPROTO_TCP)
 		return flags;
-	if ((p->tcp_flags & TCP_FLAG_ACK) && !(p->tcp_flags & TCP_FLAG_SYN) && !(flags & CT_MIDSTREAM))
+	/* The client's ACK establishes (never the backend's: its RST|ACK or challenge ACK to a
+	 * flood's SYN would promote half-open flows into the table of established ones). */
+	if (fin == CT_FIN_CLIENT && (p->tcp_flags & (TCP_FLAG_ACK | TCP_FLAG_SYN | TCP_FLAG_RST)) == TCP_FLAG_ACK &&
+	    !(flags & CT_MIDSTREAM))
 		flags |= CT_ESTABLISHED;
 	if (p->tcp_flags & TCP_FLAG_RST)
 		return flags | CT_CLOSING;
@@ -494,31 +497,19 @@ struct snat_search {
 	struct bpfgen_tuple key;    /* NAT_IN key of the port tried */
 	struct bpfgen_nat_entry val; /* the flow's NAT_IN value (its claim: claimed, cookie) */
 	__be32 backend_addr;
-	__be32 frontend_addr;
 	__u32 rev_nat_id;
 	__be16 backend_port;
 	__u16 port; /* host order */
 	__u32 now;
 	__u8 proto;
 	__u8 found;
+	__u32 spread; /* the flow's hash: where its search starts after its own port */
 };
 
 /* NAT_IN's claimed and cookie, as one word: they change together. */
 static __always_inline __u64 *nat_lease(struct bpfgen_nat_entry *nat)
 {
 	return (__u64 *)&nat->claimed;
-}
-
-/* Whether the flow of ct came through a frontend of the address the new flow goes to. */
-static __always_inline int same_frontend_addr(const struct bpfgen_ct_entry *ct, const struct snat_search *s)
-{
-	struct bpfgen_revnat *fe;
-	__u32 id = ct->rev_nat_id;
-
-	if (id == s->rev_nat_id)
-		return 1;
-	fe = bpf_map_lookup_elem(&revnat_v4, &id);
-	return fe && fe->addr == s->frontend_addr;
 }
 
 /*
@@ -531,8 +522,10 @@ static __always_inline int same_frontend_addr(const struct bpfgen_ct_entry *ct, 
  *   did not close first leaves no TIME_WAIT on the backend: free at once, as is an
  *   expired flow picked up mid-stream (the backend never had it);
  * - else the backend may hold the tuple in TIME_WAIT: a new flow of the same client
- *   address to the same frontend address passes it (its timestamps run on the same
- *   clock) at once; another client only after SNAT_REUSE_GRACE.
+ *   address and port to the same frontend (the same connection tuple: Linux draws TCP
+ *   timestamp offsets per connection, addresses and ports, so only that one runs on the
+ *   old flow's clock) passes it at once, as Linux conntrack reopens such a tuple; any
+ *   other flow only after SNAT_REUSE_GRACE.
  */
 static __always_inline int snat_is_stale(struct bpfgen_nat_entry *nat, __u32 claimed, __u32 cookie,
 					 const struct snat_search *s)
@@ -556,7 +549,7 @@ static __always_inline int snat_is_stale(struct bpfgen_nat_entry *nat, __u32 cla
 		if (!live && (ct->flags & CT_MIDSTREAM))
 			return 1;
 	}
-	if (nat->addr == s->val.addr && same_frontend_addr(ct, s))
+	if (nat->addr == s->val.addr && nat->port == s->val.port && ct->rev_nat_id == s->rev_nat_id)
 		return 1;
 	return now > ct->expires + SNAT_REUSE_GRACE;
 }
@@ -587,10 +580,15 @@ static __always_inline int snat_claim(const struct snat_search *s)
 	return 1;
 }
 
-static __always_inline __u16 snat_next_port(__u16 port, int attempt)
+/*
+ * The port tried after `port`: first one picked by the flow's hash (not at random: a
+ * flow whose entries an LRU map evicted while it was idle, a one-way UDP flow, comes back
+ * on the port it had while that is free), then the ports after it.
+ */
+static __always_inline __u16 snat_next_port(__u16 port, int attempt, __u32 spread)
 {
 	if (attempt == 0)
-		return SNAT_PORT_MIN + bpf_get_prandom_u32() % SNAT_PORT_COUNT;
+		return SNAT_PORT_MIN + spread % SNAT_PORT_COUNT;
 	return port >= SNAT_PORT_MAX ? SNAT_PORT_MIN : port + 1;
 }
 
@@ -605,13 +603,14 @@ static long snat_try_port(__u32 attempt, void *data)
 		s->found = 1;
 		return 1;
 	}
-	s->port = snat_next_port(s->port, attempt);
+	s->port = snat_next_port(s->port, attempt, s->spread);
 	return 0;
 }
 
 /*
  * Allocates node:port for the flow client -> backend through frontend id: the client's
- * own port first, then a random one and the ports after it, SNAT_RETRIES tries. The
+ * own port first, then one picked by the flow's hash and the ports after it,
+ * SNAT_RETRIES tries. The
  * reverse (NAT_IN) entry is claimed first; if the forward (NAT_OUT) one cannot be
  * written, the reverse one is removed again. Returns the port (network order) or 0, and
  * the claim's cookie in *cookie.
@@ -636,13 +635,13 @@ static __always_inline __be16 snat_alloc(const struct pkt *p, const struct bpfge
 	search.val.cookie = bpf_get_prandom_u32() | 1;
 	search.backend_addr = be->addr;
 	search.backend_port = be->port;
-	search.frontend_addr = p->t.daddr;
 	search.rev_nat_id = id;
 	search.proto = p->t.proto;
 	search.now = now;
+	search.spread = mix32(flow_hash(&p->t) ^ be->addr ^ be->port);
 	search.port = bpf_ntohs(p->t.sport);
 	if (search.port < SNAT_PORT_MIN || search.port > SNAT_PORT_MAX)
-		search.port = snat_next_port(search.port, 0);
+		search.port = snat_next_port(search.port, 0, search.spread);
 	bpf_loop(SNAT_RETRIES, snat_try_port, &search, 0);
 	if (!search.found)
 		return 0;
@@ -812,6 +811,34 @@ static __always_inline void ct_promote(const struct bpfgen_tuple *key, struct bp
 }
 
 /*
+ * An SNATed flow's claim of its port (its NAT_IN entry) kept alive, once a second: the
+ * fast path never looks it up, and an LRU map evicts what nobody looks up, so a one-way
+ * flow would lose its port to another flow. A claim found gone is made again, for the
+ * same port (the flow keeps its port for as long as it lives).
+ */
+static __noinline int snat_keep(const struct pkt *p, const struct bpfgen_ct_entry *ct, int reply, __u32 now)
+{
+	struct bpfgen_nat_entry val = {};
+	struct bpfgen_tuple key;
+
+	if (reply) {
+		nat_in_key(&key, p->t.saddr, p->t.sport, p->t.dport, p->t.proto);
+		val.addr = ct->xl_daddr;
+		val.port = ct->xl_dport;
+	} else {
+		nat_in_key(&key, ct->xl_daddr, ct->xl_dport, ct->xl_sport, p->t.proto);
+		val.addr = p->t.saddr;
+		val.port = p->t.sport;
+	}
+	if (bpf_map_lookup_elem(&snat_v4, &key))
+		return 0;
+	val.claimed = now;
+	val.cookie = ct->nat_cookie;
+	bpf_map_update_elem(&snat_v4, &key, &val, BPF_NOEXIST);
+	return 0;
+}
+
+/*
  * The fast path: a packet of a known flow (reply: a backend's, whose CT_OUT entry is ct;
  * else the client's, ct its CT_SERVICE(_EGRESS) entry) is translated with what ct holds,
  * after one lookup. At most once a second the entry's backend is checked (a forward
@@ -843,6 +870,8 @@ static __always_inline int ct_fast(struct __sk_buff *skb, struct pkt *p, const s
 			if (!be || be->addr != ct->xl_daddr || be->port != ct->xl_dport)
 				return -1;
 		}
+		if ((ct->flags & CT_SNAT) && !egress)
+			snat_keep(p, ct, reply, now);
 		if (ct->nh == NH_STACK) {
 			ct->checked = now;
 		} else {
