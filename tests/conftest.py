@@ -155,3 +155,54 @@ def sample_obj(objdir: Path) -> Path:
 @pytest.fixture(scope="session")
 def sample_obj_be(objdir: Path) -> Path:
     return compile_bpf(DATA / "sample.c", objdir, target="bpfeb")
+
+
+# ------------------------------------------------------------------------- lab fixtures
+
+
+def namespaces() -> set[str]:
+    return set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
+
+
+def load_every_node(the_lab, spec: Path, tmp: Path) -> None:
+    """spec compiled into tmp/build and loaded on every node of the lab."""
+    from bpfgen.build import compile_spec
+    from bpfgen.loader import load
+
+    build = compile_spec(spec, tmp / "build")
+    for name in the_lab.nodes:
+        load("eth0", build=build.dir, netns=the_lab.node_ns(name))
+
+
+from collections.abc import Callable, Iterator  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
+
+
+@contextmanager
+def lab_up(spec: Path, tmp: Path, letter: str, prepare: Callable = load_every_node) -> Iterator:
+    """spec's lab (namespace prefix: letter + random hex) with private pins and records,
+    prepared (by default: loaded on every node); afterwards everything is removed, the
+    environment restored, and no namespace of the lab may be left."""
+    from bpfgen import lab as labmod
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root")  # pytest_runtest_setup turns this into a failure under CI
+    env = {"BPFGEN_PIN_ROOT": f"/sys/fs/bpf/bpfgen-test-{secrets.token_hex(4)}", "BPFGEN_RUN_DIR": str(tmp / "run")}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    prefix = f"{letter}{secrets.token_hex(3)}"
+    try:
+        the_lab = labmod.up(spec, prefix)
+        try:
+            prepare(the_lab, spec, tmp)
+            yield the_lab
+        finally:
+            labmod.down(prefix)
+            assert not any(ns.startswith(prefix + "-") for ns in namespaces())
+    finally:
+        subprocess.run(["rm", "-rf", env["BPFGEN_PIN_ROOT"]])
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

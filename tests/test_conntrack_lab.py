@@ -18,9 +18,8 @@ import random
 import secrets
 import socket
 import struct
-import subprocess
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -30,6 +29,8 @@ from bpfgen import lab as labmod
 from bpfgen.build import compile_spec
 from bpfgen.loader import load
 from bpfgen.netns import enter_netns
+
+from conftest import lab_up  # noqa: E402
 
 pytestmark = pytest.mark.kernel
 
@@ -45,35 +46,15 @@ SLOW_CONNECT = 0.5
 SEQUENTIAL = int(os.environ.get("BPFGEN_TEST_SEQUENTIAL", "20000"))
 
 
-def _namespaces() -> set[str]:
-    return set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
+def _prepare(the_lab, spec: Path, tmp: Path) -> None:
+    the_lab.tmp = tmp
+    _load(the_lab, spec)
+    for _ in range(3):  # neighbours resolved along the way, so no first connect waits for ARP
+        labmod.client_request(the_lab, "TCP", NODE0, NODEPORT)
 
 
-@contextmanager
 def _lab(spec: Path, tmp: Path):
-    """spec's lab, loaded on every node, with private pins and records."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root")  # conftest turns this into a failure under CI
-    env = {"BPFGEN_PIN_ROOT": f"/sys/fs/bpf/bpfgen-test-{secrets.token_hex(4)}", "BPFGEN_RUN_DIR": str(tmp / "run")}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    prefix = f"c{secrets.token_hex(3)}"
-    the_lab = labmod.up(spec, prefix)
-    try:
-        the_lab.tmp = tmp
-        _load(the_lab, spec)
-        for _ in range(3):  # neighbours resolved along the way, so no first connect waits for ARP
-            labmod.client_request(the_lab, "TCP", NODE0, NODEPORT)
-        yield the_lab
-    finally:
-        labmod.down(prefix)
-        subprocess.run(["rm", "-rf", env["BPFGEN_PIN_ROOT"]])
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        assert not any(ns.startswith(prefix + "-") for ns in _namespaces())
+    return lab_up(spec, tmp, "c", _prepare)
 
 
 def _load(lab, spec: Path) -> None:

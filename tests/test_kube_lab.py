@@ -5,12 +5,9 @@ real sockets from the client and from a node."""
 from __future__ import annotations
 
 import json
-import os
-import secrets
 import subprocess
 import sys
 from collections import Counter
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -19,9 +16,9 @@ import yaml
 from bpfgen import kube
 from bpfgen import lab as labmod
 from bpfgen import views
-from bpfgen.build import compile_spec
-from bpfgen.loader import load
 from bpfgen.spec import load_spec
+
+from conftest import lab_up  # noqa: E402
 
 pytestmark = [pytest.mark.kernel, pytest.mark.filterwarnings("ignore::bpfgen.kube.SpecNote")]
 
@@ -32,36 +29,8 @@ NODE_CP, NODE_W1, NODE_W2 = "172.26.50.101", "172.26.50.102", "172.26.50.103"
 WEB_READY = {"10.0.1.10:8080", "10.0.2.10:8080"}  # one per slice
 
 
-def _namespaces() -> set[str]:
-    return set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
-
-
-@contextmanager
 def _lab(spec: Path, tmp: Path):
-    """spec's lab, loaded on every node, with private pins and records."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root")  # conftest turns this into a failure under CI
-    env = {"BPFGEN_PIN_ROOT": f"/sys/fs/bpf/bpfgen-test-{secrets.token_hex(4)}", "BPFGEN_RUN_DIR": str(tmp / "run")}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    prefix = f"k{secrets.token_hex(3)}"
-    try:
-        the_lab = labmod.up(spec, prefix)
-        try:
-            build = compile_spec(spec, tmp / "build")
-            for name in the_lab.nodes:
-                load("eth0", build=build.dir, netns=the_lab.node_ns(name))
-            yield the_lab
-        finally:
-            labmod.down(prefix)
-            assert not any(ns.startswith(prefix + "-") for ns in _namespaces())
-    finally:
-        subprocess.run(["rm", "-rf", env["BPFGEN_PIN_ROOT"]])
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    return lab_up(spec, tmp, "k")
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,9 @@ loaded on every node, checked from both ends of each connection and in the maps.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import socket
 import subprocess
-from contextlib import contextmanager
 import sys
 from pathlib import Path
 
@@ -16,11 +14,11 @@ import pytest
 from click.testing import CliRunner
 
 from bpfgen import lab as labmod
-from bpfgen.build import compile_spec
 from bpfgen.cli import cli
-from bpfgen.loader import load
 from bpfgen.netns import enter_netns
 from bpfgen.spec import load_spec
+
+from conftest import lab_up, namespaces  # noqa: E402
 
 pytestmark = pytest.mark.kernel
 
@@ -34,34 +32,11 @@ POD = str(SPEC.services[0].backends[0].address)
 SNAT = SPEC.cluster.snat_port_range
 
 
-def _namespaces() -> set[str]:
-    return set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
+_namespaces = namespaces
 
 
-@contextmanager
 def _lab(spec: Path, tmp: Path):
-    """spec's lab, loaded on every node, with private pins and records."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root")  # conftest turns this into a failure under CI
-    env = {"BPFGEN_PIN_ROOT": f"/sys/fs/bpf/bpfgen-test-{secrets.token_hex(4)}", "BPFGEN_RUN_DIR": str(tmp / "run")}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    prefix = f"t{secrets.token_hex(3)}"
-    the_lab = labmod.up(spec, prefix)
-    try:
-        build = compile_spec(spec, tmp / "build")
-        for name in the_lab.nodes:
-            load("eth0", build=build.dir, netns=the_lab.node_ns(name))
-        yield the_lab
-    finally:
-        labmod.down(prefix)
-        subprocess.run(["rm", "-rf", env["BPFGEN_PIN_ROOT"]])
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        assert not any(ns.startswith(prefix + "-") for ns in _namespaces())
+    return lab_up(spec, tmp, "t")
 
 
 @pytest.fixture(scope="module")
