@@ -11,6 +11,7 @@ sources and the compiler are those of the object already in the directory.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -69,7 +70,11 @@ class Build:
         return self.manifest["object_sha256"]
 
     def plan_bytes(self) -> bytes:
-        """plan.json as compiled (its digest checked against the manifest)."""
+        """plan.json as compiled (its digest checked against the manifest), read once."""
+        return self._plan_data
+
+    @functools.cached_property
+    def _plan_data(self) -> bytes:
         path = self.dir / self.manifest["plan"]
         try:
             data = path.read_bytes()

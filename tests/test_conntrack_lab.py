@@ -31,6 +31,7 @@ from bpfgen.loader import load
 from bpfgen.netns import enter_netns
 
 from conftest import lab_up  # noqa: E402
+from packets import csum  # noqa: E402  (tests/packets.py)
 
 pytestmark = pytest.mark.kernel
 
@@ -226,14 +227,6 @@ def _spoofed_syns(lab, count: int) -> int:
     hosts = [f"172.26.50.{i}" for i in range(2, 255) if f"172.26.50.{i}" not in taken]
     dst = socket.inet_aton(NODE0)
     rng = random.Random(8)
-
-    def csum(data: bytes) -> int:
-        if len(data) % 2:
-            data += b"\0"
-        total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-        while total >> 16:
-            total = (total & 0xFFFF) + (total >> 16)
-        return ~total & 0xFFFF
 
     with enter_netns(lab.client_ns):
         raw = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
