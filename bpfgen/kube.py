@@ -13,17 +13,27 @@ JSON. What is read, and how:
 - `v1 Service`: ClusterIP, NodePort and LoadBalancer services (a LoadBalancer one is a NodePort
   service to bpfgen, or a ClusterIP one when it has no nodePorts); its IPv4 clusterIP (of
   `clusterIP`/`clusterIPs`); its TCP and UDP ports; `spec.externalIPs` and
-  `status.loadBalancer.ingress[].ip` as more frontends on each port. Skipped as kube-proxy
-  skips them, with a note: headless (`clusterIP: None`), ExternalName, those labelled
-  `service.kubernetes.io/service-proxy-name`, those without an IPv4 clusterIP.
+  `status.loadBalancer.ingress[].ip` as more frontends on each port; `sessionAffinity` and
+  its `sessionAffinityConfig.clientIP.timeoutSeconds` (the config only with ClientIP, as the
+  apiserver has it: otherwise ignored with a note); `externalTrafficPolicy` and
+  `internalTrafficPolicy`; `healthCheckNodePort` with externalTrafficPolicy Local (otherwise
+  ignored with a note); `loadBalancerSourceRanges`, its IPv4 ranges (host bits cleared, with
+  a note) when the service has an IPv4 load balancer ingress ip, else ignored with a note (its
+  ranges other than IPv4 are ignored with a note, as kube-proxy ignores them: with no IPv4 one
+  left, every client is admitted). Skipped as kube-proxy skips them, with a note: headless
+  (`clusterIP: None`), ExternalName, those labelled `service.kubernetes.io/service-proxy-name`,
+  those without an IPv4 clusterIP.
 - `discovery.k8s.io/v1 EndpointSlice`: the slices of a service (label
   `kubernetes.io/service-name`, same namespace) merge. A slice's port named like the Service
-  port gives the target port (so named targetPorts work). Endpoints serve as kube-proxy's
-  CategorizeEndpoints says: the ready ones; with none ready, those serving and terminating;
-  others never. An endpoint's `nodeName` places it; one without nodeName whose address is a
-  node's address is that node's host; the others are on no node (remote from every node).
-  Slices labelled `service.kubernetes.io/headless`, of address types other than IPv4, or of
-  no known service are skipped with a note.
+  port gives the target port (so named targetPorts work). Every endpoint is a backend with its
+  `conditions` as the slice says them (nil ready: true; nil serving: as ready; nil
+  terminating: false); an address in two slices is one backend, the readier one's. Which
+  backends take new flows (kube-proxy's CategorizeEndpoints: the ready ones; with none ready,
+  those serving and terminating) is the datapath's to decide, not this module's: the others
+  keep their established flows. An endpoint's `nodeName` places it; one without nodeName
+  whose address is a node's address is that node's host; the others are on no node (remote
+  from every node). Slices labelled `service.kubernetes.io/headless`, of address types other
+  than IPv4, or of no known service are skipped with a note.
 - `bpfgen/v1 Settings` (optional, in the same stream): `metadata.name` and the `cluster`
   block of bpfgen/v1 (ranges, capacities). Without it the defaults apply (Kubernetes'
   nodePortRange 30000-32767) and the spec is named after the file (`cluster.yaml` ->
@@ -294,16 +304,6 @@ class Source:
         return self.document.line_of(self.path)
 
 
-@dataclass(frozen=True)
-class IdleEndpoint:
-    """An endpoint that does not serve (not ready, or terminating beside ready ones): the lab
-    gives it a pod all the same, so that tests can see it is not used."""
-
-    address: str
-    node: str | None  # the bpfgen node
-    ports: tuple[tuple[str, int], ...]  # (protocol, target port)
-
-
 @dataclass(eq=False)
 class Origin:
     """How a spec was made from Kubernetes objects."""
@@ -311,13 +311,12 @@ class Origin:
     filename: str
     notes: list[str] = field(default_factory=list)
     sources: dict[str, Source] = field(default_factory=dict)  # bpfgen/v1 path -> Source
-    idle: list[IdleEndpoint] = field(default_factory=list)
     node_names: dict[str, str] = field(default_factory=dict)  # Kubernetes node name -> bpfgen's
     has_settings: bool = False
     copied: set[str] = field(default_factory=set)  # paths of parts copied whole (see locate)
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Origin) and (self.notes, self.idle) == (other.notes, other.idle)
+        return isinstance(other, Origin) and self.notes == other.notes
 
     def locate(self, path: str) -> Source | None:
         """The source of path, or of its nearest ancestor that has one (a part copied whole
@@ -388,10 +387,13 @@ class _Object:
     index: int  # order in the input
 
     def at(self, *steps: Any) -> str:
-        path = self.path
-        for step in steps:
-            path = join_path(path, step)
-        return path
+        return _join(self.path, *steps)
+
+
+def _join(path: str, *steps: Any) -> str:
+    for step in steps:
+        path = join_path(path, step)
+    return path
 
 
 def _label(kind: str, data: Any, namespaced: bool) -> str:
@@ -663,24 +665,84 @@ class _Converter:
                 self.source(f"{at}.loadBalancerIPs[{n}]", obj, label, "status", "loadBalancer", "ingress", k, "ip")
         if spec.type == "LoadBalancer" and len(lb) < len(ingress):
             self.note(f"{label}: load balancer ingress without an IPv4 ip ignored")
+        self.policies(obj, label, spec, entry, at)
 
         entry["backends"] = []
-        for n, (address, node, source) in enumerate(backends):
-            backend = {"address": address}
+        for n, (endpoint, node, source) in enumerate(backends):
+            backend: dict[str, Any] = {"address": endpoint.addresses[0]}
             if node is not None:
                 backend["node"] = node
+            backend["conditions"] = {"ready": endpoint.ready, "serving": endpoint.serving,
+                                     "terminating": endpoint.terminating}
             entry["backends"].append(backend)
             where = f"{at}.backends[{n}]"
             self.origin.sources[where] = source
-            self.origin.sources[f"{where}.address"] = Source(source.document, join_path(join_path(source.path, "addresses"), 0), source.label)
-            self.origin.sources[f"{where}.node"] = Source(source.document, join_path(source.path, "nodeName"), source.label)
+            for name, steps in (("address", ("addresses", 0)), ("node", ("nodeName",)), ("conditions", ("conditions",)),
+                                *((f"conditions.{c}", ("conditions", c)) for c in ("ready", "serving", "terminating"))):
+                self.origin.sources[f"{where}.{name}"] = Source(source.document, _join(source.path, *steps), source.label)
         return entry
+
+    def policies(self, obj: _Object, label: str, spec: ServiceSpec, entry: dict, at: str) -> None:
+        """Session affinity, the traffic policies, healthCheckNodePort and
+        loadBalancerSourceRanges of a service (after its loadBalancerIPs)."""
+        if spec.session_affinity is not None:
+            entry["sessionAffinity"] = spec.session_affinity
+            self.source(f"{at}.sessionAffinity", obj, label, "spec", "sessionAffinity")
+        config = spec.session_affinity_config
+        if config is not None and spec.session_affinity != "ClientIP":
+            self.note(f"{label}: sessionAffinityConfig ignored (sessionAffinity is {spec.session_affinity or 'None'})")
+        elif config is not None:
+            entry["sessionAffinityConfig"] = {}
+            self.source(f"{at}.sessionAffinityConfig", obj, label, "spec", "sessionAffinityConfig")
+            if config.client_ip is not None:
+                entry["sessionAffinityConfig"]["clientIP"] = {}
+                self.source(f"{at}.sessionAffinityConfig.clientIP", obj, label, "spec", "sessionAffinityConfig",
+                            "clientIP")
+                if config.client_ip.timeout_seconds is not None:
+                    entry["sessionAffinityConfig"]["clientIP"]["timeoutSeconds"] = config.client_ip.timeout_seconds
+                    self.source(f"{at}.sessionAffinityConfig.clientIP.timeoutSeconds", obj, label, "spec",
+                                "sessionAffinityConfig", "clientIP", "timeoutSeconds")
+        for name, value in (("externalTrafficPolicy", spec.external_traffic_policy),
+                            ("internalTrafficPolicy", spec.internal_traffic_policy)):
+            if value is not None:
+                entry[name] = value
+                self.source(f"{at}.{name}", obj, label, "spec", name)
+        if spec.health_check_node_port is not None:
+            if spec.external_traffic_policy == "Local":
+                entry["healthCheckNodePort"] = spec.health_check_node_port
+                self.source(f"{at}.healthCheckNodePort", obj, label, "spec", "healthCheckNodePort")
+            else:
+                self.note(f"{label}: healthCheckNodePort {spec.health_check_node_port} ignored (externalTrafficPolicy "
+                          f"is {spec.external_traffic_policy or 'Cluster'}, not Local)")
+        ranges = []  # (index in the field, range)
+        for k, text in enumerate(spec.load_balancer_source_ranges or []):
+            text = text.strip()
+            if ":" in text:
+                continue  # IPv6 (noted below)
+            network = _ipv4_net(text) if "/" in text else None
+            if network is not None and str(network) != text:
+                self.note(f"{label}: loadBalancerSourceRanges {text} taken as {network} (host bits cleared)")
+                text = str(network)
+            ranges.append((k, text))  # (not a CIDR: bpfgen's rules say so, naming the object)
+        others = len(spec.load_balancer_source_ranges or []) - len(ranges)
+        if others:
+            self.note(f"{label}: loadBalancerSourceRanges other than IPv4 ignored (as kube-proxy does)"
+                      + ("" if ranges else ": every client is admitted"))
+        if ranges and not entry.get("loadBalancerIPs"):
+            self.note(f"{label}: loadBalancerSourceRanges ignored (no IPv4 load balancer ingress ip in "
+                      f"status.loadBalancer to apply them to)")
+        elif ranges:
+            entry["loadBalancerSourceRanges"] = [r for _, r in ranges]
+            for n, (k, _) in enumerate(ranges):
+                self.source(f"{at}.loadBalancerSourceRanges[{n}]", obj, label, "spec", "loadBalancerSourceRanges", k)
+            self.source(f"{at}.loadBalancerSourceRanges", obj, label, "spec", "loadBalancerSourceRanges")
 
     def endpoints(self, label: str, ports: list[tuple[int, ServicePort]],
                   slices: list[tuple[_Object, str, KubeEndpointSlice]], at: str,
-                  ) -> tuple[list[tuple[int, Source | None] | None], list[tuple[str, str | None, Source]]]:
+                  ) -> tuple[list[tuple[int, Source | None] | None], list[tuple[Endpoint, str | None, Source]]]:
         """The target port of each port (and where it came from; None: the Service's own) and
-        the serving backends (address, bpfgen node, source) of the service's slices."""
+        the backends (endpoint, bpfgen node, source) of the service's slices: all of them,
+        whatever their conditions."""
         # Each port's target: the slices' port of the Service port's name, by the most endpoints.
         found: list[dict[int, int]] = []  # per slice: k -> its port's number
         for obj, slabel, slice_ in slices:
@@ -731,18 +793,8 @@ class _Converter:
                 continue
             seen[address] = len(merged)
             merged.append((endpoint, k8s_node, source))
-        ready = [m for m in merged if m[0].ready]
-        serving = ready or [m for m in merged if m[0].serving and m[0].terminating]
-        chosen = {id(m[0]) for m in serving}
-        backends = []
-        port_list = tuple((p.protocol, fixed[k]) for k, (_, p) in enumerate(ports))
-        for endpoint, k8s_node, source in merged:
-            node = self.place(endpoint, k8s_node, source)
-            if id(endpoint) in chosen:
-                backends.append((endpoint.addresses[0], node, source))
-            elif _ipv4(endpoint.addresses[0]):
-                self.origin.idle.append(IdleEndpoint(endpoint.addresses[0], node, port_list))
-        return targets, backends
+        return targets, [(endpoint, self.place(endpoint, k8s_node, source), source)
+                         for endpoint, k8s_node, source in merged]
 
     def place(self, endpoint: Endpoint, k8s_node: str | None, source: Source) -> str | None:
         """The bpfgen node of an endpoint: its nodeName's; without one, the node whose address

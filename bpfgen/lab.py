@@ -125,9 +125,6 @@ def plan(spec: Spec, spec_path: str, prefix: str) -> Lab:
     check_prefix(prefix)
     subnet = ipaddress.IPv4Network(f"{spec.nodes[0].address}/24", strict=False)
     taken = {n.address for n in spec.nodes} | {b.address for s in spec.services for b in s.backends}
-    origin = getattr(spec, "_origin", None)  # Kubernetes input (bpfgen.kube.Origin): its idle endpoints
-    idle = origin.idle if origin is not None else []
-    taken |= {ipaddress.IPv4Address(e.address) for e in idle}
     candidates = [subnet.network_address + CLIENT_HOST, *subnet.hosts()]
     client = next((a for a in candidates if a not in taken), None)
     if client is None:
@@ -138,14 +135,13 @@ def plan(spec: Spec, spec_path: str, prefix: str) -> Lab:
     lab = Lab(prefix, spec_path, f"{prefix}-sw", f"{prefix}-client", str(client))
     for n in spec.nodes:
         lab.nodes[n.name] = {"ns": f"{prefix}-{n.name}", "address": str(n.address), "iface": NODE_IFACE}
-    # A pod for each backend, and for each endpoint of Kubernetes input that does not serve (so
-    # that one can see it gets nothing). A backend at a node's address is that node's host: its
-    # server runs in the node's namespace. A backend on no node sits behind the first node (the
+    # A pod for each backend, whatever its conditions (so that one can see a backend that does
+    # not serve gets nothing). A backend at a node's address is that node's host: its server
+    # runs in the node's namespace. A backend on no node sits behind the first node (the
     # network routes to it; every node's datapath treats it as remote).
     node_of_address = {str(n.address): n.name for n in spec.nodes}
     wanted = [(str(b.address), b.node, [(p.protocol, p.target_port) for p in svc.ports])
               for svc in spec.services for b in svc.backends]
-    wanted += [(e.address, e.node, list(e.ports)) for e in idle]
     pods: dict[str, Pod] = {}
     for address, node, ports in wanted:
         pod = pods.get(address)

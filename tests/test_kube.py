@@ -1,6 +1,7 @@
 """Kubernetes objects as a spec, without a kernel: kubectl dumps (List or stream, YAML or
-JSON) converted to bpfgen/v1, kube-proxy's rules for endpoints and skipped services, errors
-naming the object, the file, the line and the path, and the notes."""
+JSON) converted to bpfgen/v1 (every endpoint a backend with its conditions; session affinity,
+traffic policies, healthCheckNodePort, loadBalancerSourceRanges), kube-proxy's skipped
+services, errors naming the object, the file, the line and the path, and the notes."""
 
 from __future__ import annotations
 
@@ -96,6 +97,10 @@ def backends(spec, key: str) -> list[tuple[str, str | None]]:
     return [(str(b.address), b.node) for b in svc_of(spec, key).backends]
 
 
+def states(spec, key: str) -> list[tuple[str, str]]:
+    return [(str(b.address), b.conditions.state) for b in svc_of(spec, key).backends]
+
+
 # --- the example dump --------------------------------------------------------------------------
 
 
@@ -106,15 +111,22 @@ def test_the_example_dump_converts():
         (CP, "172.26.50.101", "10.0.0.0/24"), ("lab-worker", "172.26.50.102", "10.0.1.0/24"),
         ("lab-worker2", "172.26.50.103", "10.0.2.0/24")]
     assert [s.key for s in spec.services] == [
-        "default/kubernetes", "kube-system/kube-dns", "shop/cart", "shop/checkout", "shop/web"]
+        "default/kubernetes", "kube-system/kube-dns", "shop/cart", "shop/checkout", "shop/empty", "shop/local",
+        "shop/sticky", "shop/web"]
     web = svc_of(spec, "shop/web")
     assert web.type == "NodePort" and str(web.cluster_ip) == "10.96.120.15"  # the IPv4 one of clusterIPs
     assert [(p.name, p.port, p.target_port, p.node_port) for p in web.ports] == [("http", 80, 8080, 30080)]
-    # two slices merge; the not-ready and the terminating endpoints are left out
-    assert backends(spec, "shop/web") == [("10.0.1.10", "lab-worker"), ("10.0.2.10", "lab-worker2")]
+    # two slices merge; every endpoint is a backend, with its conditions (the datapath picks)
+    assert backends(spec, "shop/web") == [("10.0.1.10", "lab-worker"), ("10.0.1.11", "lab-worker"),
+                                          ("10.0.2.10", "lab-worker2"), ("10.0.2.11", "lab-worker2")]
+    assert states(spec, "shop/web") == [("10.0.1.10", "ready"), ("10.0.1.11", "not-serving"),
+                                        ("10.0.2.10", "ready"), ("10.0.2.11", "terminating")]
     assert [str(a) for a in web.external_ips] == ["198.51.100.10"]
-    # the only serving endpoint is terminating: it serves; the not-serving one does not
-    assert backends(spec, "shop/cart") == [("10.0.2.20", "lab-worker2")]
+    assert (web.session_affinity, web.external_traffic_policy, web.internal_traffic_policy) == ("None", "Cluster",
+                                                                                                "Cluster")
+    # the only serving endpoint is terminating; the other is neither ready nor serving
+    assert states(spec, "shop/cart") == [("10.0.2.20", "terminating"), ("10.0.2.21", "not-serving")]
+    assert backends(spec, "shop/cart") == [("10.0.2.20", "lab-worker2"), ("10.0.2.21", "lab-worker2")]
     checkout = svc_of(spec, "shop/checkout")
     assert checkout.type == "NodePort" and [str(a) for a in checkout.load_balancer_ips] == ["198.51.100.20"]
     dns = svc_of(spec, "kube-system/kube-dns")
@@ -127,9 +139,43 @@ def test_the_example_dump_converts():
                     "service.kubernetes.io/service-proxy-name", "EndpointSlice shop/web-v6xk8: addressType IPv6",
                     f"Node lab-control-plane is node '{CP}'"):
         assert skipped in notes
-    idle = {e.address: e for e in spec._origin.idle}
-    assert set(idle) == {"10.0.1.11", "10.0.2.11", "10.0.2.21"}
-    assert idle["10.0.1.11"].ports == (("TCP", 8080),) and idle["10.0.1.11"].node == "lab-worker"
+
+
+def test_the_example_dump_has_affinity_local_and_empty_services():
+    spec = load_spec(CLUSTER)
+    sticky = svc_of(spec, "shop/sticky")
+    assert (sticky.type, str(sticky.cluster_ip), sticky.session_affinity, sticky.affinity_timeout) == (
+        "NodePort", "10.96.130.25", "ClientIP", 600)
+    assert [(p.protocol, p.port, p.target_port, p.node_port) for p in sticky.ports] == [("TCP", 80, 8080, 30082)]
+    assert backends(spec, "shop/sticky") == [("10.0.1.60", "lab-worker"), ("10.0.1.61", "lab-worker"),
+                                             ("10.0.2.60", "lab-worker2")]
+    local = svc_of(spec, "shop/local")
+    assert (local.type, str(local.cluster_ip), local.external_traffic_policy, local.internal_traffic_policy,
+            local.health_check_node_port) == ("NodePort", "10.96.140.30", "Local", "Cluster", 30084)
+    assert [(p.protocol, p.port, p.target_port, p.node_port) for p in local.ports] == [("TCP", 80, 8080, 30083)]
+    assert [str(a) for a in local.load_balancer_ips] == ["198.51.100.30"]
+    assert [str(r) for r in local.load_balancer_source_ranges] == ["172.26.50.180/32"]
+    # its endpoints on one node, not the first one of the dump
+    assert {b.node for b in local.backends} == {"lab-worker"} and states(spec, "shop/local") == [
+        ("10.0.1.70", "ready"), ("10.0.1.71", "ready")]
+    empty = svc_of(spec, "shop/empty")
+    assert empty.backends == [] and [(p.protocol, p.port, p.target_port, p.node_port) for p in empty.ports] == [
+        ("TCP", 80, 8080, 30085), ("UDP", 514, 5514, 30086)]  # an empty slice: the Service's targetPorts
+    assert not [n for n in spec.notes if "shop/sticky" in n or "shop/local" in n or "shop/empty" in n]
+
+
+def test_the_lab_of_the_example_has_a_pod_per_endpoint_and_its_client_in_the_source_range():
+    from ipaddress import IPv4Address
+
+    from bpfgen import lab
+
+    spec = load_spec(CLUSTER)
+    the_lab = lab.plan(spec, str(CLUSTER), "k")
+    assert {p.address for p in the_lab.pods} == {str(b.address) for s in spec.services for b in s.backends}
+    assert {"10.0.1.11", "10.0.2.11", "10.0.2.21"} <= {p.address for p in the_lab.pods}  # not serving, but there
+    [source_range] = svc_of(spec, "shop/local").load_balancer_source_ranges
+    assert IPv4Address(the_lab.client_address) in source_range
+    assert not any(n.address in source_range for n in spec.nodes)  # the client alone
 
 
 def test_json_list_and_yaml_stream_are_the_same_spec(tmp_path: Path):
@@ -154,7 +200,7 @@ def test_the_example_is_package_data():
 def test_validate_prints_the_notes_once():
     r = CliRunner().invoke(cli, ["validate", str(CLUSTER)])
     assert r.exit_code == 0, r.stderr
-    assert "ok (3 nodes, 5 services)" in r.stderr
+    assert "ok (3 nodes, 8 services)" in r.stderr
     assert r.stderr.count("bpfgen: note: skipped Service shop/db: headless") == 1
 
 
@@ -219,25 +265,41 @@ def test_a_slice_disagreeing_on_the_target_port_is_ignored():
     assert any("ignored EndpointSlice shop/web-b" in n for n in spec.notes)
 
 
-@pytest.mark.parametrize("endpoints, serving", [
-    ([ready("10.0.1.1"), ready("10.0.1.2", ready=False), ready("10.0.1.3", ready=False, terminating=True)],
-     ["10.0.1.1"]),
-    ([ready("10.0.1.2", ready=False), ready("10.0.1.3", ready=False, terminating=True),
-      ready("10.0.1.4", ready=False, serving=False, terminating=True)], ["10.0.1.3"]),
-    ([ready("10.0.1.2", ready=False, serving=False), ready("10.0.1.4", ready=False, serving=False, terminating=True)],
-     []),
-    ([{"addresses": ["10.0.1.8"]}], ["10.0.1.8"]),  # no conditions: ready (nil is true)
-    ([{"addresses": ["10.0.1.8"], "conditions": {"ready": False, "terminating": True}}], []),  # serving nil: as ready
-], ids=["ready-only", "terminating-fallback", "none", "nil-conditions", "nil-serving"])
-def test_endpoint_conditions_as_kube_proxy(endpoints: list[dict], serving: list[str]):
+@pytest.mark.parametrize("endpoint, conditions", [
+    (ready("10.0.1.1"), (True, True, False)),
+    (ready("10.0.1.2", ready=False), (False, True, False)),
+    (ready("10.0.1.3", ready=False, terminating=True), (False, True, True)),
+    (ready("10.0.1.4", ready=False, serving=False, terminating=True), (False, False, True)),
+    (ready("10.0.1.5", ready=False, serving=False), (False, False, False)),
+    ({"addresses": ["10.0.1.8"]}, (True, True, False)),  # no conditions: ready (nil is true), not terminating
+    ({"addresses": ["10.0.1.8"], "conditions": {}}, (True, True, False)),
+    ({"addresses": ["10.0.1.8"], "conditions": {"ready": False, "terminating": True}}, (False, False, True)),  # serving nil: as ready
+    ({"addresses": ["10.0.1.8"], "conditions": {"serving": False}}, (True, False, False)),  # as the slice says
+], ids=["ready", "not-ready", "terminating", "terminating-not-serving", "not-serving", "nil-conditions",
+        "empty-conditions", "nil-serving", "ready-not-serving"])
+def test_every_endpoint_is_a_backend_with_its_conditions(endpoint: dict, conditions: tuple[bool, bool, bool]):
+    spec = spec_of([*NODES, service("web"), eps("web-a", "web", [endpoint])])
+    [b] = svc_of(spec, "shop/web").backends
+    assert str(b.address) == endpoint["addresses"][0] and b.node == endpoint.get("nodeName")
+    assert (b.conditions.ready, b.conditions.serving, b.conditions.terminating) == conditions
+    assert spec._origin.locate("services[0].backends[0].conditions.ready").path == "items[3].endpoints[0].conditions.ready"
+
+
+def test_all_endpoints_are_backends_in_slice_order():
+    endpoints = [ready("10.0.1.2", ready=False), ready("10.0.1.3", ready=False, terminating=True),
+                 ready("10.0.1.4", ready=False, serving=False, terminating=True), ready("10.0.1.1")]
     spec = spec_of([*NODES, service("web"), eps("web-a", "web", endpoints)])
-    assert [a for a, _ in backends(spec, "shop/web")] == serving
+    assert states(spec, "shop/web") == [("10.0.1.2", "not-serving"), ("10.0.1.3", "terminating"),
+                                        ("10.0.1.4", "not-serving"), ("10.0.1.1", "ready")]
 
 
-def test_an_endpoint_in_two_slices_is_one_backend():
+def test_an_endpoint_in_two_slices_is_one_backend_the_readier_one():
     spec = spec_of([*NODES, service("web"), eps("web-a", "web", [ready("10.0.1.5", ready=False)]),
                     eps("web-b", "web", [ready("10.0.1.5")])])
-    assert backends(spec, "shop/web") == [("10.0.1.5", "n1")]
+    assert states(spec, "shop/web") == [("10.0.1.5", "ready")]
+    spec = spec_of([*NODES, service("web"), eps("web-a", "web", [ready("10.0.1.5", ready=False, serving=False)]),
+                    eps("web-b", "web", [ready("10.0.1.5", ready=False, terminating=True)])])
+    assert states(spec, "shop/web") == [("10.0.1.5", "terminating")]
 
 
 def test_endpoint_placement():
@@ -293,6 +355,91 @@ def test_load_balancer_services():
     assert [str(x) for x in b.load_balancer_ips] == ["203.0.113.6"]
     assert any("shop/a: externalIPs other than IPv4 ignored" in n for n in spec.notes)
     assert any("shop/a: load balancer ingress without an IPv4 ip ignored" in n for n in spec.notes)
+
+
+def test_session_affinity_and_traffic_policies_are_carried():
+    sticky = service("sticky", type="NodePort", sessionAffinity="ClientIP",
+                     sessionAffinityConfig={"clientIP": {"timeoutSeconds": 600}}, externalTrafficPolicy="Local",
+                     internalTrafficPolicy="Local", healthCheckNodePort=31999,
+                     ports=[{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080, "nodePort": 31000}])
+    default = service("default", clusterIP="10.96.0.8", sessionAffinity="ClientIP")
+    plain = service("plain", clusterIP="10.96.0.9")
+    spec = spec_of([*NODES, sticky, default, plain, eps("sticky-a", "sticky", [ready("10.0.1.5")])])
+    s = svc_of(spec, "shop/sticky")
+    assert (s.session_affinity, s.affinity_timeout, s.external_traffic_policy, s.internal_traffic_policy,
+            s.health_check_node_port) == ("ClientIP", 600, "Local", "Local", 31999)
+    d = svc_of(spec, "shop/default")
+    assert (d.session_affinity, d.session_affinity_config, d.affinity_timeout) == ("ClientIP", None, 10800)
+    p = svc_of(spec, "shop/plain")
+    assert (p.session_affinity, p.affinity_timeout, p.external_traffic_policy, p.internal_traffic_policy) == (
+        "None", 0, "Cluster", "Cluster")
+    assert not [n for n in spec.notes if "Service shop/" in n]
+    where = spec._origin.locate("services[0].sessionAffinityConfig.clientIP.timeoutSeconds")
+    assert (where.label, where.path) == ("Service shop/sticky", "items[2].spec.sessionAffinityConfig.clientIP.timeoutSeconds")
+
+
+def test_session_affinity_config_without_client_ip_is_ignored_with_a_note():
+    web = service("web", sessionAffinity="None", sessionAffinityConfig={"clientIP": {"timeoutSeconds": 60}})
+    spec = spec_of([*NODES, web])
+    assert svc_of(spec, "shop/web").session_affinity_config is None
+    assert "Service shop/web: sessionAffinityConfig ignored (sessionAffinity is None)" in spec.notes
+
+
+def test_an_invalid_session_affinity_names_the_object_file_and_line():
+    (problem,), text = problems_of([*NODES, service("x", sessionAffinity="Sticky")], "cluster.yaml")
+    assert problem.file == "cluster.yaml" and problem.path == "items[2].spec.sessionAffinity"
+    assert problem.message.startswith("Service shop/x: invalid sessionAffinity 'Sticky': expected ")
+    assert "'ClientIP'" in problem.message and problem.line == line_of(text, "sessionAffinity: Sticky")
+
+
+@pytest.mark.parametrize("spec, path, needle, message", [
+    ({"sessionAffinity": "ClientIP", "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 86401}}},
+     "spec.sessionAffinityConfig.clientIP.timeoutSeconds", "timeoutSeconds: 86401", "timeoutSeconds 86401 is out of range"),
+    ({"type": "NodePort", "externalTrafficPolicy": "Local", "healthCheckNodePort": 70000},
+     "spec.healthCheckNodePort", "healthCheckNodePort: 70000", "port 70000 is out of range"),
+    ({"type": "LoadBalancer", "loadBalancerSourceRanges": ["203.0.113.0/24", "10.0.0.300/8"]},
+     "spec.loadBalancerSourceRanges[1]", "10.0.0.300/8", "'10.0.0.300/8' is not a valid IPv4 CIDR"),
+], ids=["timeout", "health-check-node-port", "source-range"])
+def test_bpfgen_rules_on_the_new_fields_name_the_object(spec: dict, path: str, needle: str, message: str):
+    lb = {"loadBalancer": {"ingress": [{"ip": "203.0.113.5"}]}}
+    (problem,), text = problems_of([*NODES, service("x", status=lb, **spec)], "c.yaml")
+    assert problem.path == f"items[2].{path}" and problem.line == line_of(text, needle)
+    assert problem.message.startswith(f"Service shop/x: {message}"), problem.message
+
+
+@pytest.mark.parametrize("policy", [None, "Cluster"])
+def test_health_check_node_port_is_dropped_without_local(policy: str | None):
+    extra = {"externalTrafficPolicy": policy} if policy else {}
+    web = service("web", type="LoadBalancer", healthCheckNodePort=31999, **extra,
+                  ports=[{"name": "http", "port": 80, "protocol": "TCP", "nodePort": 31000}])
+    spec = spec_of([*NODES, web])
+    assert svc_of(spec, "shop/web").health_check_node_port is None
+    assert ("Service shop/web: healthCheckNodePort 31999 ignored (externalTrafficPolicy is Cluster, not Local)"
+            in spec.notes)
+
+
+def test_load_balancer_source_ranges():
+    lb = {"loadBalancer": {"ingress": [{"ip": "203.0.113.5"}]}}
+    ranges = ["203.0.113.0/24", " 198.51.100.7/32 ", "2001:db8::/32", "192.0.2.9/24"]
+    kept = service("kept", clusterIP="10.96.0.8", type="LoadBalancer", loadBalancerSourceRanges=ranges, status=lb)
+    pending = service("pending", clusterIP="10.96.0.9", type="LoadBalancer", loadBalancerSourceRanges=ranges)
+    v6 = service("v6", clusterIP="10.96.0.10", type="LoadBalancer", loadBalancerSourceRanges=["2001:db8::/32"],
+                 status={"loadBalancer": {"ingress": [{"ip": "203.0.113.6"}]}})
+    spec = spec_of([*NODES, kept, pending, v6])
+    assert [str(r) for r in svc_of(spec, "shop/kept").load_balancer_source_ranges] == [
+        "203.0.113.0/24", "198.51.100.7/32", "192.0.2.0/24"]
+    where = spec._origin.locate("services[0].loadBalancerSourceRanges[2]")
+    assert (where.label, where.path) == ("Service shop/kept", "items[2].spec.loadBalancerSourceRanges[3]")
+    assert "Service shop/kept: loadBalancerSourceRanges 192.0.2.9/24 taken as 192.0.2.0/24 (host bits cleared)" in spec.notes
+    assert "Service shop/kept: loadBalancerSourceRanges other than IPv4 ignored (as kube-proxy does)" in spec.notes
+    # no load balancer ingress ip yet: nothing to apply them to
+    pending = svc_of(spec, "shop/pending")
+    assert pending.load_balancer_ips == [] and pending.load_balancer_source_ranges == []
+    assert ("Service shop/pending: loadBalancerSourceRanges ignored (no IPv4 load balancer ingress ip in "
+            "status.loadBalancer to apply them to)") in spec.notes
+    assert svc_of(spec, "shop/v6").load_balancer_source_ranges == []
+    assert ("Service shop/v6: loadBalancerSourceRanges other than IPv4 ignored (as kube-proxy does): every "
+            "client is admitted") in spec.notes
 
 
 def test_long_node_names_are_mapped_deterministically():
