@@ -296,6 +296,9 @@ _table("service", "The service table as the kernel holds it.",
 _table("ct", "Conntrack entries.",
        "The node's conntrack entries (SVC: client -> frontend; OUT: the flow as it leaves for its backend).",
        "ct_list", "format_ct_list")
+_table("affinity", "ClientIP session affinity.",
+       "The client addresses kept on a backend (group: the frontends of one service port) and the seconds left.",
+       "affinity_list", "format_affinity_list")
 _table("nat", "SNAT entries.", "The node's SNAT pairs (OUT: XLATE_SRC, IN: XLATE_DST).",
        "nat_list", "format_nat_list")
 

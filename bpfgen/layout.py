@@ -150,20 +150,44 @@ SVC_KEY = _s(
 )
 SVC_VALUE = _s(
     "bpfgen_svc_value",
-    "Slot 0: count backends, id, flags. Slot n: backend_id of backend n.",
+    "Slot 0: count backends that take new flows, others more (slots count+1..count+others: its"
+    " endpoints that take none, terminating or not serving, whose flows go on), id, flags."
+    " Slot n: backend_id of backend n.",
     ("backend_id", "u32"), ("id", "u32", "frontend id: reverse-NAT index and counter index"),
-    ("count", "u16"), ("flags", "u8"), ("pad", "u8"),
+    ("count", "u16"), ("others", "u16"), ("flags", "u8"), ("pad1", "u8"), ("pad2", "u16"),
 )
 BACKEND = _s(
     "bpfgen_backend",
-    "A backend endpoint; flags carry BACKEND_LOCAL when it runs on this node.",
+    "A backend endpoint; flags: BACKEND_LOCAL when it runs on this node, its state (BACKEND_TERMINATING,"
+    " BACKEND_NOT_SERVING).",
     ("addr", "ip4"), ("port", "port"), ("proto", "proto"), ("flags", "u8"),
 )
 REVNAT = _s(
     "bpfgen_revnat",
-    "The frontend a reply's source is translated back to.",
-    ("addr", "ip4"), ("port", "port"), ("pad", "u16"),
+    "A frontend by id: its address, the healthCheckNodePort of its service (0: none) and its"
+    " ClientIP affinity (the group shared by the frontends of one service port, and the timeout).",
+    ("addr", "ip4"), ("port", "port"), ("health_check_port", "u16"),
+    ("affinity_group", "u32", "0: no affinity"), ("affinity_timeout", "u32", "seconds"),
 )
+AFFINITY_KEY = _s(
+    "bpfgen_affinity_key", "A client address of a ClientIP affinity group.",
+    ("client", "ip4"), ("group", "u32"),
+)
+AFFINITY_ENTRY = _s(
+    "bpfgen_affinity_entry", "The backend a client address keeps, and when it last opened a flow.",
+    ("backend_id", "u32"), ("last_used", "u32", "datapath seconds"),
+)
+AFFINITY_MATCH_KEY = _s(
+    "bpfgen_affinity_match_key", "A backend that takes new flows of an affinity frontend.",
+    ("backend_id", "u32"), ("rev_nat_id", "u32"),
+)
+AFFINITY_MATCH = _s("bpfgen_affinity_match", "The backend's slot in the frontend.", ("slot", "u32"))
+SOURCE_RANGE_KEY = _s(
+    "bpfgen_source_range_key",
+    "An LPM key: a client range admitted to a frontend (prefix_len: 32 for the id plus the range's).",
+    ("prefix_len", "u32"), ("rev_nat_id", "u32"), ("addr", "ip4"),
+)
+SOURCE_RANGE = _s("bpfgen_source_range", "The range's own prefix length.", ("range_len", "u32"))
 TUPLE = _s(
     "bpfgen_tuple",
     "A flow tuple: conntrack key (dir CT_SERVICE: client -> frontend arriving on the interface;"
@@ -225,7 +249,8 @@ class Scalar:
 
 ID_KEY = Scalar("__u32", 4)
 
-STRUCTS = (SVC_KEY, SVC_VALUE, BACKEND, REVNAT, TUPLE, CT_ENTRY, NAT_ENTRY, CONFIG, SVC_STATS, DROP_STATS)
+STRUCTS = (SVC_KEY, SVC_VALUE, BACKEND, REVNAT, TUPLE, CT_ENTRY, NAT_ENTRY, AFFINITY_KEY, AFFINITY_ENTRY,
+           AFFINITY_MATCH_KEY, AFFINITY_MATCH, SOURCE_RANGE_KEY, SOURCE_RANGE, CONFIG, SVC_STATS, DROP_STATS)
 
 
 @dataclass(frozen=True)
@@ -255,6 +280,9 @@ DROP_REASONS = Enum(
         ("REWRITE_FAILED", 6, "packet rewrite failed"),
         ("TTL_EXCEEDED", 7, "TTL exceeded in forwarding"),
         ("LOCAL_FROM_NODE", 8, "flow of the node or its pods to a backend on the node (not translatable at its interface)"),
+        ("NO_LOCAL_BACKEND", 9, "traffic policy Local and no endpoint on this node"),
+        ("SOURCE_RANGE", 10, "client outside the loadBalancerSourceRanges"),
+        ("REJECTED", 11, "no endpoints: rejected (TCP reset, ICMP port unreachable sent)"),
     ),
 )
 ENUMS = (DROP_REASONS,)
@@ -265,7 +293,13 @@ FLAGS = {
     "SVC_CLUSTERIP": 2,
     "SVC_EXTERNALIP": 4,  # a frontend on one of a service's externalIPs
     "SVC_LOADBALANCER": 8,  # a frontend on a load balancer IP of a service
+    "SVC_LOCAL": 16,  # traffic policy Local: only this node's endpoints (a node without one drops)
+    "SVC_REJECT": 32,  # the service has no endpoint that takes new flows: new flows are rejected
+    "SVC_SOURCE_RANGES": 64,  # only clients of its loadBalancerSourceRanges (src_range_v4)
+    "SVC_AFFINITY": 128,  # ClientIP session affinity (revnat_v4 holds the group and timeout)
     "BACKEND_LOCAL": 1,
+    "BACKEND_TERMINATING": 2,  # serving and terminating: takes new flows only where none is ready
+    "BACKEND_NOT_SERVING": 4,  # takes no new flow; its TCP flows go on, its UDP flows are cleared
     # ct entry flags
     "CT_CLOSING": 1,  # both sides sent FIN, or a RST was seen
     "CT_ESTABLISHED": 2,
@@ -322,6 +356,12 @@ MAPS = (
            " ct_v4 when they are): a SYN flood evicts only these", lambda c: 2 * c.get("half_open_flows", 65536)),
     MapDef("snat_v4", "LRU_HASH", TUPLE, NAT_ENTRY, "SNAT pairs (like cilium_snat_v4_external)",
            lambda c: 2 * c["flows"]),
+    MapDef("affinity_v4", "LRU_HASH", AFFINITY_KEY, AFFINITY_ENTRY, "ClientIP session affinity: a client's backend",
+           lambda c: c["affinity_clients"]),
+    MapDef("aff_match_v4", "HASH", AFFINITY_MATCH_KEY, AFFINITY_MATCH,
+           "the backends an affinity frontend may keep a client on", lambda c: c["backend_slots"], BPF_F_NO_PREALLOC),
+    MapDef("src_range_v4", "LPM_TRIE", SOURCE_RANGE_KEY, SOURCE_RANGE, "loadBalancerSourceRanges per frontend",
+           lambda c: c["source_ranges"], BPF_F_NO_PREALLOC),
     MapDef("svc_stats", "PERCPU_ARRAY", ID_KEY, SVC_STATS, "packets and bytes per frontend id",
            lambda c: c["frontends"] + 1),
     MapDef("drop_stats", "PERCPU_ARRAY", ID_KEY, DROP_STATS, "drops by reason", lambda c: len(DROP_REASONS.members)),

@@ -90,6 +90,36 @@ def apply_changes(maps: dict[str, bpf.MapFd], changes: Changes) -> None:
         maps[name].delete_batch(keys)
 
 
+_NOT_SERVING = layout.FLAGS["BACKEND_NOT_SERVING"]
+_UDP = layout.PROTOCOLS["UDP"]
+_CT_KEY_PROTO = 12  # bpfgen_tuple: saddr, daddr, sport, dport, proto
+
+
+def gone_backends(changes: Changes) -> set[int]:
+    """The backend ids a change removed or made not serving."""
+    ids: set[int] = set()
+    for name, keys, values in changes.writes:
+        if name == "backend_v4":
+            ids |= {layout.ID_KEY.unpack(k) for k, v in zip(keys, values) if v[7] & _NOT_SERVING}
+    for name, keys in changes.deletes:
+        if name == "backend_v4":
+            ids |= {layout.ID_KEY.unpack(k) for k in keys}
+    return ids
+
+
+def clear_udp_flows(pins: Path, changes: Changes) -> int:
+    """Deletes the conntrack entries of UDP flows to the backends a change removed or made
+    not serving (as kube-proxy flushes them), so that the next datagram picks a live one
+    (the datapath would move such a flow within a second anyway). Returns how many."""
+    gone = gone_backends(changes)
+    if not gone:
+        return 0
+    with bpf.MapFd.from_pin(pins / "ct_v4") as ct:
+        stale = [k for k, v in ct.lookup_batch(BATCH)
+                 if k[_CT_KEY_PROTO] == _UDP and _CT_REFS.unpack_from(v)[1] in gone]
+        return sum(ct.delete(k) for k in stale)
+
+
 def sync_service_maps(maps: dict[str, bpf.MapFd], plan: Plan, node: planning.NodeInfo,
                       ct: list[bpf.MapFd] | None = None, have: planning.Contents | None = None) -> Changes:
     """Make node's service maps hold what the plan says, writing only the difference;
@@ -244,8 +274,12 @@ def _load_node(b: Build, plan: Plan, n: planning.NodeInfo, iface: str, ifindex: 
             map_ids=record_ids, plan_sha256=hashlib.sha256(plan_bytes).hexdigest(),
             reserved_ports=format_ports(reserved),
         ).save(plan_bytes)
+        cleared = clear_udp_flows(pins, changes)
         result = LoadResult(n.name, iface, str(pins), previous is not None, programs,
                             changes.written, changes.deleted, programs_kept=same_datapath)
+        if cleared:
+            result.messages.append(f"cleared {cleared} conntrack entries of UDP flows to endpoints that serve no more "
+                                   f"(node {n.name})")
         if warning:
             result.messages.append(f"{warning} (node {n.name})")
         if previous is not None:

@@ -20,7 +20,7 @@ from typing import Any
 from . import layout
 from .errors import UsageError
 
-FORMAT = 1
+FORMAT = 2
 PROTOCOLS = layout.PROTOCOLS
 _LOCAL = layout.FLAGS["BACKEND_LOCAL"]
 
@@ -38,9 +38,38 @@ class ServicePlan:
     type: str  # NodePort | ClusterIP
     cluster_ip: str | None
     ports: tuple[tuple[str, int, int, int | None], ...]  # protocol, port, targetPort, nodePort
-    backends: tuple[tuple[str, str | None], ...]  # address, node (None: on no node)
+    backends: tuple[tuple, ...]  # (address, node (None: on no node)[, state: terminating | not-serving])
     external_ips: tuple[str, ...] = ()
     load_balancer_ips: tuple[str, ...] = ()
+    affinity: int = 0  # ClientIP affinity timeout, seconds (0: none)
+    external_local: bool = False  # externalTrafficPolicy Local
+    internal_local: bool = False  # internalTrafficPolicy Local
+    health_check_port: int = 0  # healthCheckNodePort (0: none)
+    source_ranges: tuple[str, ...] = ()  # loadBalancerSourceRanges
+
+    def options(self) -> dict[str, Any]:
+        """The settings that differ from the defaults, as plan.json holds them."""
+        out: dict[str, Any] = {}
+        if self.affinity:
+            out["affinity"] = self.affinity
+        if self.external_local:
+            out["externalLocal"] = True
+        if self.internal_local:
+            out["internalLocal"] = True
+        if self.health_check_port:
+            out["healthCheckNodePort"] = self.health_check_port
+        if self.source_ranges:
+            out["sourceRanges"] = list(self.source_ranges)
+        return out
+
+
+_OPTIONS = {"affinity": "affinity", "externalLocal": "external_local", "internalLocal": "internal_local",
+            "healthCheckNodePort": "health_check_port", "sourceRanges": "source_ranges"}
+
+# A backend's state (the third item of a plan's backend; absent: ready) -> its backend_v4 flag.
+STATE_FLAGS = {"ready": 0, "terminating": layout.FLAGS["BACKEND_TERMINATING"],
+               "not-serving": layout.FLAGS["BACKEND_NOT_SERVING"]}
+_TERMINATING, _NOT_SERVING = STATE_FLAGS["terminating"], STATE_FLAGS["not-serving"]
 
 
 @dataclass(frozen=True)
@@ -50,7 +79,13 @@ class Frontend:
     proto: int
     kind: str  # NodePort | ClusterIP | ExternalIP | LoadBalancer
     service: str  # namespace/name
-    backends: tuple[tuple[str, int, int, bool], ...]  # addr, port, proto, local
+    backends: tuple[tuple[str, int, int, int], ...]  # those taking new flows: addr, port, proto, backend flags
+    others: tuple[tuple[str, int, int, int], ...] = ()  # its endpoints that take none (their flows go on)
+    extra: int = 0  # SVC_LOCAL, SVC_REJECT, SVC_AFFINITY, SVC_SOURCE_RANGES
+    group: tuple[str, int, int] | None = None  # affinity: the key of its port's first frontend
+    affinity_timeout: int = 0
+    health_check_port: int = 0
+    source_ranges: tuple[str, ...] = ()
 
     @property
     def key(self) -> tuple[str, int, int]:
@@ -58,12 +93,19 @@ class Frontend:
 
     @property
     def flags(self) -> int:
-        """The bpfgen_svc_value flags of its kind (SVC_NODEPORT, SVC_CLUSTERIP, ...)."""
-        return layout.FLAGS[_KIND_FLAGS[self.kind]]
+        """Its bpfgen_svc_value flags: its kind's (SVC_NODEPORT, SVC_CLUSTERIP, ...) and extra."""
+        return layout.FLAGS[_KIND_FLAGS[self.kind]] | self.extra
 
 
 _KIND_FLAGS = {"NodePort": "SVC_NODEPORT", "ClusterIP": "SVC_CLUSTERIP", "ExternalIP": "SVC_EXTERNALIP",
                "LoadBalancer": "SVC_LOADBALANCER"}
+
+
+def _serving(backends: list[tuple[str, int, int, int]]) -> list[tuple[str, int, int, int]]:
+    """kube-proxy's CategorizeEndpoints: the ready ones; with none ready, the serving and
+    terminating ones; never the others."""
+    ready = [b for b in backends if not b[3] & (_TERMINATING | _NOT_SERVING)]
+    return ready or [b for b in backends if b[3] & _TERMINATING]
 
 
 @dataclass(frozen=True)
@@ -88,8 +130,13 @@ class Plan:
                 ServicePlan(
                     s.key, s.type, str(s.cluster_ip) if s.cluster_ip else None,
                     tuple((p.protocol, p.port, p.target_port, p.node_port) for p in s.ports),
-                    tuple((str(b.address), b.node) for b in s.backends),
+                    tuple((str(b.address), b.node) if b.conditions.state == "ready"
+                          else (str(b.address), b.node, b.conditions.state) for b in s.backends),
                     tuple(map(str, s.external_ips)), tuple(map(str, s.load_balancer_ips)),
+                    affinity=s.affinity_timeout, external_local=s.external_traffic_policy == "Local",
+                    internal_local=s.internal_traffic_policy == "Local",
+                    health_check_port=s.health_check_node_port or 0,
+                    source_ranges=tuple(map(str, s.load_balancer_source_ranges)),
                 )
                 for s in spec.services
             ),
@@ -104,8 +151,7 @@ class Plan:
             "capacity": self.capacity,
             "nodes": [[n.name, str(n.address), str(n.pod_cidr) if n.pod_cidr else None] for n in self.nodes],
             "services": [[s.key, s.type, s.cluster_ip, [list(p) for p in s.ports], [list(b) for b in s.backends],
-                          *([list(s.external_ips), list(s.load_balancer_ips)]
-                            if s.external_ips or s.load_balancer_ips else [])]
+                          *_extras(s)]
                          for s in self.services],
         }
         return json.dumps(data, separators=(",", ":")) + "\n"
@@ -124,9 +170,7 @@ class Plan:
                 capacity={k: int(v) for k, v in data["capacity"].items()},
                 nodes=tuple(NodeInfo(n, ipaddress.IPv4Address(a), ipaddress.IPv4Network(c) if c else None)
                             for n, a, c in data["nodes"]),
-                services=tuple(ServicePlan(k, t, ip, tuple(map(tuple, ports)), tuple(map(tuple, bes)),
-                                           *map(tuple, extra))  # externalIPs, loadBalancerIPs (if any)
-                               for k, t, ip, ports, bes, *extra in data["services"]),
+                services=tuple(_service_from_json(item) for item in data["services"]),
             )
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise UsageError(f"{where}: not a bpfgen plan ({e}); compile the spec again") from None
@@ -139,6 +183,28 @@ class Plan:
         raise UsageError(f"node '{name}' is not in spec {self.name} (nodes: {known})")
 
 
+def _extras(s: ServicePlan) -> list:
+    """A service's optional items in plan.json: externalIPs, loadBalancerIPs, options (only
+    as far as any is set)."""
+    options = s.options()
+    if options:
+        return [list(s.external_ips), list(s.load_balancer_ips), options]
+    if s.external_ips or s.load_balancer_ips:
+        return [list(s.external_ips), list(s.load_balancer_ips)]
+    return []
+
+
+def _service_from_json(item: list) -> ServicePlan:
+    key, type_, ip, ports, backends, *extra = item
+    external, balancers, options = (extra + [[], [], {}][len(extra):])[:3]
+    settings = {_OPTIONS[k]: (tuple(v) if isinstance(v, list) else v) for k, v in options.items()}
+    for b in backends:
+        if len(b) == 3 and b[2] not in STATE_FLAGS:
+            raise ValueError(f"backend state {b[2]!r}")
+    return ServicePlan(key, type_, ip, tuple(map(tuple, ports)), tuple(map(tuple, backends)), tuple(external),
+                       tuple(balancers), **settings)
+
+
 # ---------------------------------------------------------------- per node
 
 
@@ -146,21 +212,49 @@ def frontends(plan: Plan, node: NodeInfo) -> list[Frontend]:
     """Every frontend node serves: a ClusterIP one per port of a service with a clusterIP,
     a NodePort one (on the node's address) per port of a NodePort service, and per port an
     ExternalIP one for each external IP and a LoadBalancer one for each load balancer IP (on
-    every node: any node may receive them). A backend on no node is remote from every node."""
+    every node: any node may receive them). A backend on no node is remote from every node.
+
+    Each takes new flows to the endpoints kube-proxy would use (`_serving`); under a traffic
+    policy Local (internalTrafficPolicy for the ClusterIP, externalTrafficPolicy for the
+    others) only to this node's. A service with no such endpoint anywhere rejects new flows;
+    a Local frontend without one on this node drops them."""
     result = []
     node_addr = str(node.address)
+    svc_local, svc_reject = layout.FLAGS["SVC_LOCAL"], layout.FLAGS["SVC_REJECT"]
+    affinity, ranges = layout.FLAGS["SVC_AFFINITY"], layout.FLAGS["SVC_SOURCE_RANGES"]
     for svc in plan.services:
+        states = [(b[0], b[1], STATE_FLAGS[b[2]] if len(b) > 2 else 0) for b in svc.backends]
         for protocol, port, target, node_port in svc.ports:
             proto = PROTOCOLS[protocol]
-            backends = tuple((addr, target, proto, host == node.name) for addr, host in svc.backends)
+            everyone = [(addr, target, proto, state | (_LOCAL if host == node.name else 0))
+                        for addr, host, state in states]
+            mine = [b for b in everyone if b[3] & _LOCAL]
+            cluster, local = _serving(everyone), _serving(mine)
+            base = (svc_reject if not cluster else 0) | (affinity if svc.affinity else 0)
+            group: tuple[str, int, int] | None = None
+
+            def frontend(addr: str, at: int, kind: str, policy_local: bool) -> Frontend:
+                nonlocal group
+                candidates, chosen = (mine, local) if policy_local else (everyone, cluster)
+                extra = base | (svc_local if policy_local else 0)
+                if kind == "LoadBalancer" and svc.source_ranges:
+                    extra |= ranges
+                if svc.affinity and group is None:
+                    group = (addr, at, proto)
+                return Frontend(addr, at, proto, kind, svc.key, tuple(chosen),
+                                tuple(b for b in candidates if b not in chosen), extra,
+                                group if svc.affinity else None, svc.affinity,
+                                svc.health_check_port if kind != "ClusterIP" else 0,
+                                svc.source_ranges if kind == "LoadBalancer" else ())
+
             if svc.cluster_ip is not None:
-                result.append(Frontend(svc.cluster_ip, port, proto, "ClusterIP", svc.key, backends))
+                result.append(frontend(svc.cluster_ip, port, "ClusterIP", svc.internal_local))
             if node_port is not None:
-                result.append(Frontend(node_addr, node_port, proto, "NodePort", svc.key, backends))
+                result.append(frontend(node_addr, node_port, "NodePort", svc.external_local))
             for ip in svc.external_ips:
-                result.append(Frontend(ip, port, proto, "ExternalIP", svc.key, backends))
+                result.append(frontend(ip, port, "ExternalIP", svc.external_local))
             for ip in svc.load_balancer_ips:
-                result.append(Frontend(ip, port, proto, "LoadBalancer", svc.key, backends))
+                result.append(frontend(ip, port, "LoadBalancer", svc.external_local))
     return result
 
 
@@ -181,7 +275,7 @@ def map_sizes(plan: Plan) -> dict[str, int]:
     return {m.name: m.max_entries(plan.capacity) for m in layout.MAPS}
 
 
-SERVICE_MAPS = ("svc_v4", "backend_v4", "revnat_v4")
+SERVICE_MAPS = ("svc_v4", "backend_v4", "revnat_v4", "aff_match_v4", "src_range_v4")
 Contents = dict[str, dict[bytes, bytes]]
 
 
@@ -256,45 +350,59 @@ class _Packer:
         self.svc_value = layout.SVC_VALUE.packer
         self.backend = layout.BACKEND.packer
         self.revnat = layout.REVNAT.packer
+        self.source_range_key = layout.SOURCE_RANGE_KEY.packer
 
     def frontend_key(self, f: Frontend) -> bytes:
         return self.svc_key(self.ip(f.addr), f.port, 0, f.proto, 0, 0)
+
+    def group_key(self, key: tuple[str, int, int]) -> bytes:
+        return self.svc_key(self.ip(key[0]), key[1], 0, key[2], 0, 0)
 
     def identity(self, addr: str, port: int, proto: int) -> bytes:
         return self.backend(self.ip(addr), port, proto, 0)[_BACKEND_IDENTITY]
 
 
-def _identities(fes: list[Frontend], pk: _Packer) -> dict[tuple[str, int, int], tuple[bytes, bool]]:
-    """Every backend of the frontends: (addr, port, proto) -> (identity bytes, local)."""
-    out: dict[tuple[str, int, int], tuple[bytes, bool]] = {}
+def _identities(fes: list[Frontend], pk: _Packer) -> dict[tuple[str, int, int], tuple[bytes, int]]:
+    """Every backend of the frontends: (addr, port, proto) -> (identity bytes, backend flags)."""
+    out: dict[tuple[str, int, int], tuple[bytes, int]] = {}
     for f in fes:
-        for addr, port, proto, local in f.backends:
+        for addr, port, proto, flags in f.backends + f.others:
             if (addr, port, proto) not in out:
-                out[(addr, port, proto)] = (pk.identity(addr, port, proto), local)
+                out[(addr, port, proto)] = (pk.identity(addr, port, proto), flags)
     return out
 
 
 def _entries(fes: list[Frontend], fe_keys: list[bytes], fe_ids: dict[bytes, int],
-             identities: dict[tuple[str, int, int], tuple[bytes, bool]], be_ids: dict[bytes, int],
+             identities: dict[tuple[str, int, int], tuple[bytes, int]], be_ids: dict[bytes, int],
              pk: _Packer) -> Contents:
     """The map entries of frontends whose ids are decided."""
     svc: dict[bytes, bytes] = {}
     backends: dict[bytes, bytes] = {}
     rev: dict[bytes, bytes] = {}
+    match: dict[bytes, bytes] = {}
+    ranges: dict[bytes, bytes] = {}
     pack_id = _U32.pack
-    local_flag, remote_flag = bytes((_LOCAL,)), b"\0"
+    flag_bytes = [bytes((i,)) for i in range(256)]
     for f, key in zip(fes, fe_keys):
         fid = fe_ids[key]
-        svc[key] = pk.svc_value(0, fid, len(f.backends), f.flags, 0)
+        svc[key] = pk.svc_value(0, fid, len(f.backends), len(f.others), f.flags, 0, 0)
         head, tail = key[:_SLOT.start], key[_SLOT.stop:]
-        slot_value_tail = pk.svc_value(0, fid, 0, 0, 0)[4:]
-        for slot, (baddr, port, proto, local) in enumerate(f.backends, start=1):
-            identity, _ = identities[(baddr, port, proto)]
+        slot_value_tail = pk.svc_value(0, fid, 0, 0, 0, 0, 0)[4:]
+        for slot, (baddr, port, proto, _) in enumerate(f.backends + f.others, start=1):
+            identity, flags = identities[(baddr, port, proto)]
             bid = pack_id(be_ids[identity])
             svc[head + _SLOT_BYTES[slot] + tail] = bid + slot_value_tail
-            backends[bid] = identity + (local_flag if local else remote_flag)
-        rev[pack_id(fid)] = pk.revnat(pk.ip(f.addr), f.port, 0)
-    return {"svc_v4": svc, "backend_v4": backends, "revnat_v4": rev}
+            backends[bid] = identity + flag_bytes[flags]
+            if f.group is not None and slot <= len(f.backends):
+                match[bid + pack_id(fid)] = pack_id(slot)
+        group = fe_ids[pk.group_key(f.group)] if f.group is not None else 0
+        rev[pack_id(fid)] = pk.revnat(pk.ip(f.addr), f.port, f.health_check_port, group, f.affinity_timeout)
+        for cidr in f.source_ranges:
+            net = ipaddress.IPv4Network(cidr)
+            ranges[pk.source_range_key(32 + net.prefixlen, fid, net.network_address.packed)] = \
+                pack_id(net.prefixlen)
+    return {"svc_v4": svc, "backend_v4": backends, "revnat_v4": rev, "aff_match_v4": match,
+            "src_range_v4": ranges}
 
 
 def desired(plan: Plan, node: NodeInfo, have: Contents, held: Held | None = None) -> Contents:
@@ -363,8 +471,8 @@ def incremental(old: Plan, new: Plan, node: NodeInfo, kernel: KernelView, held: 
     new_identity_set = {i for i, _ in new_identities.values()}
     unnamed = {identity: t for t, (identity, _) in old_identities.items() if identity not in new_identity_set}
     if unnamed:
-        still_named = {(addr, target, PROTOCOLS[proto]) for s in new.services if s.key not in changed
-                       for proto, _, target, _ in s.ports for addr, _ in s.backends}
+        still_named = {(b[0], target, PROTOCOLS[proto]) for s in new.services if s.key not in changed
+                       for proto, _, target, _ in s.ports for b in s.backends}
         unnamed = {identity: t for identity, t in unnamed.items() if t not in still_named}
     kept_be = {identity: bid for identity, bid in existing_be.items() if identity not in unnamed}
     fe_ids = _allocate(new_keys, {k: v for k, v in existing_fe.items() if k in new_key_set},
@@ -428,14 +536,14 @@ def diff_maps(want: Contents, have: Contents) -> Changes:
     """The changes that make maps holding `have` hold `want` (and diff_maps(have, want)
     takes them back)."""
     writes, deletes = [], []
-    for name in ("backend_v4", "revnat_v4", "svc_v4"):
+    for name in ("backend_v4", "revnat_v4", "aff_match_v4", "src_range_v4", "svc_v4"):
         w, h = want.get(name, {}), have.get(name, {})
         changed = [k for k, v in w.items() if h.get(k) != v]
         if name == "svc_v4":  # slots before the frontends that count them
             changed.sort(key=lambda k: not _is_backend_slot(k))
         if changed:
             writes.append((name, changed, [w[k] for k in changed]))
-    for name in ("svc_v4", "revnat_v4", "backend_v4"):
+    for name in ("svc_v4", "src_range_v4", "aff_match_v4", "revnat_v4", "backend_v4"):
         w, h = want.get(name, {}), have.get(name, {})
         stale = [k for k in h if k not in w]
         if name == "svc_v4":  # frontends before their slots

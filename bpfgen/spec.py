@@ -31,6 +31,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
+    StrictBool,
     StrictInt,
     StrictStr,
     ValidationError,
@@ -251,6 +252,7 @@ MAX_BACKEND_SLOTS = 1 << 24
 MAX_BACKENDS = 1 << 22
 MAX_FLOWS = 1 << 23
 MAX_BACKENDS_PER_SERVICE = 65535
+MAX_SOURCE_RANGES = 1024  # loadBalancerSourceRanges of one service
 MAX_CLUSTER_NODES = 15000  # three times Kubernetes' largest supported cluster (5,000 nodes)
 
 
@@ -270,6 +272,10 @@ class Capacity(_Model):
         default=65536,
         description="TCP flows not yet established (SYN seen, or picked up mid-stream) a node tracks at once, apart "
                     "from the established ones: a SYN flood evicts only these.")
+    affinity_clients: _count("affinityClients", 1, MAX_FLOWS) = Field(
+        default=65536, description="Client addresses whose ClientIP session affinity a node remembers at once.")
+    source_ranges: _count("sourceRanges", 1, MAX_FRONTENDS) = Field(
+        default=16384, description="loadBalancerSourceRanges entries per node (each range of each frontend).")
 
 
 class Cluster(_Model):
@@ -310,6 +316,31 @@ class ServicePort(_Model):
         return self
 
 
+class EndpointConditions(_Model):
+    """An endpoint's conditions, as an EndpointSlice has them. Which endpoints take new flows
+    is kube-proxy's rule: the ready ones; with none ready, those serving and terminating."""
+
+    ready: StrictBool = True
+    serving: StrictBool | None = Field(default=None, description="Defaults to ready.")
+    terminating: StrictBool = False
+
+    @model_validator(mode="after")
+    def _default_serving(self) -> EndpointConditions:
+        if self.serving is None:
+            self.serving = self.ready
+        return self
+
+    @property
+    def state(self) -> str:
+        """ready | terminating (serving and terminating: used when no endpoint is ready) |
+        not-serving (never takes a new flow; its established TCP flows go on)."""
+        if self.ready:
+            return "ready"
+        if self.serving and self.terminating:
+            return "terminating"
+        return "not-serving"
+
+
 class Backend(_Model):
     """An endpoint (pod) of a service."""
 
@@ -318,6 +349,16 @@ class Backend(_Model):
         default=None,
         description="The node that hosts the backend (one of nodes); omitted: on no node, remote from every node.",
     )
+    conditions: EndpointConditions = Field(default_factory=EndpointConditions)
+
+
+class ClientIPConfig(_Model):
+    timeout_seconds: _count("timeoutSeconds", 1, 86400) = Field(
+        default=10800, description="How long a client address keeps its backend after its last new connection.")
+
+
+class SessionAffinityConfig(_Model):
+    client_ip: ClientIPConfig = Field(default_factory=ClientIPConfig, alias="clientIP")
 
 
 class Service(_Model):
@@ -338,6 +379,27 @@ class Service(_Model):
         default=[], alias="loadBalancerIPs",
         description="The load balancer's addresses: more frontends on each port (LoadBalancer), on every node.",
     )
+    session_affinity: Literal["None", "ClientIP"] = Field(
+        default="None", description="ClientIP: a client address keeps its backend on every frontend of a port.")
+    session_affinity_config: SessionAffinityConfig | None = None
+    external_traffic_policy: Literal["Cluster", "Local"] = Field(
+        default="Cluster",
+        description="Local: NodePort, LoadBalancer and external IP traffic goes only to this node's endpoints, "
+                    "without SNAT (a node without one drops it).")
+    internal_traffic_policy: Literal["Cluster", "Local"] = Field(
+        default="Cluster", description="Local: ClusterIP traffic goes only to this node's endpoints.")
+    health_check_node_port: Port | None = Field(
+        default=None, description="externalTrafficPolicy Local: the port a load balancer checks (recorded, shown).")
+    load_balancer_source_ranges: list[IPv4Cidr] = Field(
+        default=[], max_length=MAX_SOURCE_RANGES,
+        description="Client ranges admitted to the loadBalancerIPs (empty: every client).")
+
+    @property
+    def affinity_timeout(self) -> int:
+        """Seconds of ClientIP affinity (0: none)."""
+        if self.session_affinity != "ClientIP":
+            return 0
+        return (self.session_affinity_config or SessionAffinityConfig()).client_ip.timeout_seconds
 
     @property
     def key(self) -> str:
@@ -518,6 +580,12 @@ def _backend_problems(service: Service, at: str, node_names: set[str] | None) ->
             found.append((f"{where}.node", f"node '{backend.node}' is not defined in nodes"))
         if first := _first(addresses, backend.address, where):
             found.append((f"{where}.address", f"duplicate backend {backend.address} (also {first})"))
+    if service.session_affinity_config is not None and service.session_affinity != "ClientIP":
+        found.append((f"{at}.sessionAffinityConfig", "sessionAffinityConfig needs sessionAffinity: ClientIP"))
+    if service.load_balancer_source_ranges and not service.load_balancer_ips:
+        found.append((f"{at}.loadBalancerSourceRanges", "loadBalancerSourceRanges needs loadBalancerIPs"))
+    if service.health_check_node_port is not None and service.external_traffic_policy != "Local":
+        found.append((f"{at}.healthCheckNodePort", "healthCheckNodePort needs externalTrafficPolicy: Local"))
     return found
 
 

@@ -77,14 +77,47 @@ def format_dump(maps: list[dict]) -> str:
 # ---------------------------------------------------------------- operator tables
 
 
+def _service_policies(r: dict) -> str:
+    parts = []
+    if r.get("traffic_policy") == "Local":
+        parts.append("Local")
+    if r.get("session_affinity"):
+        parts.append(f"ClientIP {r['session_affinity']['timeout_seconds']}s")
+    if r.get("health_check_node_port"):
+        parts.append(f"healthCheck :{r['health_check_node_port']}")
+    if r.get("source_ranges") is not None:
+        parts.append("from " + ",".join(r["source_ranges"]))
+    return " [" + "; ".join(parts) + "]" if parts else ""
+
+
+def _backend_text(b: dict) -> str:
+    if not b["address"]:
+        return f"{b['slot']} => (missing {b['missing']})"
+    notes = [b["state"]] if b.get("state", "ready") != "ready" else []
+    if not b.get("new_flows", True):
+        notes.append("no new flows")
+    return f"{b['slot']} => {b['address']}/{b['protocol']}" + (f" ({', '.join(notes)})" if notes else "")
+
+
 def format_service_list(rows: list[dict]) -> str:
     lines = [f"{'ID':<5}{'Frontend':<27}{'Service Type':<15}Backend"]
     for r in rows:
-        bes = [f"{b['slot']} => {b['address']}/{b['protocol']}" if b["address"] else f"{b['slot']} => (missing {b['missing']})"
-               for b in r["backends"]] or ["(no backends)"]
-        lines.append(f"{r['id']:<5}{r['frontend'] + '/' + r['protocol']:<27}{r['type']:<15}{bes[0]}")
+        empty = {"reject": "(no backends: rejected)", "drop": "(no local backends: dropped)"}.get(
+            r.get("no_backend") or "", "(no backends)")
+        bes = [_backend_text(b) for b in r["backends"]]
+        if not any(b.get("new_flows", True) for b in r["backends"]):
+            bes.insert(0, empty)
+        lines.append(f"{r['id']:<5}{r['frontend'] + '/' + r['protocol']:<27}{r['type']:<15}{bes[0]}"
+                     f"{_service_policies(r)}")
         lines += [" " * 47 + b for b in bes[1:]]
     return "\n".join(lines) + "\n"
+
+
+def format_affinity_list(rows: list[dict]) -> str:
+    out = [f"{r['client']} group={r['group']} ({r['frontend'] or '-'}) => {r['backend'] or '(gone)'} "
+           f"backend={r['backend_id']} " + (f"expires={r['expires_in']}s" if r["live"] else "expired")
+           for r in rows]
+    return "\n".join(out) + ("\n" if out else "")
 
 
 def format_ct_list(rows: list[dict]) -> str:

@@ -110,10 +110,25 @@ _FRONTEND_KINDS = (("NodePort", "SVC_NODEPORT"), ("LoadBalancer", "SVC_LOADBALAN
                    ("ExternalIP", "SVC_EXTERNALIP"), ("ClusterIP", "SVC_CLUSTERIP"))
 
 
+_BACKEND_STATES = (("terminating", "BACKEND_TERMINATING"), ("not-serving", "BACKEND_NOT_SERVING"))
+
+
+def _backend_state(flags: int) -> str:
+    return next((name for name, bit in _BACKEND_STATES if flags & layout.FLAGS[bit]), "ready")
+
+
 def service_list(node: str) -> list[dict]:
-    """The service table of node, read from its pinned maps."""
-    with open_maps(node, ["svc_v4", "backend_v4"]) as maps:
+    """The service table of node, read from its pinned maps: every frontend with its type,
+    policies (traffic policy Local, ClientIP affinity, source ranges, reject) and backends:
+    those that take new flows, then those that take none (terminating, not serving),
+    each with its state."""
+    with open_maps(node, ["svc_v4", "backend_v4", "revnat_v4", "src_range_v4"]) as maps:
         backends = {layout.ID_KEY.unpack(k): layout.BACKEND.unpack(v) for k, v in maps["backend_v4"].items()}
+        revnat = {layout.ID_KEY.unpack(k): layout.REVNAT.unpack(v) for k, v in maps["revnat_v4"].items()}
+        ranges: dict[int, list[str]] = {}
+        for k, v in maps["src_range_v4"].items():
+            key = layout.SOURCE_RANGE_KEY.unpack(k)
+            ranges.setdefault(key["rev_nat_id"], []).append(f"{key['addr']}/{layout.SOURCE_RANGE.unpack(v)['range_len']}")
         masters, slots = {}, {}
         for k, v in maps["svc_v4"].items():
             key, val = layout.SVC_KEY.unpack(k), layout.SVC_VALUE.unpack(v)
@@ -125,22 +140,58 @@ def service_list(node: str) -> list[dict]:
     rows = []
     for fe, val in masters.items():
         addr, port, proto = fe
-        kind = next((name for name, bit in _FRONTEND_KINDS if val["flags"] & layout.FLAGS[bit]), "ClusterIP")
+        flags = val["flags"]
+        kind = next((name for name, bit in _FRONTEND_KINDS if flags & layout.FLAGS[bit]), "ClusterIP")
         bes = []
-        for slot in range(1, val["count"] + 1):
+        for slot in range(1, val["count"] + val["others"] + 1):
             backend_id = slots.get(fe, {}).get(slot)
             be = backends.get(backend_id)
+            new_flows = slot <= val["count"]
             if be is None:  # shown, not hidden: the datapath drops flows that pick it
-                bes.append({"slot": slot, "address": None, "protocol": None, "local": False,
+                bes.append({"slot": slot, "address": None, "protocol": None, "local": False, "state": None,
+                            "new_flows": new_flows,
                             "missing": f"slot {slot}" if backend_id is None else f"backend id {backend_id}"})
                 continue
             bes.append({
                 "slot": slot, "address": _ep(be["addr"], be["port"]), "protocol": PROTO_NAMES.get(be["proto"], be["proto"]),
-                "local": bool(be["flags"] & layout.FLAGS["BACKEND_LOCAL"]),
+                "local": bool(be["flags"] & layout.FLAGS["BACKEND_LOCAL"]), "state": _backend_state(be["flags"]),
+                "new_flows": new_flows,
             })
-        rows.append({"id": val["id"], "frontend": _ep(addr, port), "protocol": PROTO_NAMES.get(proto, proto),
-                     "type": kind, "backends": bes})
+        rev = revnat.get(val["id"], {})
+        local = bool(flags & layout.FLAGS["SVC_LOCAL"])
+        rows.append({
+            "id": val["id"], "frontend": _ep(addr, port), "protocol": PROTO_NAMES.get(proto, proto), "type": kind,
+            "traffic_policy": "Local" if local else "Cluster",
+            "session_affinity": ({"type": "ClientIP", "timeout_seconds": rev.get("affinity_timeout", 0)}
+                                 if flags & layout.FLAGS["SVC_AFFINITY"] else None),
+            "health_check_node_port": rev.get("health_check_port") or None,
+            "source_ranges": sorted(ranges.get(val["id"], [])) if flags & layout.FLAGS["SVC_SOURCE_RANGES"] else None,
+            "no_backend": ("reject" if flags & layout.FLAGS["SVC_REJECT"] else "drop") if val["count"] == 0 else None,
+            "backends": bes,
+        })
     return sorted(rows, key=lambda r: r["id"])
+
+
+def affinity_list(node: str) -> list[dict]:
+    """The client addresses ClientIP affinity keeps on a backend, from the node's maps: the
+    group (the frontends of one service port), the backend and the seconds left."""
+    now = layout.datapath_now()
+    with open_maps(node, ["affinity_v4", "backend_v4", "revnat_v4"]) as maps:
+        backends = {layout.ID_KEY.unpack(k): layout.BACKEND.unpack(v) for k, v in maps["backend_v4"].items()}
+        revnat = {layout.ID_KEY.unpack(k): layout.REVNAT.unpack(v) for k, v in maps["revnat_v4"].items()}
+        rows = []
+        for k, v in maps["affinity_v4"].items():
+            key, e = layout.AFFINITY_KEY.unpack(k), layout.AFFINITY_ENTRY.unpack(v)
+            group = revnat.get(key["group"], {})
+            be = backends.get(e["backend_id"])
+            timeout = group.get("affinity_timeout", 0)
+            rows.append({
+                "client": str(key["client"]), "group": key["group"],
+                "frontend": _ep(group["addr"], group["port"]) if group else None,
+                "backend_id": e["backend_id"], "backend": _ep(be["addr"], be["port"]) if be else None,
+                "expires_in": e["last_used"] + timeout - now, "live": now <= e["last_used"] + timeout,
+            })
+    return sorted(rows, key=lambda r: (r["group"], r["client"]))
 
 
 CT_DIRS = {layout.FLAGS["CT_SERVICE"]: "SVC", layout.FLAGS["CT_OUT"]: "OUT", layout.FLAGS["CT_SERVICE_EGRESS"]: "SVC_EGRESS"}

@@ -571,7 +571,7 @@ def test_bpfgen_v1_backends_may_be_on_no_node():
     plan = P.Plan.from_spec(spec)
     fes = P.frontends(plan, plan.node("node1"))
     assert {f.kind for f in fes} == {"ClusterIP", "NodePort", "ExternalIP"}
-    assert all(b[3] is False for f in fes for b in f.backends if b[0] == "192.168.7.7")
+    assert all(not b[3] & 1 for f in fes for b in f.backends if b[0] == "192.168.7.7")
     dup = copy.deepcopy(data)
     dup["services"][0]["externalIPs"] = ["10.106.91.98"]  # the clusterIP: the same frontends
     with pytest.raises(SpecError, match="duplicate frontend 10.106.91.98:80/TCP"):

@@ -117,7 +117,8 @@ def test_terminating_fallback_ends_when_an_endpoint_is_ready_again(tmp_path: Pat
                                                                         "terminating": False}, "nodeName": "lab-worker"})
     path = tmp_path / "cluster.yaml"
     path.write_text(yaml.safe_dump(dump))
-    assert [str(b.address) for b in load_spec(path).services[2].backends] == ["10.0.1.50"]
+    assert [(str(b.address), b.conditions.state) for b in load_spec(path).services[2].backends] == [
+        ("10.0.2.20", "terminating"), ("10.0.2.21", "not-serving"), ("10.0.1.50", "ready")]
     with _lab(path, tmp_path) as the_lab:
         seen = _spread(the_lab, NODE_CP, 30081, 12)
         assert set(seen) == {"10.0.1.50:8080"}

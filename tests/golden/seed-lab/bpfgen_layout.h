@@ -13,7 +13,13 @@ typedef __u8 bpfgen_proto_t; /* IP protocol number (6 TCP, 17 UDP) */
 #define SVC_CLUSTERIP 2
 #define SVC_EXTERNALIP 4
 #define SVC_LOADBALANCER 8
+#define SVC_LOCAL 16
+#define SVC_REJECT 32
+#define SVC_SOURCE_RANGES 64
+#define SVC_AFFINITY 128
 #define BACKEND_LOCAL 1
+#define BACKEND_TERMINATING 2
+#define BACKEND_NOT_SERVING 4
 #define CT_CLOSING 1
 #define CT_ESTABLISHED 2
 #define CT_SNAT 4
@@ -43,7 +49,10 @@ enum bpfgen_drop_reason {
 	DROP_REWRITE_FAILED = 6, /* packet rewrite failed */
 	DROP_TTL_EXCEEDED = 7, /* TTL exceeded in forwarding */
 	DROP_LOCAL_FROM_NODE = 8, /* flow of the node or its pods to a backend on the node (not translatable at its interface) */
-	DROP_MAX = 9,
+	DROP_NO_LOCAL_BACKEND = 9, /* traffic policy Local and no endpoint on this node */
+	DROP_SOURCE_RANGE = 10, /* client outside the loadBalancerSourceRanges */
+	DROP_REJECTED = 11, /* no endpoints: rejected (TCP reset, ICMP port unreachable sent) */
+	DROP_MAX = 12,
 };
 
 /* A service frontend; slot 0 is the frontend itself, slots 1..count its backends. */
@@ -57,17 +66,19 @@ struct bpfgen_svc_key {
 };
 _Static_assert(sizeof(struct bpfgen_svc_key) == 12, "bpfgen_svc_key layout");
 
-/* Slot 0: count backends, id, flags. Slot n: backend_id of backend n. */
+/* Slot 0: count backends that take new flows, others more (slots count+1..count+others: its endpoints that take none, terminating or not serving, whose flows go on), id, flags. Slot n: backend_id of backend n. */
 struct bpfgen_svc_value {
 	__u32 backend_id;
 	__u32 id; /* frontend id: reverse-NAT index and counter index */
 	__u16 count;
+	__u16 others;
 	__u8 flags;
-	__u8 pad;
+	__u8 pad1;
+	__u16 pad2;
 };
-_Static_assert(sizeof(struct bpfgen_svc_value) == 12, "bpfgen_svc_value layout");
+_Static_assert(sizeof(struct bpfgen_svc_value) == 16, "bpfgen_svc_value layout");
 
-/* A backend endpoint; flags carry BACKEND_LOCAL when it runs on this node. */
+/* A backend endpoint; flags: BACKEND_LOCAL when it runs on this node, its state (BACKEND_TERMINATING, BACKEND_NOT_SERVING). */
 struct bpfgen_backend {
 	bpfgen_ip4_t addr;
 	bpfgen_port_t port;
@@ -76,13 +87,15 @@ struct bpfgen_backend {
 };
 _Static_assert(sizeof(struct bpfgen_backend) == 8, "bpfgen_backend layout");
 
-/* The frontend a reply's source is translated back to. */
+/* A frontend by id: its address, the healthCheckNodePort of its service (0: none) and its ClientIP affinity (the group shared by the frontends of one service port, and the timeout). */
 struct bpfgen_revnat {
 	bpfgen_ip4_t addr;
 	bpfgen_port_t port;
-	__u16 pad;
+	__u16 health_check_port;
+	__u32 affinity_group; /* 0: no affinity */
+	__u32 affinity_timeout; /* seconds */
 };
-_Static_assert(sizeof(struct bpfgen_revnat) == 8, "bpfgen_revnat layout");
+_Static_assert(sizeof(struct bpfgen_revnat) == 16, "bpfgen_revnat layout");
 
 /* A flow tuple: conntrack key (dir CT_SERVICE: client -> frontend arriving on the interface; CT_SERVICE_EGRESS: node or pod -> ClusterIP leaving it; CT_OUT: as the flow leaves for its backend, from node:snat_port when SNATed) and SNAT key (dir NAT_OUT/NAT_IN). */
 struct bpfgen_tuple {
@@ -127,6 +140,47 @@ struct bpfgen_nat_entry {
 	__u32 cookie; /* NAT_IN: the claim, never 0; claimed and cookie change together (one 64-bit compare-and-swap) and the flow's conntrack entries carry it */
 };
 _Static_assert(sizeof(struct bpfgen_nat_entry) == 16, "bpfgen_nat_entry layout");
+
+/* A client address of a ClientIP affinity group. */
+struct bpfgen_affinity_key {
+	bpfgen_ip4_t client;
+	__u32 group;
+};
+_Static_assert(sizeof(struct bpfgen_affinity_key) == 8, "bpfgen_affinity_key layout");
+
+/* The backend a client address keeps, and when it last opened a flow. */
+struct bpfgen_affinity_entry {
+	__u32 backend_id;
+	__u32 last_used; /* datapath seconds */
+};
+_Static_assert(sizeof(struct bpfgen_affinity_entry) == 8, "bpfgen_affinity_entry layout");
+
+/* A backend that takes new flows of an affinity frontend. */
+struct bpfgen_affinity_match_key {
+	__u32 backend_id;
+	__u32 rev_nat_id;
+};
+_Static_assert(sizeof(struct bpfgen_affinity_match_key) == 8, "bpfgen_affinity_match_key layout");
+
+/* The backend's slot in the frontend. */
+struct bpfgen_affinity_match {
+	__u32 slot;
+};
+_Static_assert(sizeof(struct bpfgen_affinity_match) == 4, "bpfgen_affinity_match layout");
+
+/* An LPM key: a client range admitted to a frontend (prefix_len: 32 for the id plus the range's). */
+struct bpfgen_source_range_key {
+	__u32 prefix_len;
+	__u32 rev_nat_id;
+	bpfgen_ip4_t addr;
+};
+_Static_assert(sizeof(struct bpfgen_source_range_key) == 12, "bpfgen_source_range_key layout");
+
+/* The range's own prefix length. */
+struct bpfgen_source_range {
+	__u32 range_len;
+};
+_Static_assert(sizeof(struct bpfgen_source_range) == 4, "bpfgen_source_range layout");
 
 /* A node's settings, written into the object's .rodata.config before load: one object serves every node. */
 struct bpfgen_config {

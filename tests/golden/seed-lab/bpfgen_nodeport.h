@@ -655,6 +655,180 @@ static __always_inline __be16 snat_alloc(const struct pkt *p, const struct bpfge
 	return search.key.dport;
 }
 
+/* ---- ClientIP session affinity, source ranges ---- */
+
+/*
+ * The backend a client address keeps on frontend svc (ClientIP affinity, shared by the
+ * frontends of one service port: rev's group), if it opened a flow of the group within the
+ * timeout and that backend still takes this frontend's new flows (aff_match_v4).
+ */
+static __always_inline struct bpfgen_backend *affinity_backend(const struct pkt *p, const struct bpfgen_svc_value *svc,
+							       const struct bpfgen_revnat *rev, __u32 now,
+							       __u32 *backend_id)
+{
+	struct bpfgen_affinity_key key = { .client = p->t.saddr, .group = rev->affinity_group };
+	struct bpfgen_affinity_match_key match = {};
+	struct bpfgen_affinity_entry *a = bpf_map_lookup_elem(&affinity_v4, &key);
+
+	if (!a || now > a->last_used + rev->affinity_timeout)
+		return NULL;
+	match.backend_id = a->backend_id;
+	match.rev_nat_id = svc->id;
+	if (!bpf_map_lookup_elem(&aff_match_v4, &match))
+		return NULL;
+	*backend_id = match.backend_id;
+	return bpf_map_lookup_elem(&backend_v4, backend_id);
+}
+
+/* A new flow of the client to backend_id: the client keeps it for the timeout from now. */
+static __always_inline void affinity_record(const struct pkt *p, const struct bpfgen_revnat *rev, __u32 backend_id,
+					    __u32 now)
+{
+	struct bpfgen_affinity_key key = { .client = p->t.saddr, .group = rev->affinity_group };
+	struct bpfgen_affinity_entry val = { .backend_id = backend_id, .last_used = now };
+	struct bpfgen_affinity_entry *a = bpf_map_lookup_elem(&affinity_v4, &key);
+
+	if (!a) {
+		bpf_map_update_elem(&affinity_v4, &key, &val, BPF_ANY);
+		return;
+	}
+	if (a->backend_id != backend_id)
+		a->backend_id = backend_id;
+	if (a->last_used != now)
+		a->last_used = now;
+}
+
+/* Whether the client is inside one of frontend id's loadBalancerSourceRanges. */
+static __always_inline int source_admitted(const struct pkt *p, __u32 id)
+{
+	struct bpfgen_source_range_key key = { .prefix_len = 64, .rev_nat_id = id, .addr = p->t.saddr };
+
+	return bpf_map_lookup_elem(&src_range_v4, &key) != NULL;
+}
+
+/* ---- reject: a new flow to a service without endpoints ---- */
+
+/* A TCP reset (or an ICMP error's IPv4 header and the ICMP header) as it is written. */
+struct reset_reply {
+	struct iphdr ip;
+	__be16 sport;
+	__be16 dport;
+	__be32 seq;
+	__be32 ack_seq;
+	__u8 doff;
+	__u8 flags;
+	__be16 window;
+	__sum16 check;
+	__be16 urg;
+};
+
+struct unreach_reply {
+	struct iphdr ip;
+	__u8 type;
+	__u8 code;
+	__sum16 check;
+	__be32 unused;
+	__u8 quote[28]; /* the datagram's IPv4 header (no options) and its first 8 bytes */
+};
+
+#define ICMP_DEST_UNREACH 3
+#define ICMP_PORT_UNREACH 3
+#define IP_DF 0x4000
+
+static __always_inline void reply_ip(struct iphdr *ip, const struct pkt *p, __u8 proto, __u16 len)
+{
+	ip->version = 4;
+	ip->ihl = 5;
+	ip->tot_len = bpf_htons(len);
+	ip->frag_off = bpf_htons(IP_DF);
+	ip->ttl = 64;
+	ip->protocol = proto;
+	ip->saddr = p->t.daddr; /* the frontend answers */
+	ip->daddr = p->t.saddr;
+	ip->check = csum_fold32(bpf_csum_diff(NULL, 0, (__be32 *)ip, sizeof(*ip), 0));
+}
+
+/*
+ * Turns the packet into its reject in place and sends it back where it came from: a
+ * TCP segment (not a reset) into a reset as a closed port answers it (RFC 9293 3.10.7.1),
+ * a UDP datagram into an ICMP port unreachable quoting it. Checksums are computed whole:
+ * a packet whose checksum is partial (from a local socket, over veth) is trusted by its
+ * receiver as it is, and one from a real NIC's receive is never partial. A packet with
+ * IPv4 options or a GSO one is dropped, as is a reset. Counted as DROP_REJECTED.
+ */
+static __noinline int reject(struct __sk_buff *skb, const struct pkt *p, int egress)
+{
+	union {
+		struct reset_reply rst;
+		struct unreach_reply icmp;
+	} r = {};
+	struct tcp_head in = {};
+	__u8 macs[2 * ETH_ALEN];
+	__be16 tot_len;
+	__u32 len, sum;
+
+	drop(DROP_REJECTED);
+	if (p->l4_off != ETH_HLEN + sizeof(struct iphdr) || skb->gso_size)
+		return TC_ACT_SHOT;
+	if (bpf_skb_load_bytes(skb, 0, macs, sizeof(macs)) < 0 ||
+	    bpf_skb_load_bytes(skb, ETH_HLEN + offsetof(struct iphdr, tot_len), &tot_len, sizeof(tot_len)) < 0)
+		return TC_ACT_SHOT;
+	if (p->t.proto == IPPROTO_TCP) {
+		if (bpf_skb_load_bytes(skb, p->l4_off, &in, sizeof(in)) < 0 || (in.flags & TCP_FLAG_RST))
+			return TC_ACT_SHOT;
+		len = bpf_ntohs(tot_len) - sizeof(struct iphdr) - (in.doff >> 4) * 4;
+		if (in.flags & TCP_FLAG_SYN)
+			len++;
+		if (in.flags & TCP_FLAG_FIN)
+			len++;
+		if (in.flags & TCP_FLAG_ACK) {
+			r.rst.seq = in.ack_seq;
+			r.rst.flags = TCP_FLAG_RST;
+		} else {
+			r.rst.ack_seq = bpf_htonl(bpf_ntohl(in.seq) + len);
+			r.rst.flags = TCP_FLAG_RST | TCP_FLAG_ACK;
+		}
+		r.rst.sport = p->t.dport;
+		r.rst.dport = p->t.sport;
+		r.rst.doff = 5 << 4;
+		reply_ip(&r.rst.ip, p, IPPROTO_TCP, sizeof(r.rst));
+		/* the pseudo-header: addresses, protocol and length */
+		sum = csum_add(csum_add(r.rst.ip.saddr, r.rst.ip.daddr), bpf_htonl(IPPROTO_TCP << 16 | 20));
+		r.rst.check = csum_fold32(bpf_csum_diff(NULL, 0, (__be32 *)&r.rst.sport, 20, sum));
+		if (bpf_skb_change_tail(skb, ETH_HLEN + sizeof(r.rst), 0) < 0 ||
+		    bpf_skb_store_bytes(skb, ETH_HLEN, &r.rst, sizeof(r.rst), 0) < 0)
+			return TC_ACT_SHOT;
+	} else {
+		if (bpf_skb_load_bytes(skb, ETH_HLEN, r.icmp.quote, sizeof(r.icmp.quote)) < 0)
+			return TC_ACT_SHOT;
+		r.icmp.type = ICMP_DEST_UNREACH;
+		r.icmp.code = ICMP_PORT_UNREACH;
+		reply_ip(&r.icmp.ip, p, IPPROTO_ICMP, sizeof(r.icmp));
+		r.icmp.check = csum_fold32(bpf_csum_diff(NULL, 0, (__be32 *)&r.icmp.type, 8 + sizeof(r.icmp.quote), 0));
+		if (bpf_skb_change_tail(skb, ETH_HLEN + sizeof(r.icmp), 0) < 0 ||
+		    bpf_skb_store_bytes(skb, ETH_HLEN, &r.icmp, sizeof(r.icmp), 0) < 0)
+			return TC_ACT_SHOT;
+	}
+	/* the MACs swapped */
+	if (bpf_skb_store_bytes(skb, 0, macs + ETH_ALEN, ETH_ALEN, 0) < 0 ||
+	    bpf_skb_store_bytes(skb, ETH_ALEN, macs, ETH_ALEN, 0) < 0)
+		return TC_ACT_SHOT;
+	if (egress) /* the node's (or a pod's) packet: the answer comes in to it */
+		return bpf_redirect(skb->ifindex, BPF_F_INGRESS);
+	skb->cb[0] = REDIRECTED_MAGIC; /* to_netdev passes it */
+	return bpf_redirect(skb->ifindex, 0);
+}
+
+/* A new flow to a frontend with no backend to take it: rejected if the service has no
+ * endpoint for it anywhere, else (traffic policy Local, none on this node) dropped. */
+static __always_inline int no_backend(struct __sk_buff *skb, const struct pkt *p,
+				      const struct bpfgen_svc_value *svc, int egress)
+{
+	if (svc->flags & SVC_REJECT)
+		return reject(skb, p, egress);
+	return drop((svc->flags & SVC_LOCAL) ? DROP_NO_LOCAL_BACKEND : DROP_NO_BACKEND);
+}
+
 /* ---- the service path: frontend -> backend ---- */
 
 /* A new flow's entry: into ct_half_v4 (half: a TCP flow of from_netdev) or ct_v4. */
@@ -684,15 +858,29 @@ static __always_inline int lb_forward(struct __sk_buff *skb, struct pkt *p, cons
 	struct bpfgen_tuple xlated;
 	struct bpfgen_backend *be;
 	struct bpfgen_ct_entry entry = {};
-	__u32 backend_id = 0, fwd_ifindex;
+	struct bpfgen_revnat *rev = NULL;
+	__u32 backend_id = 0, fwd_ifindex, id = svc->id;
 	__u8 fwd_nh;
 	int snat, half = p->t.proto == IPPROTO_TCP && !(mode & LB_EGRESS);
 	int syn = p->t.proto == IPPROTO_TCP && (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
 
 	count_frontend(svc->id, p->len);
+	if ((svc->flags & SVC_SOURCE_RANGES) && !source_admitted(p, svc->id))
+		return drop(DROP_SOURCE_RANGE);
+	if (svc->count == 0)
+		return no_backend(skb, p, svc, egress);
 	/* (egress flows have keys of their own: they never meet an ingress flow's entry) */
 	svc_key.dir = egress ? CT_SERVICE_EGRESS : CT_SERVICE;
-	be = select_backend(p, svc, &backend_id);
+	be = NULL;
+	if (svc->flags & SVC_AFFINITY) {
+		rev = bpf_map_lookup_elem(&revnat_v4, &id);
+		if (rev && rev->affinity_group)
+			be = affinity_backend(p, svc, rev, now, &backend_id);
+		else
+			rev = NULL;
+	}
+	if (!be)
+		be = select_backend(p, svc, &backend_id);
 	if (!be)
 		return drop(DROP_NO_BACKEND);
 	/* A flow of this node (or its pods) to a backend on this node: the reply would
@@ -762,6 +950,8 @@ static __always_inline int lb_forward(struct __sk_buff *skb, struct pkt *p, cons
 		return drop(DROP_CT_FULL);
 	entry.nh = fwd_nh;
 	entry.ifindex = fwd_ifindex;
+	if (rev)
+		affinity_record(p, rev, backend_id, now);
 
 	/* We forward it ourselves (ingress, a next hop): decrement the TTL as a router does. */
 	if (rewrite(skb, p, xlated.saddr, xlated.daddr, xlated.sport, xlated.dport, !egress && entry.nh != NH_STACK,
@@ -866,8 +1056,10 @@ static __always_inline int ct_fast(struct __sk_buff *skb, struct pkt *p, const s
 			__u32 id = ct->backend_id;
 			struct bpfgen_backend *be = bpf_map_lookup_elem(&backend_v4, &id);
 
-			/* its backend was removed: the flow moves to a live one (which resets it) */
-			if (!be || be->addr != ct->xl_daddr || be->port != ct->xl_dport)
+			/* its backend was removed: the flow moves to a live one (which resets it); a
+			 * UDP flow also leaves a backend that serves no more */
+			if (!be || be->addr != ct->xl_daddr || be->port != ct->xl_dport ||
+			    (p->t.proto == IPPROTO_UDP && (be->flags & BACKEND_NOT_SERVING)))
 				return -1;
 		}
 		if ((ct->flags & CT_SNAT) && !egress)

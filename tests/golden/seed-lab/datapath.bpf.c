@@ -96,6 +96,35 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } snat_v4 SEC(".maps");
 
+/* ClientIP session affinity: a client's backend (max_entries: the default, set from the cluster's capacity at load) */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct bpfgen_affinity_key);
+	__type(value, struct bpfgen_affinity_entry);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} affinity_v4 SEC(".maps");
+
+/* the backends an affinity frontend may keep a client on (max_entries: the default, set from the cluster's capacity at load) */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1048576);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct bpfgen_affinity_match_key);
+	__type(value, struct bpfgen_affinity_match);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} aff_match_v4 SEC(".maps");
+
+/* loadBalancerSourceRanges per frontend (max_entries: the default, set from the cluster's capacity at load) */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 16384);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct bpfgen_source_range_key);
+	__type(value, struct bpfgen_source_range);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} src_range_v4 SEC(".maps");
+
 /* packets and bytes per frontend id (max_entries: the default, set from the cluster's capacity at load) */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -108,7 +137,7 @@ struct {
 /* drops by reason (max_entries: the default, set from the cluster's capacity at load) */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 9);
+	__uint(max_entries, 12);
 	__type(key, __u32);
 	__type(value, struct bpfgen_drop_stats);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
