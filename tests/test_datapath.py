@@ -1287,3 +1287,121 @@ def test_syn_flood_larger_than_the_half_open_table_leaves_established_flows(data
         back = _reply(dp, snat, pk.ACK, b"answer", client_port=service[1])
         assert back.pkt.flow == (NODE0, NODEPORT, CLIENT, service[1])
     assert not any(dp.all_drops().values())
+
+
+# ================================================================ 9. kube-proxy's service semantics
+
+SEMANTICS = SPECS / "semantics.yaml"
+EMPTY_TCP, EMPTY_UDP, STICKY, LOCAL, TERMINATING = 30700, 30701, 30710, 30720, 30730
+LOCAL_LB = "198.51.100.9"
+
+
+def _icmp(frame: bytes) -> tuple[bytes, bytes]:
+    """The IPv4 header and the ICMP message of an ICMP frame (checksums checked)."""
+    ip = frame[14:]
+    assert ip[9] == pk.IPPROTO_ICMP and (ip[0] & 0x0F) == 5
+    tot_len = struct.unpack("!H", ip[2:4])[0]
+    assert len(frame) == 14 + tot_len
+    assert pk.csum(ip[:20]) == 0 and pk.csum(ip[20:tot_len]) == 0, "checksums"
+    return ip[:20], ip[20:tot_len]
+
+
+def test_syn_to_a_service_without_endpoints_gets_a_reset(datapath):
+    dp = datapath(SEMANTICS, "node0")
+    run = dp.from_netdev(pk.tcp(CLIENT, 40000, NODE0, EMPTY_TCP, pk.SYN, seq=7000))
+    assert run.retval == TC_ACT_REDIRECT  # back out of the interface it came in by
+    p = run.pkt
+    assert p.flow == (NODE0, EMPTY_TCP, CLIENT, 40000) and p.checksums_ok()
+    assert p.tcp_flags == pk.RST | pk.ACK
+    assert struct.unpack("!II", p.l4[4:12]) == (0, 7001)  # seq 0, ack = its seq + 1 (the SYN)
+    assert (run.frame[0:6], run.frame[6:12]) == (CLIENT_MAC, NODE_MAC)
+    assert len(run.frame) == 14 + 40 and dp.drops("REJECTED") == 1
+    assert dp.entries("ct_half_v4") == {} and dp.entries("ct_v4") == {}  # no state for it
+
+
+def test_a_segment_with_ack_gets_a_reset_at_its_ack_and_a_reset_gets_nothing(datapath):
+    dp = datapath(SEMANTICS, "node0")
+    run = dp.from_netdev(pk.tcp(CLIENT, 40001, NODE0, EMPTY_TCP, pk.PSH | pk.ACK, b"x" * 100, seq=5, ack=9999))
+    p = run.pkt
+    assert p.tcp_flags == pk.RST and struct.unpack("!I", p.l4[4:8]) == (9999,) and p.checksums_ok()
+    assert pk.payload_of(p) == b"" and len(run.frame) == 14 + 40
+    run = dp.from_netdev(pk.tcp(CLIENT, 40001, NODE0, EMPTY_TCP, pk.RST, seq=5))
+    assert run.retval == TC_ACT_SHOT and dp.drops("REJECTED") == 2
+
+
+def test_udp_to_a_service_without_endpoints_gets_port_unreachable(datapath):
+    dp = datapath(SEMANTICS, "node0")
+    original = pk.udp(CLIENT, 5000, NODE0, EMPTY_UDP, b"<13>hello" * 20)
+    run = dp.from_netdev(original)
+    assert run.retval == TC_ACT_REDIRECT
+    ip, icmp = _icmp(run.frame)
+    assert (ip[12:16], ip[16:20]) == (socket.inet_aton(NODE0), socket.inet_aton(CLIENT))
+    assert icmp[:2] == bytes((3, 3))  # destination unreachable, port unreachable
+    assert icmp[8:] == original[14:14 + 28]  # the datagram's IPv4 header and first 8 bytes
+    # from the node itself (to_netdev): the answer comes back in to it
+    run = dp.to_netdev(pk.udp(NODE0, 5001, "10.106.1.1", 514, b"x", ))
+    assert run.retval == TC_ACT_REDIRECT
+    ip, icmp = _icmp(run.frame)
+    assert (ip[12:16], ip[16:20]) == (socket.inet_aton("10.106.1.1"), socket.inet_aton(NODE0))
+
+
+def test_client_ip_affinity_keeps_a_client_on_one_backend(datapath):
+    dp = datapath(SEMANTICS, "node0")
+    seen = Counter(dp.from_netdev(syn(41000 + i, dport=STICKY)).pkt.daddr for i in range(20))
+    assert len(seen) == 1, seen
+    others = Counter(dp.from_netdev(syn(41000 + i, dport=STICKY, src=f"172.26.51.{i + 1}")).pkt.daddr
+                     for i in range(40))
+    assert len(others) > 1, others  # other clients spread
+    [entry] = [v for k, v in dp.entries("affinity_v4").items() if layout.AFFINITY_KEY.unpack(k)["client"] ==
+               __import__("ipaddress").IPv4Address(CLIENT)]
+    e = layout.AFFINITY_ENTRY.unpack(entry)
+    assert dp.backend(e["backend_id"])[0] == next(iter(seen)) and abs(e["last_used"] - now_sec()) <= 1
+
+
+def test_client_ip_affinity_ends_after_its_timeout(datapath):
+    dp = datapath(SEMANTICS, "node0")
+    dp.from_netdev(syn(42000, dport=STICKY))
+    [(key, raw)] = dp.entries("affinity_v4").items()
+    e = layout.AFFINITY_ENTRY.unpack(raw)
+    # the client's endpoint, last used 601 s ago, with an id no backend has: not kept
+    dp.maps["affinity_v4"].update(key, layout.AFFINITY_ENTRY.pack(backend_id=999, last_used=now_sec() - 601))
+    run = dp.from_netdev(syn(42001, dport=STICKY))
+    assert run.retval == TC_ACT_REDIRECT
+    e = layout.AFFINITY_ENTRY.unpack(dp.maps["affinity_v4"].lookup(key))
+    assert e["backend_id"] != 999 and abs(e["last_used"] - now_sec()) <= 1
+    # within the timeout, an id that is not one of the frontend's backends is not followed either
+    dp.maps["affinity_v4"].update(key, layout.AFFINITY_ENTRY.pack(backend_id=999, last_used=now_sec()))
+    assert dp.from_netdev(syn(42002, dport=STICKY)).retval == TC_ACT_REDIRECT
+
+
+def test_external_traffic_policy_local(datapath):
+    dp0 = datapath(SEMANTICS, "node0")  # no local endpoint: a counted drop
+    assert dp0.from_netdev(syn(43000, dport=LOCAL)).retval == TC_ACT_SHOT
+    assert dp0.drops("NO_LOCAL_BACKEND") == 1 and dp0.drops("REJECTED") == 0
+    dp1 = datapath(SEMANTICS, "node1")  # its local endpoint, without SNAT
+    run = dp1.from_netdev(syn(43001, dst=NODE1, dport=LOCAL))
+    assert run.retval == TC_ACT_OK and run.pkt.flow == (CLIENT, 43001, BACKEND, 80)
+
+
+def test_load_balancer_source_ranges(datapath):
+    dp = datapath(SEMANTICS, "node1")
+    run = dp.from_netdev(syn(44000, dst=LOCAL_LB, dport=80))
+    assert run.retval == TC_ACT_OK and run.pkt.flow == (CLIENT, 44000, BACKEND, 80)
+    assert dp.from_netdev(syn(44001, dst=LOCAL_LB, dport=80, src=OTHER_CLIENT)).retval == TC_ACT_SHOT
+    assert dp.drops("SOURCE_RANGE") == 1
+    # the service's NodePort admits every client
+    assert dp.from_netdev(syn(44002, dst=NODE1, dport=LOCAL, src=OTHER_CLIENT)).retval == TC_ACT_OK
+
+
+def test_a_terminating_endpoint_takes_no_new_flow_but_keeps_its_own(datapath):
+    dp = datapath(SEMANTICS, "node1")
+    assert {dp.from_netdev(syn(45000 + i, dst=NODE1, dport=TERMINATING)).pkt.daddr for i in range(10)} == {
+        "10.0.1.77"}
+    # a flow already on the terminating endpoint goes on with it
+    flow = (CLIENT, 45100, NODE1, TERMINATING)
+    [terminating] = [i for i in range(1, 100) if dp.backend(i) == ("10.0.1.76", 80)]
+    dp.from_netdev(pk.tcp(*flow, pk.SYN))
+    entry = dp.ct(flow, "CT_SERVICE")
+    dp.put_ct(flow, "CT_SERVICE", **{**entry, "backend_id": terminating, "xl_daddr": "10.0.1.76", "checked": 0})
+    run = dp.from_netdev(pk.tcp(*flow, pk.ACK, b"more"))
+    assert run.pkt.daddr == "10.0.1.76" and run.pkt.checksums_ok()
