@@ -23,6 +23,7 @@ from pathlib import Path
 
 from .errors import BpfgenError, UsageError
 from .files import write_file
+from .layout import HAIRPIN_ADDRESS
 from .spec import Spec, load_spec
 from .state import check_privileges, run_dir
 
@@ -232,13 +233,15 @@ def _build(lab: Lab, spec: Spec) -> None:
         for other, n in lab.nodes.items():
             if other != pod.node:
                 ip(n["ns"], "route", "add", f"{pod.address}/32", "via", lab.nodes[pod.node]["address"])
-    # A node reaches a ClusterIP out of its interface, where to_netdev translates it.
+    # A node reaches a ClusterIP out of its interface, where to_netdev translates it; so it
+    # does the hairpin address (its flows to its own pods are SNATed to it, and the pods'
+    # replies must cross the interface to be translated back).
     for name, n in lab.nodes.items():
         mac = json.loads(ip(n["ns"], "-j", "link", "show", NODE_IFACE).stdout)[0]["address"]
-        for svc in spec.services:
-            if svc.cluster_ip is not None:
-                ip(n["ns"], "route", "replace", f"{svc.cluster_ip}/32", "dev", NODE_IFACE)
-                ip(n["ns"], "neigh", "replace", str(svc.cluster_ip), "lladdr", mac, "dev", NODE_IFACE, "nud", "permanent")
+        addresses = [str(svc.cluster_ip) for svc in spec.services if svc.cluster_ip is not None]
+        for address in [HAIRPIN_ADDRESS, *addresses]:
+            ip(n["ns"], "route", "replace", f"{address}/32", "dev", NODE_IFACE)
+            ip(n["ns"], "neigh", "replace", address, "lladdr", mac, "dev", NODE_IFACE, "nud", "permanent")
     # The network routes external and load balancer IPs to a node (the first one).
     first = lab.nodes[spec.nodes[0].name]["address"]
     for address in sorted({str(a) for svc in spec.services for a in (*svc.external_ips, *svc.load_balancer_ips)}):

@@ -38,6 +38,12 @@ TYPEDEFS = (
 PROTOCOLS = {"TCP": 6, "UDP": 17}
 
 
+# A flow of the node or its pods (leaving through the interface, to_netdev) to a backend on
+# the node is SNATed to this address, which the node routes out of the interface (with the
+# interface's own MAC as its neighbour): the backend's replies then cross the interface, where
+# they are translated back and sent in again (Cilium's IPV4_LOOPBACK plays that part).
+HAIRPIN_ADDRESS = "169.254.42.1"
+
 # The datapath's clock is CLOCK_MONOTONIC seconds plus this offset (C: DATAPATH_CLOCK_OFFSET),
 # so that "now" is never near 0 and times in the past (now - grace) never wrap, even on a
 # freshly booted node.
@@ -228,6 +234,7 @@ CONFIG = _s(
     ("pod_mask", "ip4"),
     ("nodeport_min", "u16"), ("nodeport_max", "u16"),
     ("snat_port_min", "u16"), ("snat_port_max", "u16"),
+    ("hairpin_ip", "ip4", "the source a flow of the node or its pods to a backend on the node is SNATed to"),
 )
 SVC_STATS = _s("bpfgen_svc_stats", "Per-CPU packet and byte counts of one frontend.", ("packets", "u64"), ("bytes", "u64"))
 DROP_STATS = _s("bpfgen_drop_stats", "Per-CPU count of drops of one reason.", ("packets", "u64"))
@@ -279,10 +286,9 @@ DROP_REASONS = Enum(
         ("CT_FULL", 5, "conntrack insert failed"),
         ("REWRITE_FAILED", 6, "packet rewrite failed"),
         ("TTL_EXCEEDED", 7, "TTL exceeded in forwarding"),
-        ("LOCAL_FROM_NODE", 8, "flow of the node or its pods to a backend on the node (not translatable at its interface)"),
-        ("NO_LOCAL_BACKEND", 9, "traffic policy Local and no endpoint on this node"),
-        ("SOURCE_RANGE", 10, "client outside the loadBalancerSourceRanges"),
-        ("REJECTED", 11, "no endpoints: rejected (TCP reset, ICMP port unreachable sent)"),
+        ("NO_LOCAL_BACKEND", 8, "traffic policy Local and no endpoint on this node"),
+        ("SOURCE_RANGE", 9, "client outside the loadBalancerSourceRanges"),
+        ("REJECTED", 10, "no endpoints: rejected (TCP reset, ICMP port unreachable sent)"),
     ),
 )
 ENUMS = (DROP_REASONS,)
@@ -314,6 +320,7 @@ FLAGS = {
     "NH_FIB": 1,  # forwarded by the program; the next hop is not cached yet
     "NH_REDIRECT": 2,  # cached: out of ifindex with the cached MACs
     "NH_NEIGH": 3,  # cached: out of ifindex through the kernel's neighbour lookup of l2_dst
+    "NH_INGRESS": 4,  # back in through the interface, to the node's stack (a hairpin flow's replies)
     # tuple.dir of conntrack keys
     "CT_SERVICE": 1,
     "CT_OUT": 2,

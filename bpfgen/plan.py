@@ -268,6 +268,7 @@ def config(plan: Plan, node: NodeInfo) -> bytes:
         pod_mask=net.netmask if net else ipaddress.IPv4Address(0xFFFFFFFF),
         nodeport_min=plan.node_port_range[0], nodeport_max=plan.node_port_range[1],
         snat_port_min=plan.snat_port_range[0], snat_port_max=plan.snat_port_range[1],
+        hairpin_ip=layout.HAIRPIN_ADDRESS,
     )
 
 

@@ -1405,3 +1405,28 @@ def test_a_terminating_endpoint_takes_no_new_flow_but_keeps_its_own(datapath):
     dp.put_ct(flow, "CT_SERVICE", **{**entry, "backend_id": terminating, "xl_daddr": "10.0.1.76", "checked": 0})
     run = dp.from_netdev(pk.tcp(*flow, pk.ACK, b"more"))
     assert run.pkt.daddr == "10.0.1.76" and run.pkt.checksums_ok()
+
+
+def test_a_flow_of_the_node_to_its_own_backend_is_a_hairpin(node1, netns):
+    """node1's own flow to a ClusterIP whose backend runs on node1: SNATed to the hairpin
+    address and sent to the pod's interface; the pod's reply, leaving through eth0 (the
+    node routes the hairpin address there), is translated back and sent in again."""
+    netns.ip("link", "add", "pod0", "type", "veth", "peer", "name", "pod0p")
+    netns.ip("link", "set", "pod0p", "up")
+    netns.ip("link", "set", "pod0", "up")
+    netns.ip("route", "replace", f"{BACKEND}/32", "dev", "pod0")
+    pod_mac = bytes.fromhex("02000000bb01")
+    netns.ip("neigh", "replace", BACKEND, "lladdr", pod_mac.hex(":"), "dev", "pod0", "nud", "permanent")
+    cluster_ip = "10.106.91.98"
+    run = node1.to_netdev(pk.tcp(NODE1, 40000, cluster_ip, 80, pk.SYN))
+    assert run.retval == TC_ACT_REDIRECT and run.frame[0:6] == pod_mac
+    p = run.pkt
+    assert (p.saddr, p.daddr, p.dport) == (layout.HAIRPIN_ADDRESS, BACKEND, BACKEND_PORT) and p.checksums_ok()
+    assert p.sport in SNAT_RANGE
+    back = node1.to_netdev(pk.tcp(BACKEND, BACKEND_PORT, layout.HAIRPIN_ADDRESS, p.sport, pk.SYN | pk.ACK))
+    assert back.retval == TC_ACT_REDIRECT  # (in again: BPF_F_INGRESS)
+    assert back.pkt.flow == (cluster_ip, 80, NODE1, 40000) and back.pkt.checksums_ok()
+    assert back.frame[0:6] == back.frame[6:12]  # to the interface's own address
+    run = node1.to_netdev(pk.tcp(NODE1, 40000, cluster_ip, 80, pk.ACK, b"request"))
+    assert run.pkt.flow == (layout.HAIRPIN_ADDRESS, p.sport, BACKEND, BACKEND_PORT)
+    assert not any(node1.all_drops().values())

@@ -327,3 +327,47 @@ def _line(s: socket.socket) -> bytes:
             raise ConnectionError(f"closed after {data!r}")
         data += chunk
     return data
+
+
+def _request_in(ns: str, proto: str, host: str, port: int) -> subprocess.CompletedProcess:
+    return subprocess.run(["nsenter", f"--net=/run/netns/{ns}", sys.executable, "-m", "bpfgen.labnet", "request",
+                           proto, host, str(port)], capture_output=True, text=True, timeout=30)
+
+
+def test_allow_pods_to_hairpin_back_to_themselves_through_services(lab) -> None:
+    """A pod's flow to a ClusterIP whose endpoints run on its own node (one of them itself)."""
+    me = _pod(lab, "10.0.1.70")
+    seen = Counter()
+    for _ in range(12):
+        proc = _request_in(me.ns, "tcp", "10.96.140.30", 80)
+        assert proc.returncode == 0, proc.stderr
+        r = json.loads(proc.stdout)
+        assert r["reply_from"] == "10.96.140.30:80"
+        seen[r["pod"]] += 1
+    assert set(seen) == LOCAL_PODS, seen  # itself among them
+    # and the node itself to its own endpoints
+    assert {_from_node(lab, "lab-worker", "tcp", "10.96.140.30", 80)["pod"] for _ in range(8)} <= LOCAL_PODS
+
+
+def test_internal_traffic_policy_local_keeps_cluster_ip_traffic_on_the_node(lab, tmp_path: Path) -> None:
+    def local(dump: dict) -> None:
+        [sticky] = [i for i in dump["items"] if i["kind"] == "Service" and i["metadata"]["name"] == "sticky"]
+        sticky["spec"]["internalTrafficPolicy"] = "Local"
+        sticky["spec"]["sessionAffinity"] = "None"
+        del sticky["spec"]["sessionAffinityConfig"]
+
+    try:
+        _reload(lab, tmp_path, local)
+        w1 = {_from_node(lab, "lab-worker", "tcp", STICKY_CLUSTER_IP, 80)["pod"] for _ in range(12)}
+        assert w1 == {"10.0.1.60:8080", "10.0.1.61:8080"}  # its own two (hairpin), never lab-worker2's
+        w2 = {_from_node(lab, "lab-worker2", "tcp", STICKY_CLUSTER_IP, 80)["pod"] for _ in range(6)}
+        assert w2 == {"10.0.2.60:8080"}
+        before = _drop_count(CP, "NO_LOCAL_BACKEND")
+        proc = _request_in(lab.node_ns(CP), "tcp", STICKY_CLUSTER_IP, 80)
+        assert proc.returncode == 1 and "timed out" in proc.stderr, proc.stderr
+        assert _drop_count(CP, "NO_LOCAL_BACKEND") > before
+        assert _row(CP, f"{STICKY_CLUSTER_IP}:80")["traffic_policy"] == "Local"
+        # the NodePort (externalTrafficPolicy Cluster) still reaches every endpoint
+        assert len(_spread(lab, NODE_CP, STICKY_NODE_PORT, 20)) > 1
+    finally:
+        _reload(lab, tmp_path)

@@ -32,6 +32,7 @@ typedef __u8 bpfgen_proto_t; /* IP protocol number (6 TCP, 17 UDP) */
 #define NH_FIB 1
 #define NH_REDIRECT 2
 #define NH_NEIGH 3
+#define NH_INGRESS 4
 #define CT_SERVICE 1
 #define CT_OUT 2
 #define CT_SERVICE_EGRESS 3
@@ -48,11 +49,10 @@ enum bpfgen_drop_reason {
 	DROP_CT_FULL = 5, /* conntrack insert failed */
 	DROP_REWRITE_FAILED = 6, /* packet rewrite failed */
 	DROP_TTL_EXCEEDED = 7, /* TTL exceeded in forwarding */
-	DROP_LOCAL_FROM_NODE = 8, /* flow of the node or its pods to a backend on the node (not translatable at its interface) */
-	DROP_NO_LOCAL_BACKEND = 9, /* traffic policy Local and no endpoint on this node */
-	DROP_SOURCE_RANGE = 10, /* client outside the loadBalancerSourceRanges */
-	DROP_REJECTED = 11, /* no endpoints: rejected (TCP reset, ICMP port unreachable sent) */
-	DROP_MAX = 12,
+	DROP_NO_LOCAL_BACKEND = 8, /* traffic policy Local and no endpoint on this node */
+	DROP_SOURCE_RANGE = 9, /* client outside the loadBalancerSourceRanges */
+	DROP_REJECTED = 10, /* no endpoints: rejected (TCP reset, ICMP port unreachable sent) */
+	DROP_MAX = 11,
 };
 
 /* A service frontend; slot 0 is the frontend itself, slots 1..count its backends. */
@@ -191,8 +191,9 @@ struct bpfgen_config {
 	__u16 nodeport_max;
 	__u16 snat_port_min;
 	__u16 snat_port_max;
+	bpfgen_ip4_t hairpin_ip; /* the source a flow of the node or its pods to a backend on the node is SNATed to */
 };
-_Static_assert(sizeof(struct bpfgen_config) == 20, "bpfgen_config layout");
+_Static_assert(sizeof(struct bpfgen_config) == 24, "bpfgen_config layout");
 
 /* Per-CPU packet and byte counts of one frontend. */
 struct bpfgen_svc_stats {

@@ -298,6 +298,15 @@ static __always_inline int send(struct __sk_buff *skb, const struct bpfgen_ct_en
 
 	if (e->nh == NH_STACK)
 		return TC_ACT_OK;
+	if (e->nh == NH_INGRESS) {
+		/* a hairpin flow's reply, leaving: in again, to this interface's own address */
+		__u8 mac[ETH_ALEN];
+
+		if (bpf_skb_load_bytes(skb, ETH_ALEN, mac, ETH_ALEN) < 0 ||
+		    bpf_skb_store_bytes(skb, 0, mac, ETH_ALEN, 0) < 0)
+			return drop(DROP_REWRITE_FAILED);
+		return bpf_redirect(skb->ifindex, BPF_F_INGRESS);
+	}
 	if (egress && e->nh == NH_REDIRECT && e->ifindex == skb->ifindex) {
 		/* Already leaving through the right interface: only the next hop's MAC changes. */
 		if (bpf_skb_store_bytes(skb, 0, &e->l2_dst, ETH_ALEN, 0) < 0)
@@ -398,12 +407,13 @@ static __always_inline void ct_out_key(struct bpfgen_tuple *key, __be32 src_addr
 	key->pad = 0;
 }
 
-/* The key of the NAT_IN entry of node:port towards a backend. */
+/* The key of the NAT_IN entry of addr:port (the node's address, or the hairpin address)
+ * towards a backend. */
 static __always_inline void nat_in_key(struct bpfgen_tuple *key, __be32 backend_addr, __be16 backend_port,
-				       __be16 port, __u8 proto)
+				       __be32 addr, __be16 port, __u8 proto)
 {
 	key->saddr = backend_addr;
-	key->daddr = NODE_IP;
+	key->daddr = addr;
 	key->sport = backend_port;
 	key->dport = port;
 	key->proto = proto;
@@ -496,6 +506,7 @@ static __always_inline int ct_is_live(const struct bpfgen_ct_entry *ct, __u32 no
 struct snat_search {
 	struct bpfgen_tuple key;    /* NAT_IN key of the port tried */
 	struct bpfgen_nat_entry val; /* the flow's NAT_IN value (its claim: claimed, cookie) */
+	__be32 addr; /* the SNAT address: the node's, or the hairpin one */
 	__be32 backend_addr;
 	__u32 rev_nat_id;
 	__be16 backend_port;
@@ -536,7 +547,7 @@ static __always_inline int snat_is_stale(struct bpfgen_nat_entry *nat, __u32 cla
 	__u32 now = s->now;
 	int live, half;
 
-	ct_out_key(&ct_key, NODE_IP, key->dport, key->saddr, key->sport, key->proto);
+	ct_out_key(&ct_key, key->daddr, key->dport, key->saddr, key->sport, key->proto);
 	ct = ct_lookup(&ct_key, &half);
 	if (!ct || ct->nat_cookie != cookie)
 		return now > claimed + 1;
@@ -598,7 +609,7 @@ static long snat_try_port(__u32 attempt, void *data)
 {
 	struct snat_search *s = data;
 
-	nat_in_key(&s->key, s->backend_addr, s->backend_port, bpf_htons(s->port), s->proto);
+	nat_in_key(&s->key, s->backend_addr, s->backend_port, s->addr, bpf_htons(s->port), s->proto);
 	if (snat_claim(s)) {
 		s->found = 1;
 		return 1;
@@ -616,7 +627,7 @@ static long snat_try_port(__u32 attempt, void *data)
  * the claim's cookie in *cookie.
  */
 static __always_inline __be16 snat_alloc(const struct pkt *p, const struct bpfgen_backend *be, __u32 id,
-					 __u32 now, __u32 *cookie)
+					 __u32 now, __u32 *cookie, __be32 addr)
 {
 	struct snat_search search = {};
 	struct bpfgen_tuple out_key = {
@@ -633,6 +644,7 @@ static __always_inline __be16 snat_alloc(const struct pkt *p, const struct bpfge
 	search.val.port = p->t.sport;
 	search.val.claimed = now;
 	search.val.cookie = bpf_get_prandom_u32() | 1;
+	search.addr = addr;
 	search.backend_addr = be->addr;
 	search.backend_port = be->port;
 	search.rev_nat_id = id;
@@ -645,7 +657,7 @@ static __always_inline __be16 snat_alloc(const struct pkt *p, const struct bpfge
 	bpf_loop(SNAT_RETRIES, snat_try_port, &search, 0);
 	if (!search.found)
 		return 0;
-	out_val.addr = NODE_IP;
+	out_val.addr = addr;
 	out_val.port = search.key.dport;
 	if (bpf_map_update_elem(&snat_v4, &out_key, &out_val, BPF_ANY) != 0) {
 		bpf_map_delete_elem(&snat_v4, &search.key);
@@ -861,7 +873,8 @@ static __always_inline int lb_forward(struct __sk_buff *skb, struct pkt *p, cons
 	struct bpfgen_revnat *rev = NULL;
 	__u32 backend_id = 0, fwd_ifindex, id = svc->id;
 	__u8 fwd_nh;
-	int snat, half = p->t.proto == IPPROTO_TCP && !(mode & LB_EGRESS);
+	__be32 snat_addr;
+	int snat, local, hairpin, half = p->t.proto == IPPROTO_TCP && !(mode & LB_EGRESS);
 	int syn = p->t.proto == IPPROTO_TCP && (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
 
 	count_frontend(svc->id, p->len);
@@ -883,23 +896,26 @@ static __always_inline int lb_forward(struct __sk_buff *skb, struct pkt *p, cons
 		be = select_backend(p, svc, &backend_id);
 	if (!be)
 		return drop(DROP_NO_BACKEND);
-	/* A flow of this node (or its pods) to a backend on this node: the reply would
-	 * never cross this interface to be translated back. */
-	if (egress && (be->flags & BACKEND_LOCAL))
-		return drop(DROP_LOCAL_FROM_NODE);
-
 	/* A remote backend gets SNAT, except for traffic leaving this node (its own, whose
-	 * source is already the node, and its pods', whose addresses are routed). */
-	snat = !(be->flags & BACKEND_LOCAL) && !egress;
+	 * source is already the node, and its pods', whose addresses are routed). A flow of
+	 * this node (or its pods) to a backend on this node is a hairpin: SNATed to
+	 * HAIRPIN_IP, which the node routes out of this interface, so that its replies cross
+	 * it to be translated back (and are then sent in again). */
+	local = be->flags & BACKEND_LOCAL;
+	hairpin = egress && local;
+	snat = (!local && !egress) || hairpin;
+	snat_addr = hairpin ? HAIRPIN_IP : NODE_IP;
 	xlated = p->t;
 	xlated.daddr = be->addr;
 	xlated.dport = be->port;
 	if (snat)
-		xlated.saddr = NODE_IP;
-	if (egress || !(be->flags & BACKEND_LOCAL)) {
+		xlated.saddr = snat_addr;
+	if (egress || !local) {
 		if (!egress && p->ttl <= 1)
 			return drop(DROP_TTL_EXCEEDED);
-		if (route(skb, &xlated, egress, &entry, now) < 0)
+		/* (a hairpin flow is routed as if it came in: an output lookup would keep to
+		 * this interface) */
+		if (route(skb, &xlated, egress && !hairpin, &entry, now) < 0)
 			return TC_ACT_SHOT;
 	} else {
 		entry.nh = NH_STACK; /* a local backend: the stack delivers it */
@@ -914,10 +930,10 @@ static __always_inline int lb_forward(struct __sk_buff *skb, struct pkt *p, cons
 	entry.flags = ct_flags_after(p, entry.flags, CT_FIN_CLIENT);
 	entry.expires = now + ct_lifetime(p, entry.flags);
 	if (snat) {
-		entry.snat_port = snat_alloc(p, be, svc->id, now, &entry.nat_cookie);
+		entry.snat_port = snat_alloc(p, be, svc->id, now, &entry.nat_cookie, snat_addr);
 		if (!entry.snat_port)
 			return drop(DROP_SNAT_EXHAUSTED);
-		entry.snat_addr = NODE_IP;
+		entry.snat_addr = snat_addr;
 		entry.flags |= CT_SNAT;
 		xlated.sport = entry.snat_port;
 	}
@@ -944,7 +960,7 @@ static __always_inline int lb_forward(struct __sk_buff *skb, struct pkt *p, cons
 	entry.xl_sport = p->t.dport;
 	entry.xl_daddr = p->t.saddr;
 	entry.xl_dport = p->t.sport;
-	entry.nh = snat ? NH_FIB : NH_STACK;
+	entry.nh = hairpin ? NH_INGRESS : snat ? NH_FIB : NH_STACK;
 	entry.checked = 0;
 	if (ct_insert(half, &out_key, &entry))
 		return drop(DROP_CT_FULL);
@@ -1012,11 +1028,11 @@ static __noinline int snat_keep(const struct pkt *p, const struct bpfgen_ct_entr
 	struct bpfgen_tuple key;
 
 	if (reply) {
-		nat_in_key(&key, p->t.saddr, p->t.sport, p->t.dport, p->t.proto);
+		nat_in_key(&key, p->t.saddr, p->t.sport, p->t.daddr, p->t.dport, p->t.proto);
 		val.addr = ct->xl_daddr;
 		val.port = ct->xl_dport;
 	} else {
-		nat_in_key(&key, ct->xl_daddr, ct->xl_dport, ct->xl_sport, p->t.proto);
+		nat_in_key(&key, ct->xl_daddr, ct->xl_dport, ct->xl_saddr, ct->xl_sport, p->t.proto);
 		val.addr = p->t.saddr;
 		val.port = p->t.sport;
 	}
@@ -1062,9 +1078,9 @@ static __always_inline int ct_fast(struct __sk_buff *skb, struct pkt *p, const s
 			    (p->t.proto == IPPROTO_UDP && (be->flags & BACKEND_NOT_SERVING)))
 				return -1;
 		}
-		if ((ct->flags & CT_SNAT) && !egress)
+		if (ct->flags & CT_SNAT)
 			snat_keep(p, ct, reply, now);
-		if (ct->nh == NH_STACK) {
+		if (ct->nh == NH_STACK || ct->nh == NH_INGRESS) {
 			ct->checked = now;
 		} else {
 			partner = p->t;
@@ -1072,7 +1088,8 @@ static __always_inline int ct_fast(struct __sk_buff *skb, struct pkt *p, const s
 			partner.daddr = ct->xl_daddr;
 			partner.sport = ct->xl_sport;
 			partner.dport = ct->xl_dport;
-			if (route(skb, &partner, egress, ct, now) < 0)
+			/* (a hairpin flow's forward entry, SNATed on egress, as it was first routed) */
+			if (route(skb, &partner, egress && !(!reply && (ct->flags & CT_SNAT)), ct, now) < 0)
 				return TC_ACT_SHOT;
 		}
 	}
@@ -1133,7 +1150,7 @@ static __always_inline int is_service_traffic(struct pkt *p)
 	__u16 dport = bpf_ntohs(p->t.dport);
 
 	if (p->t.daddr == NODE_IP && dport >= SNAT_PORT_MIN && dport <= SNAT_PORT_MAX) {
-		nat_in_key(&key, p->t.saddr, p->t.sport, p->t.dport, p->t.proto);
+		nat_in_key(&key, p->t.saddr, p->t.sport, NODE_IP, p->t.dport, p->t.proto);
 		if (bpf_map_lookup_elem(&snat_v4, &key))
 			return 1;
 	}
@@ -1230,10 +1247,11 @@ static __always_inline int nodeport_to_netdev(struct __sk_buff *skb)
 	if (parse(skb, &p) != PARSE_OK)
 		return TC_ACT_OK;
 
-	/* A reply of a local backend: backend -> client. */
+	/* A reply of a local backend: backend -> client (or -> the hairpin address, of a flow
+	 * of this node or its pods). */
 	reply_key(&key, &p.t);
 	ct = ct_lookup(&key, &half);
-	if (ct && !(ct->flags & (CT_SNAT | CT_EGRESS))) {
+	if (ct && (!(ct->flags & (CT_SNAT | CT_EGRESS)) || ct->nh == NH_INGRESS)) {
 		verdict = ct_fast(skb, &p, &key, ct, half, now_sec(), 1, 1, 0);
 		if (verdict >= 0)
 			return verdict;

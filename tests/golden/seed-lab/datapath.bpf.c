@@ -22,6 +22,8 @@
 const volatile struct bpfgen_config CONFIG SEC(".rodata.config") = {};
 
 #define NODE_IP (CONFIG.node_ip)
+/* The SNAT source of flows of the node or its pods to a backend on the node. */
+#define HAIRPIN_IP (CONFIG.hairpin_ip)
 /* The node's podCIDR: replies to its pods' ClusterIP flows. */
 #define POD_NET (CONFIG.pod_net)
 #define POD_MASK (CONFIG.pod_mask)
@@ -137,7 +139,7 @@ struct {
 /* drops by reason (max_entries: the default, set from the cluster's capacity at load) */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 12);
+	__uint(max_entries, 11);
 	__type(key, __u32);
 	__type(value, struct bpfgen_drop_stats);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
