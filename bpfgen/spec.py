@@ -567,6 +567,10 @@ def _port_problems(
                 f"{where}.nodePort",
                 f"duplicate nodePort {port.node_port}/{port.protocol} (also {first})",
             ))
+    if (hc := service.health_check_node_port) is not None:
+        where = f"{at}.healthCheckNodePort"
+        if first := _first(node_ports, (hc, "TCP"), where):
+            found.append((where, f"healthCheckNodePort {hc} is also a nodePort ({first})"))
     return found
 
 
@@ -597,6 +601,7 @@ def _allocate_node_ports(services: list[Service], node_port_range: PortRange) ->
     in the order of those keys, so the result depends on nothing but the spec's content.
     """
     taken = {port.node_port for service in services for port in service.ports}
+    taken |= {service.health_check_node_port for service in services}
     wanted = sorted(
         (f"{service.key}/{j}/{port.protocol}", f"services[{i}].ports[{j}].nodePort", port)
         for i, service in enumerate(services)

@@ -326,3 +326,38 @@ def test_a_spec_of_more_nodes_than_the_cap_is_refused():
     with pytest.raises(SpecError) as e:
         parse_spec(text, "big.yaml")
     assert str(e.value.problems[0]) == f"big.yaml:4: nodes: nodes has {MAX_CLUSTER_NODES + 1} entries, at most {MAX_CLUSTER_NODES}"
+
+
+def test_service_semantics_fields_are_checked_together(tmp_path: Path) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text("""\
+apiVersion: bpfgen/v1
+kind: ServiceSpec
+metadata: {name: hc}
+nodes: [{name: node0, address: 172.26.50.101}]
+services:
+  - name: a
+    type: NodePort
+    externalTrafficPolicy: Local
+    healthCheckNodePort: 30001
+    ports: [{port: 80, nodePort: 30001}]
+  - name: b
+    type: NodePort
+    sessionAffinityConfig: {clientIP: {timeoutSeconds: 5}}
+    loadBalancerSourceRanges: [10.0.0.0/8]
+    ports: [{port: 81, nodePort: 30002}]
+  - name: c
+    type: ClusterIP
+    clusterIP: 10.96.0.9
+    healthCheckNodePort: 30003
+    sessionAffinity: ClientIP
+    sessionAffinityConfig: {clientIP: {timeoutSeconds: 86401}}
+    ports: [{port: 80}]
+""")
+    with pytest.raises(SpecError) as e:
+        load_spec(path)
+    text = str(e.value)
+    assert "s.yaml:9: services[0].healthCheckNodePort: healthCheckNodePort 30001 is also a nodePort" in text
+    assert "services[1].sessionAffinityConfig: sessionAffinityConfig needs sessionAffinity: ClientIP" in text
+    assert "services[1].loadBalancerSourceRanges: loadBalancerSourceRanges needs loadBalancerIPs" in text
+    assert "timeoutSeconds 86401 is out of range 1-86400" in text
