@@ -357,12 +357,14 @@ MAPS = (
     MapDef("backend_v4", "HASH", ID_KEY, BACKEND, "backends by id", lambda c: c["backends"], BPF_F_NO_PREALLOC),
     MapDef("revnat_v4", "HASH", ID_KEY, REVNAT, "frontend by reverse-NAT id", lambda c: c["frontends"],
            BPF_F_NO_PREALLOC),
-    MapDef("ct_v4", "LRU_HASH", TUPLE, CT_ENTRY, "conntrack of established TCP flows, UDP flows and the node's own",
+    MapDef("ct_v4", "LRU_HASH", TUPLE, CT_ENTRY, "conntrack of established TCP flows and the node's own TCP flows",
            lambda c: 2 * c["flows"]),
+    MapDef("ct_udp_v4", "LRU_HASH", TUPLE, CT_ENTRY, "conntrack of UDP flows (apart: a flood of datagrams evicts"
+           " no TCP flow)", lambda c: 2 * c["udp_flows"]),
     MapDef("ct_half_v4", "LRU_HASH", TUPLE, CT_ENTRY, "conntrack of TCP flows not established yet (promoted to"
-           " ct_v4 when they are): a SYN flood evicts only these", lambda c: 2 * c.get("half_open_flows", 65536)),
-    MapDef("snat_v4", "LRU_HASH", TUPLE, NAT_ENTRY, "SNAT pairs (like cilium_snat_v4_external)",
-           lambda c: 2 * c["flows"]),
+           " ct_v4 when they are): a SYN flood evicts only these", lambda c: 2 * c["half_open_flows"]),
+    MapDef("snat_v4", "LRU_HASH", TUPLE, NAT_ENTRY, "SNAT port claims (NAT_IN; like cilium_snat_v4_external): one"
+           " per SNATed flow", lambda c: c["flows"] + c["udp_flows"] + c["half_open_flows"]),
     MapDef("affinity_v4", "LRU_HASH", AFFINITY_KEY, AFFINITY_ENTRY, "ClientIP session affinity: a client's backend",
            lambda c: c["affinity_clients"]),
     MapDef("aff_match_v4", "HASH", AFFINITY_MATCH_KEY, AFFINITY_MATCH,

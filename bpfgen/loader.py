@@ -67,7 +67,7 @@ def read_maps(maps: dict[str, bpf.MapFd]) -> planning.Contents:
 _CT_REFS = struct.Struct("<III")  # bpfgen_ct_entry: expires, backend_id, rev_nat_id
 
 
-CONNTRACK_MAPS = ("ct_v4", "ct_half_v4")  # established flows, and those still opening
+CONNTRACK_MAPS = ("ct_v4", "ct_half_v4", "ct_udp_v4")  # established TCP flows, those still opening, UDP
 
 
 def conntrack_refs(cts: list[bpf.MapFd]) -> tuple[set[int], set[int]]:
@@ -114,7 +114,7 @@ def clear_udp_flows(pins: Path, changes: Changes) -> int:
     gone = gone_backends(changes)
     if not gone:
         return 0
-    with bpf.MapFd.from_pin(pins / "ct_v4") as ct:
+    with bpf.MapFd.from_pin(pins / "ct_udp_v4") as ct:
         stale = [k for k, v in ct.lookup_batch(BATCH)
                  if k[_CT_KEY_PROTO] == _UDP and _CT_REFS.unpack_from(v)[1] in gone]
         return sum(ct.delete(k) for k in stale)

@@ -267,11 +267,13 @@ class Capacity(_Model):
     backends: _count("backends", 1, MAX_BACKENDS) = Field(
         default=262144, description="Distinct backends (address, port, protocol) per node.")
     flows: _count("flows", 1, MAX_FLOWS) = Field(
-        default=262144, description="Connections a node tracks at once (conntrack and SNAT).")
+        default=262144, description="TCP connections a node tracks at once.")
     half_open_flows: _count("halfOpenFlows", 1, MAX_FLOWS) = Field(
         default=65536,
         description="TCP flows not yet established (SYN seen, or picked up mid-stream) a node tracks at once, apart "
                     "from the established ones: a SYN flood evicts only these.")
+    udp_flows: _count("udpFlows", 1, MAX_FLOWS) = Field(
+        default=131072, description="UDP flows a node tracks at once, apart from the TCP ones.")
     affinity_clients: _count("affinityClients", 1, MAX_FLOWS) = Field(
         default=65536, description="Client addresses whose ClientIP session affinity a node remembers at once.")
     source_ranges: _count("sourceRanges", 1, MAX_FRONTENDS) = Field(

@@ -206,15 +206,25 @@ def _tuple(t: dict) -> tuple[str, str, str]:
     return PROTO_NAMES.get(t["proto"], str(t["proto"])), _ep(t["saddr"], t["sport"]), _ep(t["daddr"], t["dport"])
 
 
+CT_TABLES = {"ct_v4": "tcp", "ct_half_v4": "tcp-half-open", "ct_udp_v4": "udp"}
+
+
+def _ct_entries(maps: dict[str, bpf.MapFd]) -> Iterator[tuple[str, dict, dict]]:
+    for name in CT_TABLES:
+        for k, v in maps[name].items():
+            yield name, layout.TUPLE.unpack(k), layout.CT_ENTRY.unpack(v)
+
+
 def ct_list(node: str) -> list[dict]:
+    """The node's conntrack entries, of its three tables (the table says which)."""
     now = layout.datapath_now()
     rows = []
-    with open_maps(node, ["ct_v4"]) as maps:
-        for k, v in maps["ct_v4"].items():
-            t, e = layout.TUPLE.unpack(k), layout.CT_ENTRY.unpack(v)
+    with open_maps(node, list(CT_TABLES)) as maps:
+        for table, t, e in _ct_entries(maps):
             proto, src, dst = _tuple(t)
             flags = [n for n, bit in CT_FLAG_NAMES if e["flags"] & layout.FLAGS[bit]]
             rows.append({
+                "table": CT_TABLES[table],
                 "proto": proto, "dir": CT_DIRS.get(t["dir"], str(t["dir"])), "src": src, "dst": dst,
                 "expires_in": e["expires"] - now, "backend_id": e["backend_id"], "rev_nat_id": e["rev_nat_id"],
                 "flags": flags, "snat": _ep(e["snat_addr"], e["snat_port"]) if e["flags"] & layout.FLAGS["CT_SNAT"] else None,
@@ -223,8 +233,17 @@ def ct_list(node: str) -> list[dict]:
 
 
 def nat_list(node: str) -> list[dict]:
+    """The node's SNAT pairs: IN, the port claims of snat_v4 (backend -> node:port, to the
+    client); OUT, from the conntrack entries of SNATed flows (client -> backend, from
+    node:port), which hold that translation (the datapath writes no entry of its own for it)."""
     rows = []
-    with open_maps(node, ["snat_v4"]) as maps:
+    with open_maps(node, ["snat_v4", *CT_TABLES]) as maps:
+        for _, t, e in _ct_entries(maps):
+            if t["dir"] in (layout.FLAGS["CT_SERVICE"], layout.FLAGS["CT_SERVICE_EGRESS"]) and \
+                    e["flags"] & layout.FLAGS["CT_SNAT"]:
+                rows.append({"proto": PROTO_NAMES.get(t["proto"], str(t["proto"])), "dir": "OUT",
+                             "src": _ep(t["saddr"], t["sport"]), "dst": _ep(e["xl_daddr"], e["xl_dport"]),
+                             "xlate": "XLATE_SRC", "to": _ep(e["snat_addr"], e["snat_port"])})
         for k, v in maps["snat_v4"].items():
             t, e = layout.TUPLE.unpack(k), layout.NAT_ENTRY.unpack(v)
             proto, src, dst = _tuple(t)

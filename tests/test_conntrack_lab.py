@@ -315,10 +315,6 @@ class TestState:
             finally:
                 _load(lab, SMALL_SPEC)
 
-    # (not strict: it fails in about six runs of seven; issue 8 stays open on it)
-    @pytest.mark.xfail(strict=False, reason="issue 8: a SYN flood still breaks about half the idle established "
-                       "flows: flood flows get promoted into ct_v4 (a backend's RST|ACK or challenge ACK counts as "
-                       "established) and ct_v4's LRU evicts one entry of a flow (CT_OUT), leaving it hanging")
     def test_a_spoofed_syn_flood_does_not_evict_established_flows(self, lab) -> None:
         """FLOOD spoofed SYNs (about 70 x capacity.halfOpenFlows) (half-open flows that never complete) while 20
         established connections sit idle: they stay usable."""

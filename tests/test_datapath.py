@@ -144,9 +144,10 @@ class Datapath:
     # -- state maps
 
     def ct_table(self, flow: tuple[str, int, str, int], direction: str, proto: int = TCP) -> str | None:
-        """Which conntrack table holds the entry: ct_v4, ct_half_v4 (half-open TCP) or None."""
+        """Which conntrack table holds the entry: ct_v4, ct_half_v4 (half-open TCP), ct_udp_v4 or None."""
         key = tuple_key(flow, direction, proto)
-        return next((name for name in ("ct_v4", "ct_half_v4") if self.maps[name].lookup(key) is not None), None)
+        return next((name for name in ("ct_v4", "ct_half_v4", "ct_udp_v4") if self.maps[name].lookup(key) is not None),
+                    None)
 
     def ct(self, flow: tuple[str, int, str, int], direction: str, proto: int = TCP) -> dict | None:
         """The entry, from whichever conntrack table holds it."""
@@ -155,8 +156,8 @@ class Datapath:
         return None if not raw else layout.CT_ENTRY.unpack(raw)
 
     def put_ct(self, flow: tuple[str, int, str, int], direction: str, proto: int = TCP, **entry: object) -> None:
-        """Write the entry where it is (ct_v4 for a new one)."""
-        table = self.ct_table(flow, direction, proto) or "ct_v4"
+        """Write the entry where it is (ct_v4, or ct_udp_v4, for a new one)."""
+        table = self.ct_table(flow, direction, proto) or ("ct_v4" if proto == TCP else "ct_udp_v4")
         self.maps[table].update(tuple_key(flow, direction, proto), layout.CT_ENTRY.pack(**entry))
 
     def nat(self, flow: tuple[str, int, str, int], direction: str, proto: int = TCP) -> tuple[str, int] | None:
@@ -174,7 +175,7 @@ class Datapath:
 
     def forget_flows(self) -> None:
         """Empty conntrack and SNAT (a fresh node with the same services)."""
-        for name in ("ct_v4", "ct_half_v4", "snat_v4"):
+        for name in ("ct_v4", "ct_half_v4", "ct_udp_v4", "snat_v4"):
             for key in list(self.maps[name].keys()):
                 self.maps[name].delete(key)
 
@@ -478,10 +479,12 @@ def test_syn_to_remote_backend_is_dnated_and_snated(node0, client_port):
         assert snat_port in SNAT_RANGE
     assert_translated(run, (NODE0, snat_port, BACKEND, BACKEND_PORT), frame, ttl=63)
 
-    # The NAT pair, as the walk-through lists it.
-    assert node0.nat((CLIENT, client_port, BACKEND, BACKEND_PORT), "NAT_OUT") == (NODE0, snat_port)
+    # The NAT pair, as the walk-through lists it: IN is the port's claim; OUT is the flow's
+    # conntrack entry (no SNAT entry of its own).
     assert node0.nat((BACKEND, BACKEND_PORT, NODE0, snat_port), "NAT_IN") == (CLIENT, client_port)
-    assert len(node0.entries("snat_v4")) == 2
+    assert len(node0.entries("snat_v4")) == 1
+    svc_entry = node0.ct((CLIENT, client_port, NODE0, NODEPORT), "CT_SERVICE")
+    assert (str(svc_entry["snat_addr"]), svc_entry["snat_port"]) == (NODE0, snat_port)
 
     fid = node0.frontend_id()
     # CT_OUT is keyed by the flow as it leaves: from node0's SNAT port.
@@ -814,7 +817,7 @@ def test_syn_after_fin_is_a_new_flow(datapath, node):
         # client closed first: the backend holds no TIME_WAIT), and replies are translated.
         assert p.sport == first_port
         assert entry["snat_port"] == p.sport
-        assert dp.nat((CLIENT, 40000, BACKEND, BACKEND_PORT), "NAT_OUT") == (NODE0, p.sport)
+        assert dp.nat((BACKEND, BACKEND_PORT, NODE0, p.sport), "NAT_IN") == (CLIENT, 40000)
         back = dp.from_netdev(pk.tcp(BACKEND, BACKEND_PORT, NODE0, p.sport, pk.SYN | pk.ACK)).pkt
         assert back.flow == (NODE0, NODEPORT, CLIENT, 40000)
 
@@ -877,12 +880,11 @@ def test_flow_off_a_removed_backend_stays_translated_both_ways(datapath, node):
 
 def _occupy(dp: Datapath, port: int, occupant: tuple[str, int], ct_expires: int | None, flags: int = 0,
             rev_nat_id: int | None = None) -> None:
-    """Make NODE0:port the SNAT port of occupant's flow to BACKEND: its NAT pair, and
+    """Make NODE0:port the SNAT port of occupant's flow to BACKEND: its claim, and
     (unless ct_expires is None) its CT_OUT entry (keyed NODE0:port -> BACKEND) expiring
     at ct_expires with flags (CT_SNAT added), through the NodePort unless rev_nat_id
     says another frontend."""
     dp.put_nat((BACKEND, BACKEND_PORT, NODE0, port), "NAT_IN", occupant)
-    dp.put_nat((*occupant, BACKEND, BACKEND_PORT), "NAT_OUT", (NODE0, port))
     if ct_expires is not None:
         dp.put_ct((NODE0, port, BACKEND, BACKEND_PORT), "CT_OUT", expires=ct_expires, backend_id=1,
                   rev_nat_id=dp.frontend_id() if rev_nat_id is None else rev_nat_id,
@@ -890,7 +892,6 @@ def _occupy(dp: Datapath, port: int, occupant: tuple[str, int], ct_expires: int 
 
 
 def assert_nat_pair(dp: Datapath, client: tuple[str, int], port: int) -> None:
-    assert dp.nat((*client, BACKEND, BACKEND_PORT), "NAT_OUT") == (NODE0, port)
     assert dp.nat((BACKEND, BACKEND_PORT, NODE0, port), "NAT_IN") == client
 
 
@@ -1430,3 +1431,58 @@ def test_a_flow_of_the_node_to_its_own_backend_is_a_hairpin(node1, netns):
     run = node1.to_netdev(pk.tcp(NODE1, 40000, cluster_ip, 80, pk.ACK, b"request"))
     assert run.pkt.flow == (layout.HAIRPIN_ADDRESS, p.sport, BACKEND, BACKEND_PORT)
     assert not any(node1.all_drops().values())
+
+
+def test_an_evicted_claim_of_a_live_flow_is_given_back_not_taken(node0):
+    """The SNAT table is an LRU map: an idle flow's claim (NAT_IN) may be evicted while its
+    conntrack entries live. A new flow trying that port finds the flow and gives it its
+    claim back instead of taking its tuple."""
+    occupant = (OTHER_CLIENT, 50000)
+    node0.put_ct((NODE0, 40000, BACKEND, BACKEND_PORT), "CT_OUT", expires=now_sec() + 100, backend_id=1,
+                 rev_nat_id=node0.frontend_id(), flags=FLAGS["CT_SNAT"] | FLAGS["CT_ESTABLISHED"],
+                 snat_addr=NODE0, snat_port=40000, nat_cookie=0x1234567, xl_saddr=NODE0, xl_sport=NODEPORT,
+                 xl_daddr=occupant[0], xl_dport=occupant[1])
+    assert node0.nat((BACKEND, BACKEND_PORT, NODE0, 40000), "NAT_IN") is None
+    run = node0.from_netdev(syn(40000))
+    assert run.retval == TC_ACT_REDIRECT and run.pkt.sport != 40000
+    assert node0.nat((BACKEND, BACKEND_PORT, NODE0, 40000), "NAT_IN") == occupant
+    raw = node0.maps["snat_v4"].lookup(tuple_key((BACKEND, BACKEND_PORT, NODE0, 40000), "NAT_IN"))
+    assert layout.NAT_ENTRY.unpack(raw)["cookie"] == 0x1234567
+    assert node0.ct((NODE0, 40000, BACKEND, BACKEND_PORT), "CT_OUT")["xl_daddr"] == __import__("ipaddress").IPv4Address(
+        OTHER_CLIENT)  # the occupant's reply entry is untouched
+
+
+def test_udp_flows_have_a_table_of_their_own(node0):
+    node0.from_netdev(pk.udp(CLIENT, 5353, NODE0, NODEPORT, b"q"))
+    node0.from_netdev(syn(41000))
+    assert node0.ct_table((CLIENT, 5353, NODE0, NODEPORT), "CT_SERVICE", UDP) == "ct_udp_v4"
+    assert node0.ct_table((CLIENT, 41000, NODE0, NODEPORT), "CT_SERVICE") == "ct_half_v4"
+    assert all(k[12] == TCP for k in node0.entries("ct_v4")) and all(k[12] == UDP for k in node0.entries("ct_udp_v4"))
+
+
+def test_an_evicted_reply_entry_is_made_again_by_the_clients_next_packet(node0):
+    service, snat = _established(node0)
+    out = (NODE0, snat, BACKEND, BACKEND_PORT)
+    before = node0.ct(out, "CT_OUT")
+    node0.maps["ct_v4"].delete(tuple_key(out, "CT_OUT"))  # as an LRU map evicts one entry of an idle flow
+    entry = node0.ct(service, "CT_SERVICE")
+    node0.put_ct(service, "CT_SERVICE", **{**entry, "checked": now_sec() - 5})  # idle for a while
+    run = node0.from_netdev(pk.tcp(*service, pk.ACK, b"again"))
+    assert run.pkt.flow == (NODE0, snat, BACKEND, BACKEND_PORT)
+    again = node0.ct(out, "CT_OUT")
+    assert again is not None and {k: again[k] for k in ("backend_id", "rev_nat_id", "nat_cookie", "xl_daddr",
+                                                      "xl_dport", "xl_saddr", "xl_sport")} == {
+        k: before[k] for k in ("backend_id", "rev_nat_id", "nat_cookie", "xl_daddr", "xl_dport", "xl_saddr", "xl_sport")}
+    assert _reply(node0, snat, pk.ACK, b"answer").pkt.flow == (NODE0, NODEPORT, CLIENT, 40000)
+
+
+def test_a_flow_whose_tuple_another_flow_took_is_not_delivered_into_it(node0):
+    service, snat = _established(node0)
+    out = (NODE0, snat, BACKEND, BACKEND_PORT)
+    other = node0.ct(out, "CT_OUT")
+    node0.put_ct(out, "CT_OUT", **{**other, "nat_cookie": other["nat_cookie"] ^ 0xFF, "xl_dport": 50001})
+    entry = node0.ct(service, "CT_SERVICE")
+    node0.put_ct(service, "CT_SERVICE", **{**entry, "checked": now_sec() - 5})
+    run = node0.from_netdev(pk.tcp(*service, pk.ACK, b"mine"))
+    assert run.pkt.sport != snat  # a new flow (a port of its own): never the other flow's tuple
+    assert node0.ct(out, "CT_OUT")["xl_dport"] == 50001

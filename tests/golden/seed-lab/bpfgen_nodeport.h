@@ -480,19 +480,33 @@ static __always_inline int ct_touch(struct bpfgen_ct_entry *ct, const struct pkt
 }
 
 /*
- * The entry at key: in ct_v4, or, a TCP flow not established yet (from_netdev's: SYN seen,
- * or picked up mid-stream), in ct_half_v4, a table of its own so that a flood of them
- * evicts none of the established flows; *half says which.
+ * The entry at key: a UDP flow's in ct_udp_v4; a TCP flow's in ct_v4, or, not established
+ * yet (from_netdev's: SYN seen, or picked up mid-stream), in ct_half_v4: tables of their
+ * own, so that a flood of datagrams or of SYNs evicts none of the established TCP flows;
+ * *half says whether in ct_half_v4.
  */
 static __always_inline struct bpfgen_ct_entry *ct_lookup(const struct bpfgen_tuple *key, int *half)
 {
-	struct bpfgen_ct_entry *ct = bpf_map_lookup_elem(&ct_v4, key);
+	struct bpfgen_ct_entry *ct;
 
 	*half = 0;
-	if (ct || key->proto != IPPROTO_TCP)
+	if (key->proto != IPPROTO_TCP)
+		return bpf_map_lookup_elem(&ct_udp_v4, key);
+	ct = bpf_map_lookup_elem(&ct_v4, key);
+	if (ct)
 		return ct;
 	*half = 1;
 	return bpf_map_lookup_elem(&ct_half_v4, key);
+}
+
+/* The entry at key in the table of its protocol (half: ct_half_v4). */
+static __always_inline struct bpfgen_ct_entry *ct_table_lookup(const struct bpfgen_tuple *key, int half)
+{
+	if (half)
+		return bpf_map_lookup_elem(&ct_half_v4, key);
+	if (key->proto != IPPROTO_TCP)
+		return bpf_map_lookup_elem(&ct_udp_v4, key);
+	return bpf_map_lookup_elem(&ct_v4, key);
 }
 
 static __always_inline int ct_is_live(const struct bpfgen_ct_entry *ct, __u32 now)
@@ -566,6 +580,36 @@ static __always_inline int snat_is_stale(struct bpfgen_nat_entry *nat, __u32 cla
 }
 
 /*
+ * A port whose claim (NAT_IN) was just made anew: whether no flow holds it still. An LRU
+ * map may have evicted the claim of an idle flow whose conntrack entries live on (a SYN
+ * flood churns the SNAT table): that flow keeps its port, under the rules a claim that is
+ * there would have, and gets its claim back (else the new flow would take over its tuple).
+ */
+static __always_inline int snat_unowned(const struct snat_search *s)
+{
+	struct bpfgen_nat_entry owner = {};
+	struct bpfgen_nat_entry *nat;
+	struct bpfgen_tuple ct_key;
+	struct bpfgen_ct_entry *ct;
+	int half;
+
+	ct_out_key(&ct_key, s->key.daddr, s->key.dport, s->key.saddr, s->key.sport, s->key.proto);
+	ct = ct_lookup(&ct_key, &half);
+	if (!ct || !(ct->flags & CT_SNAT) || !ct->nat_cookie)
+		return 1;
+	owner.addr = ct->xl_daddr;
+	owner.port = ct->xl_dport;
+	owner.claimed = s->now;
+	owner.cookie = ct->nat_cookie;
+	if (snat_is_stale(&owner, 0, owner.cookie, s))
+		return 1;
+	nat = bpf_map_lookup_elem(&snat_v4, &s->key);
+	if (nat && nat->cookie == s->val.cookie)
+		*nat = owner;
+	return 0;
+}
+
+/*
  * Claims node:port (the NAT_IN entry at s->key) for the flow of s: a free port with
  * no-exist semantics, a stale one by compare-and-swap on its claim (claimed and cookie
  * in one word), so that two CPUs never both win it.
@@ -576,7 +620,7 @@ static __always_inline int snat_claim(const struct snat_search *s)
 	__u64 lease, *at;
 
 	if (bpf_map_update_elem(&snat_v4, &s->key, &s->val, BPF_NOEXIST) == 0)
-		return 1;
+		return snat_unowned(s);
 	nat = bpf_map_lookup_elem(&snat_v4, &s->key);
 	if (!nat)
 		return 0;
@@ -619,26 +663,16 @@ static long snat_try_port(__u32 attempt, void *data)
 }
 
 /*
- * Allocates node:port for the flow client -> backend through frontend id: the client's
+ * Allocates addr:port for the flow client -> backend through frontend id: the client's
  * own port first, then one picked by the flow's hash and the ports after it,
- * SNAT_RETRIES tries. The
- * reverse (NAT_IN) entry is claimed first; if the forward (NAT_OUT) one cannot be
- * written, the reverse one is removed again. Returns the port (network order) or 0, and
- * the claim's cookie in *cookie.
+ * SNAT_RETRIES tries, each a claim of the port's NAT_IN entry. Nothing else is written
+ * for it in the SNAT table: the flow's conntrack entries hold its translation both ways.
+ * Returns the port (network order) or 0, and the claim's cookie in *cookie.
  */
 static __always_inline __be16 snat_alloc(const struct pkt *p, const struct bpfgen_backend *be, __u32 id,
 					 __u32 now, __u32 *cookie, __be32 addr)
 {
 	struct snat_search search = {};
-	struct bpfgen_tuple out_key = {
-		.saddr = p->t.saddr,
-		.daddr = be->addr,
-		.sport = p->t.sport,
-		.dport = be->port,
-		.proto = p->t.proto,
-		.dir = NAT_OUT,
-	};
-	struct bpfgen_nat_entry out_val = {}; /* filled below: a constant initialiser would land in .rodata */
 
 	search.val.addr = p->t.saddr;
 	search.val.port = p->t.sport;
@@ -657,12 +691,6 @@ static __always_inline __be16 snat_alloc(const struct pkt *p, const struct bpfge
 	bpf_loop(SNAT_RETRIES, snat_try_port, &search, 0);
 	if (!search.found)
 		return 0;
-	out_val.addr = addr;
-	out_val.port = search.key.dport;
-	if (bpf_map_update_elem(&snat_v4, &out_key, &out_val, BPF_ANY) != 0) {
-		bpf_map_delete_elem(&snat_v4, &search.key);
-		return 0;
-	}
 	*cookie = search.val.cookie;
 	return search.key.dport;
 }
@@ -843,11 +871,13 @@ static __always_inline int no_backend(struct __sk_buff *skb, const struct pkt *p
 
 /* ---- the service path: frontend -> backend ---- */
 
-/* A new flow's entry: into ct_half_v4 (half: a TCP flow of from_netdev) or ct_v4. */
+/* A new flow's entry: into ct_half_v4 (half: a TCP flow of from_netdev), ct_udp_v4 or ct_v4. */
 static __always_inline int ct_insert(int half, const struct bpfgen_tuple *key, const struct bpfgen_ct_entry *e)
 {
 	if (half)
 		return bpf_map_update_elem(&ct_half_v4, key, e, BPF_ANY);
+	if (key->proto != IPPROTO_TCP)
+		return bpf_map_update_elem(&ct_udp_v4, key, e, BPF_ANY);
 	return bpf_map_update_elem(&ct_v4, key, e, BPF_ANY);
 }
 
@@ -1045,6 +1075,40 @@ static __noinline int snat_keep(const struct pkt *p, const struct bpfgen_ct_entr
 }
 
 /*
+ * A forward entry's partner (its flow's CT_OUT entry, which replies find) made again if an
+ * LRU map evicted it while the flow was idle: everything it holds follows from the forward
+ * entry ct and the packet p (client -> frontend), as lb_forward made it. Checked once a
+ * second, with the backend. Returns -1 if the partner's key is another flow's now (its
+ * tuple towards the backend taken over): this flow's packets must not go into it.
+ */
+static __noinline int ct_repair(const struct pkt *p, const struct bpfgen_ct_entry *ct, int half)
+{
+	struct bpfgen_ct_entry entry, *other;
+	struct bpfgen_tuple key;
+
+	partner_key(&key, ct, p->t.proto, 0);
+	other = ct_table_lookup(&key, half);
+	if (other) {
+		if (other->xl_daddr != p->t.saddr || other->xl_dport != p->t.sport ||
+		    other->nat_cookie != ct->nat_cookie)
+			return -1;
+		return 0;
+	}
+	entry = *ct;
+	entry.xl_saddr = p->t.daddr;
+	entry.xl_sport = p->t.dport;
+	entry.xl_daddr = p->t.saddr;
+	entry.xl_dport = p->t.sport;
+	if ((ct->flags & (CT_SNAT | CT_EGRESS)) == (CT_SNAT | CT_EGRESS))
+		entry.nh = NH_INGRESS; /* a hairpin flow's */
+	else
+		entry.nh = (ct->flags & CT_SNAT) ? NH_FIB : NH_STACK;
+	entry.checked = 0;
+	ct_insert(half, &key, &entry);
+	return 1;
+}
+
+/*
  * The fast path: a packet of a known flow (reply: a backend's, whose CT_OUT entry is ct;
  * else the client's, ct its CT_SERVICE(_EGRESS) entry) is translated with what ct holds,
  * after one lookup. At most once a second the entry's backend is checked (a forward
@@ -1077,6 +1141,8 @@ static __always_inline int ct_fast(struct __sk_buff *skb, struct pkt *p, const s
 			if (!be || be->addr != ct->xl_daddr || be->port != ct->xl_dport ||
 			    (p->t.proto == IPPROTO_UDP && (be->flags & BACKEND_NOT_SERVING)))
 				return -1;
+			if (ct_repair(p, ct, half) < 0)
+				return -1;
 		}
 		if (ct->flags & CT_SNAT)
 			snat_keep(p, ct, reply, now);
@@ -1100,10 +1166,7 @@ static __always_inline int ct_fast(struct __sk_buff *skb, struct pkt *p, const s
 			promote = 1; /* after the packet is sent: the entry leaves ct_half_v4 */
 		} else {
 			partner_key(&partner, ct, p->t.proto, reply);
-			if (half)
-				other = bpf_map_lookup_elem(&ct_half_v4, &partner);
-			else
-				other = bpf_map_lookup_elem(&ct_v4, &partner);
+			other = ct_table_lookup(&partner, half);
 			/* (a client may reuse its tuple for a new flow while late packets of the old
 			 * one still arrive: those leave the new flow alone) */
 			if (other && other->backend_id == ct->backend_id && other->snat_port == ct->snat_port)
@@ -1218,7 +1281,7 @@ not_a_frontend:
 		/* A reply to a flow this node or one of its pods opened to a ClusterIP (in ct_v4). */
 		if (!looked) {
 			reply_key(&rkey, &p.t);
-			reply = bpf_map_lookup_elem(&ct_v4, &rkey);
+			reply = ct_table_lookup(&rkey, 0);
 			rhalf = 0;
 		}
 		if (reply && (reply->flags & (CT_SNAT | CT_EGRESS)) == CT_EGRESS)
@@ -1265,7 +1328,7 @@ static __always_inline int nodeport_to_netdev(struct __sk_buff *skb)
 
 		key = p.t;
 		key.dir = CT_SERVICE_EGRESS;
-		ct = bpf_map_lookup_elem(&ct_v4, &key);
+		ct = ct_table_lookup(&key, 0);
 		if (ct) {
 			verdict = ct_fast(skb, &p, &key, ct, 0, now, 0, 1, 0);
 			if (verdict >= 0)

@@ -71,7 +71,7 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } revnat_v4 SEC(".maps");
 
-/* conntrack of established TCP flows, UDP flows and the node's own (max_entries: the default, set from the cluster's capacity at load) */
+/* conntrack of established TCP flows and the node's own TCP flows (max_entries: the default, set from the cluster's capacity at load) */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 524288);
@@ -79,6 +79,15 @@ struct {
 	__type(value, struct bpfgen_ct_entry);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } ct_v4 SEC(".maps");
+
+/* conntrack of UDP flows (apart: a flood of datagrams evicts no TCP flow) (max_entries: the default, set from the cluster's capacity at load) */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 262144);
+	__type(key, struct bpfgen_tuple);
+	__type(value, struct bpfgen_ct_entry);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ct_udp_v4 SEC(".maps");
 
 /* conntrack of TCP flows not established yet (promoted to ct_v4 when they are): a SYN flood evicts only these (max_entries: the default, set from the cluster's capacity at load) */
 struct {
@@ -89,10 +98,10 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } ct_half_v4 SEC(".maps");
 
-/* SNAT pairs (like cilium_snat_v4_external) (max_entries: the default, set from the cluster's capacity at load) */
+/* SNAT port claims (NAT_IN; like cilium_snat_v4_external): one per SNATed flow (max_entries: the default, set from the cluster's capacity at load) */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 524288);
+	__uint(max_entries, 458752);
 	__type(key, struct bpfgen_tuple);
 	__type(value, struct bpfgen_nat_entry);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
