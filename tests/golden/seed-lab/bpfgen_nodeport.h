@@ -528,6 +528,7 @@ struct snat_search {
 	__u32 now;
 	__u8 proto;
 	__u8 found;
+	__u8 took_over; /* the port was a flow's that is over: its conntrack entries may be there */
 	__u32 spread; /* the flow's hash: where its search starts after its own port */
 };
 
@@ -585,7 +586,7 @@ static __always_inline int snat_is_stale(struct bpfgen_nat_entry *nat, __u32 cla
  * flood churns the SNAT table): that flow keeps its port, under the rules a claim that is
  * there would have, and gets its claim back (else the new flow would take over its tuple).
  */
-static __always_inline int snat_unowned(const struct snat_search *s)
+static __always_inline int snat_unowned(struct snat_search *s)
 {
 	struct bpfgen_nat_entry owner = {};
 	struct bpfgen_nat_entry *nat;
@@ -601,8 +602,10 @@ static __always_inline int snat_unowned(const struct snat_search *s)
 	owner.port = ct->xl_dport;
 	owner.claimed = s->now;
 	owner.cookie = ct->nat_cookie;
-	if (snat_is_stale(&owner, 0, owner.cookie, s))
+	if (snat_is_stale(&owner, 0, owner.cookie, s)) {
+		s->took_over = 1;
 		return 1;
+	}
 	nat = bpf_map_lookup_elem(&snat_v4, &s->key);
 	if (nat && nat->cookie == s->val.cookie)
 		*nat = owner;
@@ -614,7 +617,7 @@ static __always_inline int snat_unowned(const struct snat_search *s)
  * no-exist semantics, a stale one by compare-and-swap on its claim (claimed and cookie
  * in one word), so that two CPUs never both win it.
  */
-static __always_inline int snat_claim(const struct snat_search *s)
+static __always_inline int snat_claim(struct snat_search *s)
 {
 	struct bpfgen_nat_entry *nat;
 	__u64 lease, *at;
@@ -632,6 +635,7 @@ static __always_inline int snat_claim(const struct snat_search *s)
 		return 0; /* another CPU took it first */
 	nat->addr = s->val.addr;
 	nat->port = s->val.port;
+	s->took_over = 1;
 	return 1;
 }
 
@@ -670,7 +674,7 @@ static long snat_try_port(__u32 attempt, void *data)
  * Returns the port (network order) or 0, and the claim's cookie in *cookie.
  */
 static __always_inline __be16 snat_alloc(const struct pkt *p, const struct bpfgen_backend *be, __u32 id,
-					 __u32 now, __u32 *cookie, __be32 addr)
+					 __u32 now, __u32 *cookie, __be32 addr, __u8 *took_over)
 {
 	struct snat_search search = {};
 
@@ -691,6 +695,7 @@ static __always_inline __be16 snat_alloc(const struct pkt *p, const struct bpfge
 	bpf_loop(SNAT_RETRIES, snat_try_port, &search, 0);
 	if (!search.found)
 		return 0;
+	*took_over = search.took_over;
 	*cookie = search.val.cookie;
 	return search.key.dport;
 }
@@ -904,6 +909,7 @@ static __always_inline int lb_forward(struct __sk_buff *skb, struct pkt *p, cons
 	__u32 backend_id = 0, fwd_ifindex, id = svc->id;
 	__u8 fwd_nh;
 	__be32 snat_addr;
+	__u8 took_over = 0;
 	int snat, local, hairpin, half = p->t.proto == IPPROTO_TCP && !(mode & LB_EGRESS);
 	int syn = p->t.proto == IPPROTO_TCP && (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
 
@@ -960,7 +966,7 @@ static __always_inline int lb_forward(struct __sk_buff *skb, struct pkt *p, cons
 	entry.flags = ct_flags_after(p, entry.flags, CT_FIN_CLIENT);
 	entry.expires = now + ct_lifetime(p, entry.flags);
 	if (snat) {
-		entry.snat_port = snat_alloc(p, be, svc->id, now, &entry.nat_cookie, snat_addr);
+		entry.snat_port = snat_alloc(p, be, svc->id, now, &entry.nat_cookie, snat_addr, &took_over);
 		if (!entry.snat_port)
 			return drop(DROP_SNAT_EXHAUSTED);
 		entry.snat_addr = snat_addr;
@@ -977,7 +983,7 @@ static __always_inline int lb_forward(struct __sk_buff *skb, struct pkt *p, cons
 		 * closed flow's tuple or SNAT port taken again) would be found first: gone. */
 		if (stale)
 			bpf_map_delete_elem(&ct_v4, &svc_key);
-		if (stale || snat)
+		if (stale || took_over)
 			bpf_map_delete_elem(&ct_v4, &out_key);
 	}
 	if (ct_insert(half, &svc_key, &entry))
