@@ -1486,3 +1486,16 @@ def test_a_flow_whose_tuple_another_flow_took_is_not_delivered_into_it(node0):
     run = node0.from_netdev(pk.tcp(*service, pk.ACK, b"mine"))
     assert run.pkt.sport != snat  # a new flow (a port of its own): never the other flow's tuple
     assert node0.ct(out, "CT_OUT")["xl_dport"] == 50001
+
+
+def test_client_ip_affinity_holds_under_external_traffic_policy_local(datapath):
+    dp = datapath(SEMANTICS, "node1")
+    seen = Counter(dp.from_netdev(syn(46000 + i, dst=NODE1, dport=30740)).pkt.daddr for i in range(20))
+    assert len(seen) == 1 and next(iter(seen)) != "10.0.0.9", seen  # one local endpoint, kept
+    # an affinity learnt on the ClusterIP (every endpoint) to the remote one is not followed by the
+    # Local NodePort: that endpoint takes none of its flows
+    [(key, raw)] = dp.entries("affinity_v4").items()
+    [remote] = [i for i in range(1, 100) if dp.backend(i) == ("10.0.0.9", 80)]
+    dp.maps["affinity_v4"].update(key, layout.AFFINITY_ENTRY.pack(backend_id=remote, last_used=now_sec()))
+    run = dp.from_netdev(syn(46100, dst=NODE1, dport=30740))
+    assert run.retval == TC_ACT_OK and run.pkt.daddr != "10.0.0.9"

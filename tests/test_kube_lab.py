@@ -371,3 +371,23 @@ def test_internal_traffic_policy_local_keeps_cluster_ip_traffic_on_the_node(lab,
         assert len(_spread(lab, NODE_CP, STICKY_NODE_PORT, 20)) > 1
     finally:
         _reload(lab, tmp_path)
+
+
+def test_service_and_affinity_lists_show_the_semantics(lab) -> None:
+    from click.testing import CliRunner
+
+    from bpfgen.cli import cli
+
+    labmod.client_request(lab, "TCP", NODE_W1, STICKY_NODE_PORT)
+    w1 = kube.node_name("lab-worker")
+    out = CliRunner().invoke(cli, ["service", "list", "--node", w1])
+    assert out.exit_code == 0, out.output
+    text = out.stdout
+    assert f"{NODE_W1}:{LOCAL_NODE_PORT}/TCP" in text and "[Local; healthCheck :30084]" in text
+    assert "[ClientIP 600s]" in text
+    assert f"{LOCAL_LB}:80/TCP" in text and "from 172.26.50.180/32" in text
+    assert "(no backends: rejected)" in text
+    assert "10.0.2.11:8080/TCP (terminating, no new flows)" in text  # web's terminating endpoint
+    out = CliRunner().invoke(cli, ["affinity", "list", "--node", w1, "-o", "json"])
+    rows = json.loads(out.stdout)
+    assert any(r["client"] == lab.client_address and r["live"] for r in rows), rows
