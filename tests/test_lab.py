@@ -149,8 +149,8 @@ def test_maps_dump_shows_a_live_connection(lab) -> None:
         r = CliRunner().invoke(cli, ["maps", "dump", "snat_v4", "--node", "node0", "-o", "json"])
         [nat] = json.loads(r.stdout)
         pairs = {(e["key"]["saddr"], e["key"]["sport"], e["value"]["addr"], e["value"]["port"]) for e in nat["entries"]}
-        assert (client_ip, client_port, NODE0, snat_port) in pairs  # OUT: XLATE_SRC
-        assert (POD, 80, client_ip, client_port) in pairs  # IN: XLATE_DST
+        assert (POD, 80, client_ip, client_port) in pairs  # IN: XLATE_DST (the port's claim)
+        # (OUT, XLATE_SRC, is the flow's conntrack entry: the SNAT table holds claims only)
 
         r = CliRunner().invoke(cli, ["nat", "list", "--node", "node0"])
         assert f"TCP OUT {client_ip}:{client_port} -> {POD}:80 XLATE_SRC {NODE0}:{snat_port}" in r.stdout
