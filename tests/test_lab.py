@@ -4,6 +4,7 @@ loaded on every node, checked from both ends of each connection and in the maps.
 from __future__ import annotations
 
 import json
+import time
 import secrets
 import socket
 import subprocess
@@ -134,9 +135,13 @@ def test_maps_dump_shows_a_live_connection(lab) -> None:
         s = socket.create_connection((NODE0, NODEPORT), timeout=10)
     try:
         client_ip, client_port = s.getsockname()
-        r = CliRunner().invoke(cli, ["maps", "dump", "ct_v4", "--node", "node0", "-o", "json"])
-        assert r.exit_code == 0, r.stderr
-        [ct] = json.loads(r.stdout)
+        for _ in range(20):  # (the client's ACK, which moves the flow into ct_v4, may be on its way)
+            r = CliRunner().invoke(cli, ["maps", "dump", "ct_v4", "--node", "node0", "-o", "json"])
+            assert r.exit_code == 0, r.stderr
+            [ct] = json.loads(r.stdout)
+            if any((e["key"]["saddr"], e["key"]["sport"]) == (client_ip, client_port) for e in ct["entries"]):
+                break
+            time.sleep(0.05)
         [svc] = [e for e in ct["entries"] if (e["key"]["saddr"], e["key"]["sport"]) == (client_ip, client_port)]
         assert (svc["key"]["daddr"], svc["key"]["dport"], svc["key"]["proto"]) == (NODE0, NODEPORT, "TCP")
         assert svc["value"]["snat_addr"] == NODE0
