@@ -4,11 +4,11 @@ loaded on every node, checked from both ends of each connection and in the maps.
 from __future__ import annotations
 
 import json
-import time
 import secrets
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
