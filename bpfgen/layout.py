@@ -206,8 +206,7 @@ CT_ENTRY = _s(
     "bpfgen_ct_entry",
     "Conntrack state of one direction-tagged tuple.",
     ("expires", "u32", "seconds of the datapath clock after which the entry is dead"),
-    ("backend_id", "u32"), ("rev_nat_id", "u32"), ("flags", "u8"),
-    ("nh", "u8", "next hop of packets that find this entry: NH_STACK, or NH_FIB and the cached answer"),
+    ("backend_id", "u32"), ("rev_nat_id", "u32"), ("flags", "u16", "CT_* state flags"),
     ("snat_port", "port"), ("snat_addr", "ip4"),
     ("nat_cookie", "u32", "SNAT: the cookie of the NAT_IN claim this flow made (0: none)"),
     ("xl_saddr", "ip4", "the whole translation of packets that find this entry: new source,"),
@@ -217,6 +216,9 @@ CT_ENTRY = _s(
     ("l2_dst", "u32", "cached next hop: destination MAC bytes 0-3 (NH_NEIGH: the gateway's address)"),
     ("l2_mid", "u32", "destination MAC bytes 4-5, source MAC bytes 0-1"),
     ("l2_src", "u32", "source MAC bytes 2-5"),
+    ("nh", "u8", "next hop of packets that find this entry: NH_STACK, or NH_FIB and the cached answer"),
+    ("pad1", "u8"),
+    ("done_tick", "u16", "CT_BACKEND_DONE: when it was set (coarse clock, units of 2^20 ns, wrapping)"),
 )
 NAT_ENTRY = _s(
     "bpfgen_nat_entry",
@@ -315,6 +317,7 @@ FLAGS = {
     "CT_BACKEND_CLOSED_FIRST": 32,  # the backend's FIN came first: it holds TIME_WAIT
     "CT_EGRESS": 64,  # a flow of the node or its pods (to_netdev), keyed CT_SERVICE_EGRESS
     "CT_MIDSTREAM": 128,  # opened by a segment without SYN: short-lived, never established
+    "CT_BACKEND_DONE": 256,  # the backend's side is over: a RST, or the client's ACK of its FIN after the client's
     # ct entry nh: where packets that find the entry go
     "NH_STACK": 0,  # the stack delivers them (a local backend; replies to the node's own flows)
     "NH_FIB": 1,  # forwarded by the program; the next hop is not cached yet

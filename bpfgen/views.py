@@ -198,7 +198,7 @@ CT_DIRS = {layout.FLAGS["CT_SERVICE"]: "SVC", layout.FLAGS["CT_OUT"]: "OUT", lay
 CT_FLAG_NAMES = (("closing", "CT_CLOSING"), ("established", "CT_ESTABLISHED"), ("snat", "CT_SNAT"),
                  ("fin_client", "CT_FIN_CLIENT"), ("fin_backend", "CT_FIN_BACKEND"),
                  ("backend_closed_first", "CT_BACKEND_CLOSED_FIRST"), ("egress", "CT_EGRESS"),
-                 ("midstream", "CT_MIDSTREAM"))
+                 ("midstream", "CT_MIDSTREAM"), ("backend_done", "CT_BACKEND_DONE"))
 NAT_DIRS = {layout.FLAGS["NAT_OUT"]: "OUT", layout.FLAGS["NAT_IN"]: "IN"}
 
 

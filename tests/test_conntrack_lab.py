@@ -185,10 +185,7 @@ class TestRate:
             assert s.recv(4096) == b""  # and then the pod's FIN
 
     @pytest.mark.parametrize("client_closes", [
-        # (not strict: a race, it fails in most runs but not all; issue 8 stays open on it)
-        pytest.param(True, marks=pytest.mark.xfail(strict=False, reason=(
-            "issue 8, open: a port freed by a client-closed flow is reused before the backend saw the final "
-            "ACK (LAST_ACK): the new SYN gets a challenge ACK and waits out the 1 s SYN retransmit"))),
+        pytest.param(True),
         pytest.param(False, marks=pytest.mark.xfail(strict=True, reason=(
             "issue 8, open: kernel 6.18 draws TCP timestamp offsets per connection (ports too), so a port whose "
             "backend holds TIME_WAIT is safe at once only for the same client tuple; from fresh client ports "

@@ -785,12 +785,22 @@ def test_rst_closes_both_entries(datapath, node, sender):
         assert entry["expires"] <= now_sec() + TIMEOUT["CT_CLOSE_TIMEOUT"] + 1, direction
 
 
-def _close(dp: Datapath, service: tuple[str, int, str, int], snat: int, first: str = "client") -> None:
-    """Both FINs, `first` side first."""
-    fins = [lambda: dp.from_netdev(pk.tcp(*service, pk.FIN | pk.ACK)),
-            lambda: _reply(dp, snat, pk.FIN | pk.ACK, client_port=service[1])]
-    for fin in fins if first == "client" else fins[::-1]:
-        fin()
+# A port whose flow's backend side is over (CT_BACKEND_DONE) is free two ticks of the coarse
+# clock (2^20 ns each, plus the clock's own granularity) after: a backend may still hold the
+# final ACK in its socket backlog.
+DONE_TICKS = 0.01
+
+
+def _close(dp: Datapath, service: tuple[str, int, str, int], snat: int, first: str = "client",
+           final_ack: bool = True) -> None:
+    """Both FINs, `first` side first, then (final_ack) that side's ACK of the other's FIN."""
+    client = lambda flags: dp.from_netdev(pk.tcp(*service, flags))  # noqa: E731
+    backend = lambda flags: _reply(dp, snat, flags, client_port=service[1])  # noqa: E731
+    closer, other = (client, backend) if first == "client" else (backend, client)
+    closer(pk.FIN | pk.ACK)
+    other(pk.FIN | pk.ACK)
+    if final_ack:
+        closer(pk.ACK)
     assert dp.ct(service, "CT_SERVICE")["flags"] & FLAGS["CT_CLOSING"]
 
 
@@ -803,6 +813,7 @@ def test_syn_after_fin_is_a_new_flow(datapath, node):
     # The last ACK still belongs to the closing flow.
     assert dp.from_netdev(pk.tcp(*service, pk.ACK)).pkt.sport == first_port
     assert dp.ct(service, "CT_SERVICE")["flags"] & FLAGS["CT_CLOSING"]
+    time.sleep(DONE_TICKS)
 
     frame = pk.tcp(*service, pk.SYN)
     p = dp.from_netdev(frame).pkt
@@ -919,9 +930,13 @@ OCCUPANTS = {
     "same-client-tuple-reuses-at-once": ((CLIENT, 40000), (5, BACKEND_FIRST), False, True),
     "same-client-other-port-waits": (CLIENT, (5, BACKEND_FIRST), False, False),
     "same-client-other-frontend-waits": ((CLIENT, 40000), (5, BACKEND_FIRST), True, False),
-    # the client closed first (or a reset): the backend holds no TIME_WAIT
-    "client-closed-first-no-rest": (OTHER_CLIENT, (5, CLOSED), False, True),
-    "reset-no-rest": (OTHER_CLIENT, (5, FLAGS["CT_ESTABLISHED"] | FLAGS["CT_CLOSING"]), False, True),
+    # the client closed first (or a reset): the backend holds no TIME_WAIT, once the client's
+    # final ACK went by (before it the backend is in LAST_ACK and answers a SYN with an ACK)
+    "client-closed-first-no-rest": (OTHER_CLIENT, (5, CLOSED | FLAGS["CT_BACKEND_DONE"]), False, True),
+    "client-closed-first-before-its-final-ack": (OTHER_CLIENT, (5, CLOSED), False, False),
+    "client-closed-first-final-ack-never-seen": (OTHER_CLIENT, (-1, CLOSED), False, True),
+    "reset-no-rest": (OTHER_CLIENT, (5, FLAGS["CT_ESTABLISHED"] | FLAGS["CT_CLOSING"] | FLAGS["CT_BACKEND_DONE"]),
+                      False, True),
     "expired-mid-stream-pickup": (OTHER_CLIENT, (-1, FLAGS["CT_MIDSTREAM"]), False, True),
 }
 
@@ -1022,9 +1037,25 @@ def test_snat_port_after_the_backend_closed_first(node0):
     assert back.flow == (NODE0, NODEPORT, CLIENT, 40000)
 
 
+def test_snat_port_after_the_client_closed_first_waits_for_its_final_ack(node0):
+    """Before the client's final ACK the backend is in LAST_ACK (it would answer a new SYN
+    for the tuple with a challenge ACK): the port is not taken; after it, at once."""
+    service, snat = _established(node0)
+    _close(node0, service, snat, first="client", final_ack=False)
+    assert node0.from_netdev(pk.tcp(OTHER_CLIENT, 40000, NODE0, NODEPORT, pk.SYN)).pkt.sport != 40000
+    node0.from_netdev(pk.tcp(*service, pk.ACK))
+    assert node0.ct(service, "CT_SERVICE")["flags"] & FLAGS["CT_BACKEND_DONE"]
+    # not in the same moment (the backend may hold the final ACK in its socket backlog)...
+    assert node0.from_netdev(pk.tcp("172.26.50.192", snat, NODE0, NODEPORT, pk.SYN)).pkt.sport != snat
+    time.sleep(DONE_TICKS)
+    # ...but a few milliseconds after
+    assert node0.from_netdev(pk.tcp("172.26.50.191", snat, NODE0, NODEPORT, pk.SYN)).pkt.sport == snat
+
+
 def test_snat_port_after_the_client_closed_first_has_no_rest(node0):
     service, snat = _established(node0)
     _close(node0, service, snat, first="client")
+    time.sleep(DONE_TICKS)
     p = node0.from_netdev(pk.tcp(OTHER_CLIENT, 40000, NODE0, NODEPORT, pk.SYN)).pkt
     assert p.sport == 40000
     assert_nat_pair(node0, (OTHER_CLIENT, 40000), 40000)
@@ -1049,6 +1080,8 @@ def test_many_sequential_connections_through_a_small_range_never_exhaust_it(data
         if closes_first == "client":
             dp.from_netdev(pk.tcp(*service, pk.FIN | pk.ACK, b"request"))
             dp.from_netdev(pk.tcp(BACKEND, BACKEND_PORT, NODE0, port, pk.FIN | pk.PSH | pk.ACK, b"answer"))
+            dp.from_netdev(pk.tcp(*service, pk.ACK))  # the final ACK: the backend leaves LAST_ACK
+            time.sleep(DONE_TICKS)
         else:
             dp.from_netdev(pk.tcp(BACKEND, BACKEND_PORT, NODE0, port, pk.FIN | pk.PSH | pk.ACK, b"answer"))
             dp.from_netdev(pk.tcp(*service, pk.FIN | pk.ACK))

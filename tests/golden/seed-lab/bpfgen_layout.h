@@ -28,6 +28,7 @@ typedef __u8 bpfgen_proto_t; /* IP protocol number (6 TCP, 17 UDP) */
 #define CT_BACKEND_CLOSED_FIRST 32
 #define CT_EGRESS 64
 #define CT_MIDSTREAM 128
+#define CT_BACKEND_DONE 256
 #define NH_STACK 0
 #define NH_FIB 1
 #define NH_REDIRECT 2
@@ -114,8 +115,7 @@ struct bpfgen_ct_entry {
 	__u32 expires; /* seconds of the datapath clock after which the entry is dead */
 	__u32 backend_id;
 	__u32 rev_nat_id;
-	__u8 flags;
-	__u8 nh; /* next hop of packets that find this entry: NH_STACK, or NH_FIB and the cached answer */
+	__u16 flags; /* CT_* state flags */
 	bpfgen_port_t snat_port;
 	bpfgen_ip4_t snat_addr;
 	__u32 nat_cookie; /* SNAT: the cookie of the NAT_IN claim this flow made (0: none) */
@@ -128,8 +128,11 @@ struct bpfgen_ct_entry {
 	__u32 l2_dst; /* cached next hop: destination MAC bytes 0-3 (NH_NEIGH: the gateway's address) */
 	__u32 l2_mid; /* destination MAC bytes 4-5, source MAC bytes 0-1 */
 	__u32 l2_src; /* source MAC bytes 2-5 */
+	__u8 nh; /* next hop of packets that find this entry: NH_STACK, or NH_FIB and the cached answer */
+	__u8 pad1;
+	__u16 done_tick; /* CT_BACKEND_DONE: when it was set (coarse clock, units of 2^20 ns, wrapping) */
 };
-_Static_assert(sizeof(struct bpfgen_ct_entry) == 56, "bpfgen_ct_entry layout");
+_Static_assert(sizeof(struct bpfgen_ct_entry) == 60, "bpfgen_ct_entry layout");
 
 /* An SNAT translation: NAT_OUT rewrites the source to addr:port, NAT_IN the destination. */
 struct bpfgen_nat_entry {

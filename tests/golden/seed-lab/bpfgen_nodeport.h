@@ -421,7 +421,7 @@ static __always_inline void nat_in_key(struct bpfgen_tuple *key, __be32 backend_
 	key->pad = 0;
 }
 
-static __always_inline __u32 ct_lifetime(const struct pkt *p, __u8 flags)
+static __always_inline __u32 ct_lifetime(const struct pkt *p, __u16 flags)
 {
 	if (p->t.proto != IPPROTO_TCP)
 		return CT_UDP_TIMEOUT;
@@ -438,9 +438,11 @@ static __always_inline __u32 ct_lifetime(const struct pkt *p, __u8 flags)
  * TCP state from one packet of one side (fin: CT_FIN_CLIENT or CT_FIN_BACKEND), as Linux
  * conntrack has it: an ACK without SYN establishes (not a flow picked up mid-stream); a
  * FIN half-closes (the flow keeps its timeout), the second side's FIN closes, and so
- * does a RST. Who sent the first FIN is kept: that side holds TIME_WAIT.
+ * does a RST. Who sent the first FIN is kept: that side holds TIME_WAIT. The backend's
+ * side is over (CT_BACKEND_DONE) at a RST, or, when the client closed first, at the
+ * client's ACK after the backend's FIN (its final ACK: the backend leaves LAST_ACK).
  */
-static __always_inline __u8 ct_flags_after(const struct pkt *p, __u8 flags, __u8 fin)
+static __always_inline __u16 ct_flags_after(const struct pkt *p, __u16 flags, __u8 fin)
 {
 	if (p->t.proto != IPPROTO_TCP)
 		return flags;
@@ -450,7 +452,10 @@ static __always_inline __u8 ct_flags_after(const struct pkt *p, __u8 flags, __u8
 	    !(flags & CT_MIDSTREAM))
 		flags |= CT_ESTABLISHED;
 	if (p->tcp_flags & TCP_FLAG_RST)
-		return flags | CT_CLOSING;
+		return flags | CT_CLOSING | CT_BACKEND_DONE;
+	if (fin == CT_FIN_CLIENT && (flags & (CT_FIN_BOTH | CT_BACKEND_CLOSED_FIRST)) == CT_FIN_BOTH &&
+	    (p->tcp_flags & TCP_FLAG_ACK))
+		flags |= CT_BACKEND_DONE;
 	if (p->tcp_flags & TCP_FLAG_FIN) {
 		if (!(flags & CT_FIN_BOTH) && fin == CT_FIN_BACKEND)
 			flags |= CT_BACKEND_CLOSED_FIRST;
@@ -461,13 +466,22 @@ static __always_inline __u8 ct_flags_after(const struct pkt *p, __u8 flags, __u8
 	return flags;
 }
 
+/* The coarse clock in units of 2^20 ns (about a millisecond), wrapping: when a flow's
+ * backend side went (CT_BACKEND_DONE). */
+static __always_inline __u16 now_tick(void)
+{
+	return bpf_ktime_get_coarse_ns() >> 20;
+}
+
 /* Refreshes an entry in place, writing only what changed; returns whether anything did. */
 static __always_inline int ct_touch(struct bpfgen_ct_entry *ct, const struct pkt *p, __u32 now, __u8 fin)
 {
-	__u8 flags = ct_flags_after(p, ct->flags, fin);
+	__u16 flags = ct_flags_after(p, ct->flags, fin);
 	__u32 expires = now + ct_lifetime(p, flags);
 	int changed = 0;
 
+	if ((flags & CT_BACKEND_DONE) && !(ct->flags & CT_BACKEND_DONE))
+		ct->done_tick = now_tick();
 	if (flags != ct->flags) {
 		ct->flags = flags;
 		changed = 1;
@@ -544,9 +558,10 @@ static __always_inline __u64 *nat_lease(struct bpfgen_nat_entry *nat)
  * tuple node:port -> backend (kernel-notes, SNAT and TCP):
  * - the flow that made the claim is still being set up (its conntrack entry does not
  *   carry the claim yet) for a second after the claim; after that it is gone;
- * - a live flow keeps its port; a closed one (both FINs, or a RST) in which the backend
- *   did not close first leaves no TIME_WAIT on the backend: free at once, as is an
- *   expired flow picked up mid-stream (the backend never had it);
+ * - a live flow keeps its port; a flow reset, or closed by the client first once the
+ *   client's final ACK went by (before it the backend is in LAST_ACK), leaves nothing on
+ *   the backend: free a few milliseconds after, as is at once an expired flow picked up
+ *   mid-stream (the backend never had it);
  * - else the backend may hold the tuple in TIME_WAIT: a new flow of the same client
  *   address and port to the same frontend (the same connection tuple: Linux draws TCP
  *   timestamp offsets per connection, addresses and ports, so only that one runs on the
@@ -570,7 +585,13 @@ static __always_inline int snat_is_stale(struct bpfgen_nat_entry *nat, __u32 cla
 	if (live && !(ct->flags & CT_CLOSING))
 		return 0;
 	if (key->proto == IPPROTO_TCP) {
-		if ((ct->flags & CT_CLOSING) && !(ct->flags & CT_BACKEND_CLOSED_FIRST))
+		/* not in the very tick of the clock it went by: a backend busy in the socket holds
+		 * the final ACK in its backlog, where a SYN right behind it is lost when the ACK
+		 * closes the socket (seen: a 1 s stall) */
+		if (ct->flags & CT_BACKEND_DONE)
+			return !live || (__u16)(now_tick() - ct->done_tick) >= 2;
+		/* the client closed first and its final ACK was not seen: after the close timeout */
+		if ((ct->flags & CT_CLOSING) && !(ct->flags & CT_BACKEND_CLOSED_FIRST) && !live)
 			return 1;
 		if (!live && (ct->flags & CT_MIDSTREAM))
 			return 1;
@@ -1012,6 +1033,13 @@ static __always_inline int lb_forward(struct __sk_buff *skb, struct pkt *p, cons
 	return send(skb, &entry, egress, direct);
 }
 
+/* Whether two entries are of one flow: a client may open a new flow on its tuple, or a new
+ * flow take over a closed one's SNAT port, while late packets of the old flow arrive. */
+static __always_inline int same_flow(const struct bpfgen_ct_entry *a, const struct bpfgen_ct_entry *b)
+{
+	return a->backend_id == b->backend_id && a->snat_port == b->snat_port && a->nat_cookie == b->nat_cookie;
+}
+
 /* The key of the entry of the other direction of ct's flow (reply: ct is a CT_OUT entry). */
 static __always_inline void partner_key(struct bpfgen_tuple *key, const struct bpfgen_ct_entry *ct, __u8 proto,
 					int reply)
@@ -1044,7 +1072,7 @@ static __always_inline void ct_promote(const struct bpfgen_tuple *key, struct bp
 	if (bpf_map_update_elem(&ct_v4, key, ct, BPF_ANY))
 		return;
 	other = bpf_map_lookup_elem(&ct_half_v4, &partner);
-	if (other && other->backend_id == ct->backend_id && other->snat_port == ct->snat_port) {
+	if (other && same_flow(other, ct)) {
 		ct_touch(other, p, now, fin);
 		bpf_map_update_elem(&ct_v4, &partner, other, BPF_ANY);
 		bpf_map_delete_elem(&ct_half_v4, &partner);
@@ -1090,8 +1118,18 @@ static __noinline int snat_keep(const struct pkt *p, const struct bpfgen_ct_entr
 static __noinline int ct_repair(const struct pkt *p, const struct bpfgen_ct_entry *ct, int half)
 {
 	struct bpfgen_ct_entry entry, *other;
+	struct bpfgen_nat_entry *claim;
 	struct bpfgen_tuple key;
 
+	if (ct->flags & CT_SNAT) {
+		/* the port is another flow's now (its claim): this flow is over */
+		nat_in_key(&key, ct->xl_daddr, ct->xl_dport, ct->xl_saddr, ct->xl_sport, p->t.proto);
+		claim = bpf_map_lookup_elem(&snat_v4, &key);
+		if (claim && claim->cookie != ct->nat_cookie)
+			return -1;
+	}
+	if (ct->flags & CT_CLOSING)
+		return 0; /* (a closed flow's late packet never makes its entries again) */
 	partner_key(&key, ct, p->t.proto, 0);
 	other = ct_table_lookup(&key, half);
 	if (other) {
@@ -1175,7 +1213,7 @@ static __always_inline int ct_fast(struct __sk_buff *skb, struct pkt *p, const s
 			other = ct_table_lookup(&partner, half);
 			/* (a client may reuse its tuple for a new flow while late packets of the old
 			 * one still arrive: those leave the new flow alone) */
-			if (other && other->backend_id == ct->backend_id && other->snat_port == ct->snat_port)
+			if (other && same_flow(other, ct))
 				ct_touch(other, p, now, fin);
 		}
 	}
