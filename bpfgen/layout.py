@@ -219,6 +219,8 @@ CT_ENTRY = _s(
     ("nh", "u8", "next hop of packets that find this entry: NH_STACK, or NH_FIB and the cached answer"),
     ("pad1", "u8"),
     ("done_tick", "u16", "CT_BACKEND_DONE: when it was set (coarse clock, units of 2^20 ns, wrapping)"),
+    ("ts_delta", "u32", "CT_TS_REWRITE: added to the client's TCP TSval towards the backend (its TSecr back: less)"),
+    ("started", "u32", "when the flow began (datapath seconds)"),
 )
 NAT_ENTRY = _s(
     "bpfgen_nat_entry",
@@ -318,6 +320,8 @@ FLAGS = {
     "CT_EGRESS": 64,  # a flow of the node or its pods (to_netdev), keyed CT_SERVICE_EGRESS
     "CT_MIDSTREAM": 128,  # opened by a segment without SYN: short-lived, never established
     "CT_BACKEND_DONE": 256,  # the backend's side is over: a RST, or the client's ACK of its FIN after the client's
+    # (or, the backend closed first, the client's FIN: the backend enters TIME_WAIT)
+    "CT_TS_REWRITE": 512,  # TCP timestamps rewritten to the node's clock (SNAT): TIME_WAIT passes a new SYN
     # ct entry nh: where packets that find the entry go
     "NH_STACK": 0,  # the stack delivers them (a local backend; replies to the node's own flows)
     "NH_FIB": 1,  # forwarded by the program; the next hop is not cached yet

@@ -198,7 +198,8 @@ CT_DIRS = {layout.FLAGS["CT_SERVICE"]: "SVC", layout.FLAGS["CT_OUT"]: "OUT", lay
 CT_FLAG_NAMES = (("closing", "CT_CLOSING"), ("established", "CT_ESTABLISHED"), ("snat", "CT_SNAT"),
                  ("fin_client", "CT_FIN_CLIENT"), ("fin_backend", "CT_FIN_BACKEND"),
                  ("backend_closed_first", "CT_BACKEND_CLOSED_FIRST"), ("egress", "CT_EGRESS"),
-                 ("midstream", "CT_MIDSTREAM"), ("backend_done", "CT_BACKEND_DONE"))
+                 ("midstream", "CT_MIDSTREAM"), ("backend_done", "CT_BACKEND_DONE"),
+                 ("ts_rewrite", "CT_TS_REWRITE"))
 NAT_DIRS = {layout.FLAGS["NAT_OUT"]: "OUT", layout.FLAGS["NAT_IN"]: "IN"}
 
 

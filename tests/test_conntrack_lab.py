@@ -186,10 +186,7 @@ class TestRate:
 
     @pytest.mark.parametrize("client_closes", [
         pytest.param(True),
-        pytest.param(False, marks=pytest.mark.xfail(strict=True, reason=(
-            "issue 8, open: kernel 6.18 draws TCP timestamp offsets per connection (ports too), so a port whose "
-            "backend holds TIME_WAIT is safe at once only for the same client tuple; from fresh client ports "
-            "1000 ports rest 120 s each, too few for a sustained loop without rewriting timestamps"))),
+        pytest.param(False),
     ], ids=["client-closes-first", "pod-closes-first"])
     def test_sequential_connections_through_1000_snat_ports(self, lab, client_closes: bool) -> None:
         """SEQUENTIAL connections in a row, many times the 1000 ports of the range: none
@@ -197,8 +194,6 @@ class TestRate:
         r = _sequential(lab, SEQUENTIAL, client_closes=client_closes)
         assert r["problem"] is None and r["done"] == SEQUENTIAL, (r, _drops("node0"))
 
-    @pytest.mark.xfail(strict=True, reason="issue 8, open: as pod-closes-first above (TIME_WAIT with per-connection "
-                       "timestamp offsets)")
     def test_two_client_addresses_share_the_range_without_a_stall(self, lab) -> None:
         """Two client addresses in turn through the same 1000 ports: a port that one of them
         just used is not handed to the other while the backend may hold it in TIME_WAIT,

@@ -29,6 +29,7 @@ typedef __u8 bpfgen_proto_t; /* IP protocol number (6 TCP, 17 UDP) */
 #define CT_EGRESS 64
 #define CT_MIDSTREAM 128
 #define CT_BACKEND_DONE 256
+#define CT_TS_REWRITE 512
 #define NH_STACK 0
 #define NH_FIB 1
 #define NH_REDIRECT 2
@@ -131,8 +132,10 @@ struct bpfgen_ct_entry {
 	__u8 nh; /* next hop of packets that find this entry: NH_STACK, or NH_FIB and the cached answer */
 	__u8 pad1;
 	__u16 done_tick; /* CT_BACKEND_DONE: when it was set (coarse clock, units of 2^20 ns, wrapping) */
+	__u32 ts_delta; /* CT_TS_REWRITE: added to the client's TCP TSval towards the backend (its TSecr back: less) */
+	__u32 started; /* when the flow began (datapath seconds) */
 };
-_Static_assert(sizeof(struct bpfgen_ct_entry) == 60, "bpfgen_ct_entry layout");
+_Static_assert(sizeof(struct bpfgen_ct_entry) == 68, "bpfgen_ct_entry layout");
 
 /* An SNAT translation: NAT_OUT rewrites the source to addr:port, NAT_IN the destination. */
 struct bpfgen_nat_entry {

@@ -203,7 +203,7 @@ struct ip_tail {
  * skb->csum follows: what the program cannot see.
  */
 static __always_inline int rewrite(struct __sk_buff *skb, const struct pkt *p, __be32 saddr, __be32 daddr,
-				   __be16 sport, __be16 dport, int dec_ttl, int direct)
+				   __be16 sport, __be16 dport, int dec_ttl, int direct, __u32 l4_more)
 {
 	struct ip_tail tail = {
 		.ttl = p->ttl - (dec_ttl ? 1 : 0),
@@ -217,7 +217,9 @@ static __always_inline int rewrite(struct __sk_buff *skb, const struct pkt *p, _
 	__u64 mangled = p->t.proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
 	__u32 addrs = csum_add(csum_change(p->t.saddr, saddr), csum_change(p->t.daddr, daddr));
 	/* the two ports are one 32-bit word; any order of their halves folds the same */
-	__u32 l4_ports = csum_change(p->t.sport | (__u32)p->t.dport << 16, sport | (__u32)dport << 16);
+	/* (and l4_more: the caller's change of another word of the L4 header, a timestamp) */
+	__u32 l4_ports = csum_add(csum_change(p->t.sport | (__u32)p->t.dport << 16, sport | (__u32)dport << 16),
+				  l4_more);
 	/* bytes 8..9 (TTL, protocol) are one 16-bit word of the header checksum */
 	__u32 l3 = csum_add(addrs, csum_change(bpf_htons((__u16)(p->ttl << 8 | p->t.proto)),
 					       bpf_htons((__u16)(tail.ttl << 8 | p->t.proto))));
@@ -247,6 +249,71 @@ l4_csum:
 	    bpf_l4_csum_replace(skb, p->csum_off, 0, l4_ports, mangled))
 		return drop(DROP_REWRITE_FAILED);
 	return 0;
+}
+
+/* ---- TCP timestamps of SNATed flows ---- */
+
+/* NOP, NOP, then the timestamp option's kind and length: how Linux leads the options of
+ * every segment but a SYN. */
+#define TCP_TS_LEAD 0x0101080a
+#define TCPOPT_EOL 0
+#define TCPOPT_NOP 1
+#define TCPOPT_TIMESTAMP 8
+#define TCPOLEN_TIMESTAMP 10
+
+/* Where the TSval of the TCP segment at l4_off is (its offset in the packet), or 0: the
+ * options walked, two bytes (kind, length) at a time. */
+static __noinline __u32 tcp_ts_find(struct __sk_buff *skb, __u32 l4_off)
+{
+	__u8 opt[2], doff;
+	__u32 end, at, i;
+
+	if (bpf_skb_load_bytes(skb, l4_off + 12, &doff, 1) < 0)
+		return 0;
+	end = l4_off + (doff >> 4) * 4;
+	at = l4_off + 20;
+	for (i = 0; i < 40 && at < end; i++) {
+		if (bpf_skb_load_bytes(skb, at, opt, 2) < 0 || opt[0] == TCPOPT_EOL)
+			break;
+		if (opt[0] == TCPOPT_NOP) {
+			at++;
+			continue;
+		}
+		if (opt[0] == TCPOPT_TIMESTAMP && opt[1] == TCPOLEN_TIMESTAMP && at + TCPOLEN_TIMESTAMP <= end)
+			return at + 2;
+		if (opt[1] < 2)
+			break;
+		at += opt[1];
+	}
+	return 0;
+}
+
+/*
+ * Shifts the segment's TSval by delta (echo: its TSecr back by delta) and returns the
+ * checksum difference (rewrite folds it in), 0 if it has no timestamp. Linux's place for
+ * the option is looked at first; else the options are walked.
+ */
+static __noinline __u32 tcp_ts_shift(struct __sk_buff *skb, const struct pkt *p, __u32 delta, int echo)
+{
+	__be32 lead = 0, from, to;
+	__u8 doff = 0;
+	__u32 at = 0;
+
+	if (bpf_skb_load_bytes(skb, p->l4_off + 12, &doff, 1) == 0 && (doff >> 4) >= 8 &&
+	    bpf_skb_load_bytes(skb, p->l4_off + 20, &lead, 4) == 0 && lead == bpf_htonl(TCP_TS_LEAD))
+		at = p->l4_off + 24;
+	else
+		at = tcp_ts_find(skb, p->l4_off);
+	if (!at)
+		return 0;
+	if (echo)
+		at += 4;
+	if (bpf_skb_load_bytes(skb, at, &from, 4) < 0)
+		return 0;
+	to = bpf_htonl(echo ? bpf_ntohl(from) - delta : bpf_ntohl(from) + delta);
+	if (bpf_skb_store_bytes(skb, at, &to, 4, 0) < 0)
+		return 0;
+	return csum_change(from, to);
 }
 
 /* ---- routing: where a translated packet goes ---- */
@@ -456,6 +523,9 @@ static __always_inline __u16 ct_flags_after(const struct pkt *p, __u16 flags, __
 	if (fin == CT_FIN_CLIENT && (flags & (CT_FIN_BOTH | CT_BACKEND_CLOSED_FIRST)) == CT_FIN_BOTH &&
 	    (p->tcp_flags & TCP_FLAG_ACK))
 		flags |= CT_BACKEND_DONE;
+	/* the backend closed first: the client's FIN puts it in TIME_WAIT */
+	if (fin == CT_FIN_CLIENT && (flags & CT_BACKEND_CLOSED_FIRST) && (p->tcp_flags & TCP_FLAG_FIN))
+		flags |= CT_BACKEND_DONE;
 	if (p->tcp_flags & TCP_FLAG_FIN) {
 		if (!(flags & CT_FIN_BOTH) && fin == CT_FIN_BACKEND)
 			flags |= CT_BACKEND_CLOSED_FIRST;
@@ -585,16 +655,31 @@ static __always_inline int snat_is_stale(struct bpfgen_nat_entry *nat, __u32 cla
 	if (live && !(ct->flags & CT_CLOSING))
 		return 0;
 	if (key->proto == IPPROTO_TCP) {
-		/* not in the very tick of the clock it went by: a backend busy in the socket holds
-		 * the final ACK in its backlog, where a SYN right behind it is lost when the ACK
-		 * closes the socket (seen: a 1 s stall) */
-		if (ct->flags & CT_BACKEND_DONE)
-			return !live || (__u16)(now_tick() - ct->done_tick) >= 2;
-		/* the client closed first and its final ACK was not seen: after the close timeout */
-		if ((ct->flags & CT_CLOSING) && !(ct->flags & CT_BACKEND_CLOSED_FIRST) && !live)
-			return 1;
+		/* whether the backend holds TIME_WAIT: it sent the first of both FINs */
+		int tw = (ct->flags & CT_BACKEND_CLOSED_FIRST) && (ct->flags & CT_FIN_BOTH) == CT_FIN_BOTH;
+		/* not in the very tick of the clock the backend's side went by: a backend busy in
+		 * the socket holds that packet in its backlog, where a SYN right behind it is lost
+		 * when the packet closes the socket (seen: a 1 s stall) */
+		int settled = (ct->flags & CT_BACKEND_DONE) && (__u16)(now_tick() - ct->done_tick) >= 2;
+
 		if (!live && (ct->flags & CT_MIDSTREAM))
 			return 1;
+		if (!tw) {
+			if (ct->flags & CT_BACKEND_DONE)
+				return !live || settled;
+			/* the client closed first and its final ACK was not seen: after the close timeout */
+			if ((ct->flags & CT_CLOSING) && !live)
+				return 1;
+		} else if ((ct->flags & CT_TS_REWRITE) && settled) {
+			/* TIME_WAIT passes a SYN whose timestamp is newer than the old flow's last (RFC
+			 * 6191): the flow's timestamps were the node's clock, and so are the next
+			 * flow's. After a thousandth of the old flow's life, for the client's clock's
+			 * drift from the node's. */
+			__u32 closed = ct->expires - CT_CLOSE_TIMEOUT;
+
+			if (!live || now >= closed + (closed - ct->started) / 1000)
+				return 1;
+		}
 	}
 	if (nat->addr == s->val.addr && nat->port == s->val.port && ct->rev_nat_id == s->rev_nat_id)
 		return 1;
@@ -827,31 +912,40 @@ static __noinline int reject(struct __sk_buff *skb, const struct pkt *p, int egr
 	union {
 		struct reset_reply rst;
 		struct unreach_reply icmp;
+		struct tcp_head in;
+		__u8 macs[2 * ETH_ALEN];
 	} r = {};
-	struct tcp_head in = {};
-	__u8 macs[2 * ETH_ALEN];
-	__be16 tot_len;
+	__be32 seq, ack_seq;
 	__u32 len, sum;
+	__be16 tot_len;
+	__u8 flags;
 
 	drop(DROP_REJECTED);
 	if (p->l4_off != ETH_HLEN + sizeof(struct iphdr) || skb->gso_size)
 		return TC_ACT_SHOT;
-	if (bpf_skb_load_bytes(skb, 0, macs, sizeof(macs)) < 0 ||
+	/* the MACs swapped first (r is scratch until the reply is built in it) */
+	if (bpf_skb_load_bytes(skb, 0, r.macs, sizeof(r.macs)) < 0 ||
+	    bpf_skb_store_bytes(skb, 0, r.macs + ETH_ALEN, ETH_ALEN, 0) < 0 ||
+	    bpf_skb_store_bytes(skb, ETH_ALEN, r.macs, ETH_ALEN, 0) < 0 ||
 	    bpf_skb_load_bytes(skb, ETH_HLEN + offsetof(struct iphdr, tot_len), &tot_len, sizeof(tot_len)) < 0)
 		return TC_ACT_SHOT;
 	if (p->t.proto == IPPROTO_TCP) {
-		if (bpf_skb_load_bytes(skb, p->l4_off, &in, sizeof(in)) < 0 || (in.flags & TCP_FLAG_RST))
+		if (bpf_skb_load_bytes(skb, p->l4_off, &r.in, sizeof(r.in)) < 0 || (r.in.flags & TCP_FLAG_RST))
 			return TC_ACT_SHOT;
-		len = bpf_ntohs(tot_len) - sizeof(struct iphdr) - (in.doff >> 4) * 4;
-		if (in.flags & TCP_FLAG_SYN)
+		seq = r.in.seq;
+		ack_seq = r.in.ack_seq;
+		flags = r.in.flags;
+		len = bpf_ntohs(tot_len) - sizeof(struct iphdr) - (r.in.doff >> 4) * 4;
+		__builtin_memset(&r, 0, sizeof(r));
+		if (flags & TCP_FLAG_SYN)
 			len++;
-		if (in.flags & TCP_FLAG_FIN)
+		if (flags & TCP_FLAG_FIN)
 			len++;
-		if (in.flags & TCP_FLAG_ACK) {
-			r.rst.seq = in.ack_seq;
+		if (flags & TCP_FLAG_ACK) {
+			r.rst.seq = ack_seq;
 			r.rst.flags = TCP_FLAG_RST;
 		} else {
-			r.rst.ack_seq = bpf_htonl(bpf_ntohl(in.seq) + len);
+			r.rst.ack_seq = bpf_htonl(bpf_ntohl(seq) + len);
 			r.rst.flags = TCP_FLAG_RST | TCP_FLAG_ACK;
 		}
 		r.rst.sport = p->t.dport;
@@ -865,6 +959,7 @@ static __noinline int reject(struct __sk_buff *skb, const struct pkt *p, int egr
 		    bpf_skb_store_bytes(skb, ETH_HLEN, &r.rst, sizeof(r.rst), 0) < 0)
 			return TC_ACT_SHOT;
 	} else {
+		__builtin_memset(&r, 0, sizeof(r));
 		if (bpf_skb_load_bytes(skb, ETH_HLEN, r.icmp.quote, sizeof(r.icmp.quote)) < 0)
 			return TC_ACT_SHOT;
 		r.icmp.type = ICMP_DEST_UNREACH;
@@ -875,10 +970,6 @@ static __noinline int reject(struct __sk_buff *skb, const struct pkt *p, int egr
 		    bpf_skb_store_bytes(skb, ETH_HLEN, &r.icmp, sizeof(r.icmp), 0) < 0)
 			return TC_ACT_SHOT;
 	}
-	/* the MACs swapped */
-	if (bpf_skb_store_bytes(skb, 0, macs + ETH_ALEN, ETH_ALEN, 0) < 0 ||
-	    bpf_skb_store_bytes(skb, ETH_ALEN, macs, ETH_ALEN, 0) < 0)
-		return TC_ACT_SHOT;
 	if (egress) /* the node's (or a pod's) packet: the answer comes in to it */
 		return bpf_redirect(skb->ifindex, BPF_F_INGRESS);
 	skb->cb[0] = REDIRECTED_MAGIC; /* to_netdev passes it */
@@ -931,6 +1022,7 @@ static __always_inline int lb_forward(struct __sk_buff *skb, struct pkt *p, cons
 	__u8 fwd_nh;
 	__be32 snat_addr;
 	__u8 took_over = 0;
+	__u32 ts_csum = 0;
 	int snat, local, hairpin, half = p->t.proto == IPPROTO_TCP && !(mode & LB_EGRESS);
 	int syn = p->t.proto == IPPROTO_TCP && (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
 
@@ -993,7 +1085,19 @@ static __always_inline int lb_forward(struct __sk_buff *skb, struct pkt *p, cons
 		entry.snat_addr = snat_addr;
 		entry.flags |= CT_SNAT;
 		xlated.sport = entry.snat_port;
+		/* Its TCP timestamps on the node's clock (ms): a later flow on this port then
+		 * passes the backend's TIME_WAIT of this one, whatever its client's clock. */
+		if (syn && !hairpin) {
+			__u32 at = tcp_ts_find(skb, p->l4_off);
+			__be32 tsval;
+
+			if (at && bpf_skb_load_bytes(skb, at, &tsval, 4) == 0) {
+				entry.ts_delta = (__u32)(bpf_ktime_get_ns() / 1000000) + 1 - bpf_ntohl(tsval);
+				entry.flags |= CT_TS_REWRITE;
+			}
+		}
 	}
+	entry.started = now;
 	entry.xl_saddr = xlated.saddr;
 	entry.xl_daddr = xlated.daddr;
 	entry.xl_sport = xlated.sport;
@@ -1027,8 +1131,10 @@ static __always_inline int lb_forward(struct __sk_buff *skb, struct pkt *p, cons
 		affinity_record(p, rev, backend_id, now);
 
 	/* We forward it ourselves (ingress, a next hop): decrement the TTL as a router does. */
+	if (entry.flags & CT_TS_REWRITE)
+		ts_csum = tcp_ts_shift(skb, p, entry.ts_delta, 0);
 	if (rewrite(skb, p, xlated.saddr, xlated.daddr, xlated.sport, xlated.dport, !egress && entry.nh != NH_STACK,
-		    direct))
+		    direct, ts_csum))
 		return TC_ACT_SHOT;
 	return send(skb, &entry, egress, direct);
 }
@@ -1117,7 +1223,7 @@ static __noinline int snat_keep(const struct pkt *p, const struct bpfgen_ct_entr
  */
 static __noinline int ct_repair(const struct pkt *p, const struct bpfgen_ct_entry *ct, int half)
 {
-	struct bpfgen_ct_entry entry, *other;
+	struct bpfgen_ct_entry *other;
 	struct bpfgen_nat_entry *claim;
 	struct bpfgen_tuple key;
 
@@ -1138,17 +1244,21 @@ static __noinline int ct_repair(const struct pkt *p, const struct bpfgen_ct_entr
 			return -1;
 		return 0;
 	}
-	entry = *ct;
-	entry.xl_saddr = p->t.daddr;
-	entry.xl_sport = p->t.dport;
-	entry.xl_daddr = p->t.saddr;
-	entry.xl_dport = p->t.sport;
+	/* (written as the forward entry, then changed in place: no copy on the stack) */
+	if (ct_insert(half, &key, ct))
+		return 0;
+	other = ct_table_lookup(&key, half);
+	if (!other)
+		return 0;
+	other->xl_saddr = p->t.daddr;
+	other->xl_sport = p->t.dport;
+	other->xl_daddr = p->t.saddr;
+	other->xl_dport = p->t.sport;
 	if ((ct->flags & (CT_SNAT | CT_EGRESS)) == (CT_SNAT | CT_EGRESS))
-		entry.nh = NH_INGRESS; /* a hairpin flow's */
+		other->nh = NH_INGRESS; /* a hairpin flow's */
 	else
-		entry.nh = (ct->flags & CT_SNAT) ? NH_FIB : NH_STACK;
-	entry.checked = 0;
-	ct_insert(half, &key, &entry);
+		other->nh = (ct->flags & CT_SNAT) ? NH_FIB : NH_STACK;
+	other->checked = 0;
 	return 1;
 }
 
@@ -1168,6 +1278,7 @@ static __always_inline int ct_fast(struct __sk_buff *skb, struct pkt *p, const s
 	struct bpfgen_tuple partner; /* (the translated tuple, then the partner's key) */
 	struct bpfgen_ct_entry *other;
 	int promote = 0, verdict;
+	__u32 ts_csum = 0;
 	__u8 fin = reply ? CT_FIN_BACKEND : CT_FIN_CLIENT;
 
 	if (!ct_is_live(ct, now))
@@ -1219,8 +1330,10 @@ static __always_inline int ct_fast(struct __sk_buff *skb, struct pkt *p, const s
 	}
 	if (!reply)
 		count_frontend(ct->rev_nat_id, p->len);
+	if ((ct->flags & CT_TS_REWRITE) && p->t.proto == IPPROTO_TCP)
+		ts_csum = tcp_ts_shift(skb, p, ct->ts_delta, reply);
 	if (rewrite(skb, p, ct->xl_saddr, ct->xl_daddr, ct->xl_sport, ct->xl_dport, !egress && ct->nh != NH_STACK,
-		    direct))
+		    direct, ts_csum))
 		return TC_ACT_SHOT;
 	verdict = send(skb, ct, egress, direct);
 	if (promote)
