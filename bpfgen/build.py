@@ -178,12 +178,14 @@ def _previous_manifest(build_dir: Path) -> dict:
         return {}
 
 
-def compile_spec(spec_path: str | Path, out_dir: str | Path | None = None) -> Build:
+def compile_spec(spec_path: str | Path, out_dir: str | Path | None = None, *,
+                 settings: str | Path | None = None) -> Build:
     """Validate, plan, render and compile (clang only when the object is not up to date).
+    settings: beside Kubernetes objects, a file with their bpfgen/v1 Settings document.
     Returns the build; raises SpecError/CompileError."""
     from .spec import load_spec, spec_to_dict  # (pydantic: only where a spec is read)
 
-    spec = load_spec(spec_path)
+    spec = load_spec(spec_path, settings)
     build_dir = Path(out_dir) if out_dir is not None else DEFAULT_OUT / spec.metadata.name
     try:
         build_dir.mkdir(parents=True, exist_ok=True)

@@ -116,14 +116,20 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.obj = Context(debug)
 
 
+def settings_option(fn: Callable) -> Callable:
+    return click.option("--settings", type=click.Path(dir_okay=False, path_type=Path),
+                        help="Beside Kubernetes objects: a file holding their bpfgen/v1 Settings document.")(fn)
+
+
 @cli.command()
 @click.argument("spec", type=click.Path(dir_okay=False, path_type=Path))
+@settings_option
 @handle_errors
-def validate(spec: Path) -> None:
+def validate(spec: Path, settings: Path | None) -> None:
     """Check a spec file and report every problem in it."""
     from .spec import load_spec
 
-    s = load_spec(spec)
+    s = load_spec(spec, settings)
     info(f"{spec}: ok ({len(s.nodes)} nodes, {len(s.services)} services)")
 
 
@@ -131,12 +137,13 @@ def validate(spec: Path) -> None:
 @click.argument("spec", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Build directory (default: out/<metadata.name>/).")
+@settings_option
 @handle_errors
-def compile_cmd(spec: Path, out_dir: Path | None) -> None:
+def compile_cmd(spec: Path, out_dir: Path | None, settings: Path | None) -> None:
     """Validate SPEC, plan it, render the datapath's C and compile its one BPF object."""
     from .build import compile_spec
 
-    build = compile_spec(spec, out_dir)
+    build = compile_spec(spec, out_dir, settings=settings)
     for name in build.manifest["files"]:
         click.echo(str(build.dir / name))
     info(f"compiled {build.name}: one object for {len(build.nodes)} node(s) in {build.dir}")
@@ -171,12 +178,13 @@ def schema() -> None:
 @click.option("--build", "build_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Build directory (default: the single build under out/).")
 @click.option("--spec", type=click.Path(dir_okay=False, path_type=Path), help="Compile SPEC first and load that.")
+@settings_option
 @click.option("--verifier-log", type=click.Path(dir_okay=False, path_type=Path),
               help="If the verifier rejects the program, write its whole log to this file.")
 @node_options
 @handle_errors
-def load(iface: str, build_dir: Path | None, spec: Path | None, node: str | None, netns: str | None,
-         verifier_log: Path | None) -> None:
+def load(iface: str, build_dir: Path | None, spec: Path | None, settings: Path | None, node: str | None,
+         netns: str | None, verifier_log: Path | None) -> None:
     """Load a node's datapath, pin its maps, fill them and attach to IFACE (tc)."""
     from .build import compile_spec
     from .errors import UsageError
@@ -185,8 +193,11 @@ def load(iface: str, build_dir: Path | None, spec: Path | None, node: str | None
 
     if build_dir and spec:
         raise UsageError("give --build or --spec, not both")
+    if settings and not spec:
+        raise UsageError("--settings goes with --spec")
     try:
-        result = do_load(iface, build=(lambda: compile_spec(spec)) if spec else build_dir, node=node, netns=netns)
+        result = do_load(iface, build=(lambda: compile_spec(spec, settings=settings)) if spec else build_dir,
+                         node=node, netns=netns)
     except VerifierError as e:
         if verifier_log:
             try:

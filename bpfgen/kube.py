@@ -34,7 +34,8 @@ JSON. What is read, and how:
   whose address is a node's address is that node's host; the others are on no node (remote
   from every node). Slices labelled `service.kubernetes.io/headless`, of address types other
   than IPv4, or of no known service are skipped with a note.
-- `bpfgen/v1 Settings` (optional, in the same stream): `metadata.name` and the `cluster`
+- `bpfgen/v1 Settings` (optional, in the same stream or in a second file: `--settings`,
+  `spec.load_spec(path, settings)`): `metadata.name` and the `cluster`
   block of bpfgen/v1 (ranges, capacities). Without it the defaults apply (Kubernetes'
   nodePortRange 30000-32767) and the spec is named after the file (`cluster.yaml` ->
   `cluster`).
@@ -422,7 +423,8 @@ class _Converter:
     def problem(self, obj: _Object | None, path: str, message: str, label: str | None = None) -> None:
         document = obj.document if obj else (self.documents[0] if self.documents else None)
         line = document.line_of(path) if document is not None else None
-        self.problems.append(Problem(self.filename, path, f"{label}: {message}" if label else message, line))
+        filename = document.filename if document is not None else self.filename  # (a settings file's own)
+        self.problems.append(Problem(filename, path, f"{label}: {message}" if label else message, line))
 
     def source(self, bpfgen_path: str, obj: _Object, label: str, *steps: Any) -> None:
         self.origin.sources[bpfgen_path] = Source(obj.document, obj.at(*steps), label)
@@ -894,5 +896,5 @@ def _problem(origin: Origin, converter: _Converter, path: str, message: str) -> 
         document = converter.documents[0] if converter.documents else None
         return Problem(origin.filename, "", f"{path}: {message}" if path else message,
                        document.line_of("") if document else None)
-    return Problem(origin.filename, source.path, f"{source.label}: {message}" if source.label else message,
+    return Problem(source.document.filename, source.path, f"{source.label}: {message}" if source.label else message,
                    source.line)

@@ -114,17 +114,23 @@ def serve(tcp_ports: list[int], udp_ports: list[int], log_path: str | None, bind
         t.join()
 
 
+def read_line(sock: socket.socket) -> bytes:
+    """One line from a stream socket; ConnectionError if it closes before the line ends."""
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ConnectionError(f"closed before a whole line ({data!r})")
+        data += chunk
+    return data
+
+
 def request(proto: str, host: str, port: int, timeout: float = 5.0) -> dict:
     """One request; returns what the server saw and where the answer came from."""
     if proto.upper() == "TCP":
         with socket.create_connection((host, port), timeout=timeout) as s:
             s.sendall(GREETING)
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = s.recv(4096)
-                if not chunk:
-                    break
-                data += chunk
+            data = read_line(s)
             answer_from = s.getpeername()
             local = s.getsockname()
     else:

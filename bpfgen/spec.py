@@ -628,9 +628,25 @@ def _allocate_node_ports(services: list[Service], node_port_range: PortRange) ->
 # --- loading -----------------------------------------------------------------------------------
 
 
-def load_spec(path: str | os.PathLike[str]) -> Spec:
-    """Read and parse the spec file at path; SpecError if it cannot be read or has problems."""
-    return parse_spec(specio.read_file(path), os.fspath(path))
+def load_spec(path: str | os.PathLike[str], settings: str | os.PathLike[str] | None = None) -> Spec:
+    """Read and parse the spec file at path; SpecError if it cannot be read or has problems.
+    settings: a second file, beside Kubernetes objects, holding their bpfgen/v1 Settings
+    document (a bpfgen/v1 spec has its settings in its cluster block)."""
+    if settings is None:
+        return parse_spec(specio.read_file(path), os.fspath(path))
+    from bpfgen import kube
+
+    documents = specio.load_documents(specio.read_file(path), os.fspath(path))
+    extra = specio.load_documents(specio.read_file(settings), os.fspath(settings))
+    if not kube.is_kubernetes(documents):
+        raise SpecError([Problem(os.fspath(settings), "", "a settings file is read only beside Kubernetes objects "
+                                 f"(the settings of the bpfgen/v1 spec {os.fspath(path)} are its cluster block)")])
+    for document in extra:
+        data = document.data
+        if not (isinstance(data, dict) and data.get("apiVersion") == API_VERSION and data.get("kind") == kube.SETTINGS_KIND):
+            raise SpecError([Problem(os.fspath(settings), "", "a settings file holds one bpfgen/v1 Settings document "
+                                     "(apiVersion: bpfgen/v1, kind: Settings)", document.line_of(""))])
+    return kube.to_spec(documents + extra, os.fspath(path))
 
 
 def parse_spec(text: str, filename: str = _PROGRAMMATIC) -> Spec:

@@ -27,6 +27,7 @@ import yaml
 
 from bpfgen import lab as labmod
 from bpfgen.build import compile_spec
+from bpfgen.labnet import read_line
 from bpfgen.loader import load
 from bpfgen.netns import enter_netns
 
@@ -79,28 +80,18 @@ def _client_socket(lab, kind: int = socket.SOCK_STREAM) -> socket.socket:
         return socket.socket(socket.AF_INET, kind)
 
 
-def _read_line(s: socket.socket) -> bytes:
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = s.recv(4096)
-        if not chunk:
-            raise ConnectionError(f"closed before a whole line ({data!r})")
-        data += chunk
-    return data
-
-
 def _echo_connection(lab, host: str = NODE0, port: int = NODEPORT) -> tuple[socket.socket, dict]:
     """A long-lived connection: the server's answer (what it saw), then an echo."""
     s = _client_socket(lab)
     s.settimeout(5)
     s.connect((host, port))
     s.sendall(b"echo\n")
-    return s, json.loads(_read_line(s))
+    return s, json.loads(read_line(s))
 
 
 def _echoes(s: socket.socket, token: bytes) -> bool:
     s.sendall(token + b"\n")
-    return _read_line(s) == token + b"\n"
+    return read_line(s) == token + b"\n"
 
 
 def _sequential(lab, count: int, *, sources: tuple[str, ...] = ("",), client_closes: bool = False,
@@ -127,10 +118,10 @@ def _sequential(lab, count: int, *, sources: tuple[str, ...] = ("",), client_clo
                     problem = f"connect {done} from {s.getsockname()} took {took:.2f} s"
                 if client_closes:  # the client sends the first FIN (the server waits for it)
                     s.sendall(b"echo\n")
-                    _read_line(s)
+                    read_line(s)
                 else:  # the pod answers and closes first
                     s.sendall(b"hi\n")
-                    _read_line(s)
+                    read_line(s)
                     while s.recv(4096):
                         pass
                 done += 1
@@ -179,7 +170,7 @@ class TestRate:
             s.sendall(b"delay 12\n")
             s.shutdown(socket.SHUT_WR)
             t = time.monotonic()
-            answer = json.loads(_read_line(s))
+            answer = json.loads(read_line(s))
             assert time.monotonic() - t > 11
             assert answer["local"] == "10.0.1.72:80" and answer["peer"].startswith(NODE0 + ":")
             assert s.recv(4096) == b""  # and then the pod's FIN
@@ -403,7 +394,7 @@ class TestState:
                 while outcome is None:
                     try:
                         s.sendall(b"after\n")
-                        _read_line(s)
+                        read_line(s)
                     except ConnectionResetError:
                         outcome = "reset"
                     except OSError as e:  # a hang (timeout) or a close without a reset

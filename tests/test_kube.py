@@ -576,3 +576,49 @@ def test_bpfgen_v1_backends_may_be_on_no_node():
     dup["services"][0]["externalIPs"] = ["10.106.91.98"]  # the clusterIP: the same frontends
     with pytest.raises(SpecError, match="duplicate frontend 10.106.91.98:80/TCP"):
         parse_spec(yaml.safe_dump(dup))
+
+
+# --------------------------------------------------------------- settings in a second file
+
+SETTINGS = """\
+apiVersion: bpfgen/v1
+kind: Settings
+metadata:
+  name: prod
+cluster:
+  snatPortRange: 40000-49999
+  capacity:
+    flows: 1000
+"""
+
+
+def test_settings_may_come_in_a_second_file(tmp_path: Path) -> None:
+    (tmp_path / "settings.yaml").write_text(SETTINGS)
+    spec = load_spec(CLUSTER, tmp_path / "settings.yaml")
+    assert (spec.metadata.name, str(spec.cluster.snat_port_range), spec.cluster.capacity.flows) == (
+        "prod", "40000-49999", 1000)
+    out = CliRunner().invoke(cli, ["compile", str(CLUSTER), "--settings", str(tmp_path / "settings.yaml"),
+                                   "-o", str(tmp_path / "out")])
+    assert out.exit_code == 0, out.output
+    assert json.loads((tmp_path / "out" / "plan.json").read_text())["snatPortRange"] == [40000, 49999]
+
+
+def test_a_problem_in_the_settings_file_names_that_file(tmp_path: Path) -> None:
+    bad = tmp_path / "settings.yaml"
+    bad.write_text(SETTINGS.replace("flows: 1000", "flows: -3"))
+    out = CliRunner().invoke(cli, ["validate", str(CLUSTER), "--settings", str(bad)])
+    assert out.exit_code == 2
+    assert f"{bad}:8: cluster.capacity.flows: flows -3 is out of range" in out.stderr
+
+
+@pytest.mark.parametrize("case", ["bpfgen-v1-spec", "not-settings"])
+def test_a_settings_file_is_only_settings_beside_kubernetes_objects(tmp_path: Path, case: str) -> None:
+    settings = tmp_path / "settings.yaml"
+    if case == "bpfgen-v1-spec":
+        settings.write_text(SETTINGS)
+        spec, expected = REPO / "examples" / "seed.yaml", "a settings file is read only beside Kubernetes objects"
+    else:
+        settings.write_text("apiVersion: v1\nkind: Service\nmetadata: {name: x}\nspec: {}\n")
+        spec, expected = CLUSTER, "a settings file holds one bpfgen/v1 Settings document"
+    out = CliRunner().invoke(cli, ["validate", str(spec), "--settings", str(settings)])
+    assert out.exit_code == 2 and expected in out.stderr and "Traceback" not in out.output

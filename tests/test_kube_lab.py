@@ -18,6 +18,7 @@ import yaml
 from bpfgen import kube
 from bpfgen import lab as labmod
 from bpfgen import views
+from bpfgen.labnet import read_line
 from bpfgen.spec import load_spec
 
 from conftest import lab_up  # noqa: E402
@@ -180,13 +181,7 @@ def _request_from(lab: labmod.Lab, source: str, host: str, port: int, timeout: f
         s.bind((source, 0))
         s.connect((host, port))
         s.sendall(b"hi\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            data += chunk
-        return json.loads(data)
+        return json.loads(read_line(s))
 
 
 def test_have_session_affinity_work_for_nodeport_service(lab) -> None:
@@ -277,7 +272,7 @@ def test_an_established_connection_is_kept_while_its_endpoint_terminates(lab, tm
         s.settimeout(5)
         s.connect((NODE_CP, 30080))
         s.sendall(b"echo\n")
-        pod = json.loads(_line(s))["local"]
+        pod = json.loads(read_line(s))["local"]
         leaving = pod.split(":")[0]
         try:
             _reload(lab, tmp_path, lambda d: _set_conditions(d, leaving, ready=False, serving=True, terminating=True))
@@ -286,7 +281,7 @@ def test_an_established_connection_is_kept_while_its_endpoint_terminates(lab, tm
                 (pod, "terminating", False)]
             for i in range(5):  # the connection goes on...
                 s.sendall(b"still %d\n" % i)
-                assert _line(s) == b"still %d\n" % i
+                assert read_line(s) == b"still %d\n" % i
                 time.sleep(0.3)
             # ...while new ones avoid the endpoint
             assert set(_spread(lab, NODE_CP, 30080, 12)) == WEB_READY - {pod}
@@ -317,16 +312,6 @@ def test_be_able_to_preserve_udp_traffic_when_server_pod_cycles(lab, tmp_path: P
             assert then != first and then in {"10.0.0.2:5353", "10.0.0.3:5353"}
         finally:
             _reload(lab, tmp_path)
-
-
-def _line(s: socket.socket) -> bytes:
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = s.recv(4096)
-        if not chunk:
-            raise ConnectionError(f"closed after {data!r}")
-        data += chunk
-    return data
 
 
 def _request_in(ns: str, proto: str, host: str, port: int) -> subprocess.CompletedProcess:

@@ -253,57 +253,55 @@ l4_csum:
 
 /* ---- TCP timestamps of SNATed flows ---- */
 
-/* NOP, NOP, then the timestamp option's kind and length: how Linux leads the options of
- * every segment but a SYN. */
-#define TCP_TS_LEAD 0x0101080a
-#define TCPOPT_EOL 0
 #define TCPOPT_NOP 1
+#define TCPOPT_MSS 2
+#define TCPOPT_WINDOW 3
+#define TCPOPT_SACK_PERM 4
 #define TCPOPT_TIMESTAMP 8
 #define TCPOLEN_TIMESTAMP 10
 
-/* Where the TSval of the TCP segment at l4_off is (its offset in the packet), or 0: the
- * options walked, two bytes (kind, length) at a time. */
-static __noinline __u32 tcp_ts_find(struct __sk_buff *skb, __u32 l4_off)
+/*
+ * Where the TSval of the TCP segment at l4_off is (its offset in the packet), or 0: the
+ * timestamp option where the common stacks put it, no loop. Not a SYN: after two NOPs
+ * (Linux, the BSDs, macOS, Windows), or first. A SYN: after MSS and SACK permitted
+ * (Linux), or after MSS, NOP, window scale and two bytes (SACK permitted: FreeBSD; two
+ * NOPs: macOS). A segment with the option elsewhere is taken as without it.
+ */
+static __noinline __u32 tcp_ts_at(struct __sk_buff *skb, __u32 l4_off)
 {
-	__u8 opt[2], doff;
-	__u32 end, at, i;
+	__u8 o[12] = {}, doff = 0;
+	__u32 len;
 
 	if (bpf_skb_load_bytes(skb, l4_off + 12, &doff, 1) < 0)
 		return 0;
-	end = l4_off + (doff >> 4) * 4;
-	at = l4_off + 20;
-	for (i = 0; i < 40 && at < end; i++) {
-		if (bpf_skb_load_bytes(skb, at, opt, 2) < 0 || opt[0] == TCPOPT_EOL)
-			break;
-		if (opt[0] == TCPOPT_NOP) {
-			at++;
-			continue;
-		}
-		if (opt[0] == TCPOPT_TIMESTAMP && opt[1] == TCPOLEN_TIMESTAMP && at + TCPOLEN_TIMESTAMP <= end)
-			return at + 2;
-		if (opt[1] < 2)
-			break;
-		at += opt[1];
-	}
+	len = (doff >> 4) * 4;
+	if (len < 32 || bpf_skb_load_bytes(skb, l4_off + 20, o, sizeof(o)) < 0)
+		return 0;
+	if (o[0] == TCPOPT_TIMESTAMP && o[1] == TCPOLEN_TIMESTAMP)
+		return l4_off + 22;
+	if (o[0] == TCPOPT_NOP && o[1] == TCPOPT_NOP && o[2] == TCPOPT_TIMESTAMP && o[3] == TCPOLEN_TIMESTAMP)
+		return l4_off + 24;
+	if (o[0] != TCPOPT_MSS || o[1] != 4)
+		return 0;
+	if (len >= 36 && o[4] == TCPOPT_SACK_PERM && o[5] == 2 && o[6] == TCPOPT_TIMESTAMP &&
+	    o[7] == TCPOLEN_TIMESTAMP)
+		return l4_off + 28;
+	if (len >= 40 && o[4] == TCPOPT_NOP && o[5] == TCPOPT_WINDOW && o[6] == 3 &&
+	    ((o[8] == TCPOPT_SACK_PERM && o[9] == 2) || (o[8] == TCPOPT_NOP && o[9] == TCPOPT_NOP)) &&
+	    o[10] == TCPOPT_TIMESTAMP && o[11] == TCPOLEN_TIMESTAMP)
+		return l4_off + 32;
 	return 0;
 }
 
 /*
  * Shifts the segment's TSval by delta (echo: its TSecr back by delta) and returns the
- * checksum difference (rewrite folds it in), 0 if it has no timestamp. Linux's place for
- * the option is looked at first; else the options are walked.
+ * checksum difference (rewrite folds it in), 0 if it has no timestamp.
  */
 static __noinline __u32 tcp_ts_shift(struct __sk_buff *skb, const struct pkt *p, __u32 delta, int echo)
 {
-	__be32 lead = 0, from, to;
-	__u8 doff = 0;
-	__u32 at = 0;
+	__u32 at = tcp_ts_at(skb, p->l4_off);
+	__be32 from, to;
 
-	if (bpf_skb_load_bytes(skb, p->l4_off + 12, &doff, 1) == 0 && (doff >> 4) >= 8 &&
-	    bpf_skb_load_bytes(skb, p->l4_off + 20, &lead, 4) == 0 && lead == bpf_htonl(TCP_TS_LEAD))
-		at = p->l4_off + 24;
-	else
-		at = tcp_ts_find(skb, p->l4_off);
 	if (!at)
 		return 0;
 	if (echo)
@@ -1088,7 +1086,7 @@ static __always_inline int lb_forward(struct __sk_buff *skb, struct pkt *p, cons
 		/* Its TCP timestamps on the node's clock (ms): a later flow on this port then
 		 * passes the backend's TIME_WAIT of this one, whatever its client's clock. */
 		if (syn && !hairpin) {
-			__u32 at = tcp_ts_find(skb, p->l4_off);
+			__u32 at = tcp_ts_at(skb, p->l4_off);
 			__be32 tsval;
 
 			if (at && bpf_skb_load_bytes(skb, at, &tsval, 4) == 0) {
@@ -1330,7 +1328,7 @@ static __always_inline int ct_fast(struct __sk_buff *skb, struct pkt *p, const s
 	}
 	if (!reply)
 		count_frontend(ct->rev_nat_id, p->len);
-	if ((ct->flags & CT_TS_REWRITE) && p->t.proto == IPPROTO_TCP)
+	if (!egress && (ct->flags & CT_TS_REWRITE) && p->t.proto == IPPROTO_TCP) /* (SNATed: from_netdev's) */
 		ts_csum = tcp_ts_shift(skb, p, ct->ts_delta, reply);
 	if (rewrite(skb, p, ct->xl_saddr, ct->xl_daddr, ct->xl_sport, ct->xl_dport, !egress && ct->nh != NH_STACK,
 		    direct, ts_csum))
