@@ -34,7 +34,7 @@ from bpfgen import libbpf as bpf  # noqa: E402
 from bpfgen.build import compile_object, compile_spec  # noqa: E402
 from bpfgen.loader import SERVICE_MAPS, open_datapath, sync_service_maps  # noqa: E402
 from bpfgen.netns import enter_netns, ifindex as if_index  # noqa: E402
-from tests.packets import ACK, SYN, tcp  # noqa: E402
+from tests.packets import ACK, SYN, tcp, tcp_ts  # noqa: E402
 
 CLIENT, NODE0, NODE1, POD = "172.26.50.180", "172.26.50.101", "172.26.50.102", "10.0.1.72"
 NODEPORT = 30645
@@ -46,6 +46,8 @@ TARGETS = {
     "not for a service (to the node)": 0.3,
     "established forward (DNAT + SNAT)": 1.0,
     "reply (reverse NAT)": 1.0,
+    "established forward, timestamps rewritten": 1.0,
+    "reply, timestamps rewritten": 1.0,
     "first packet of a flow": 3.0,
 }
 
@@ -132,6 +134,14 @@ def main() -> int:
             snat_port = struct.unpack_from(">H", first.data_out, 14 + 20)[0]
             bpf.prog_test_run(prog, tcp(POD, 80, NODE0, snat_port, SYN | ACK), ctx_in=ctx)
             bpf.prog_test_run(prog, tcp(*established, ACK), ctx_in=ctx)
+            # A flow whose SYN carried TCP timestamps (as Linux clients' do): they are rewritten.
+            stamped = (CLIENT, 1026, NODE0, NODEPORT)
+            first = bpf.prog_test_run(prog, tcp_ts(*stamped, SYN, 1000, 0, syn_layout=True), ctx_in=ctx)
+            stamped_port = struct.unpack_from(">H", first.data_out, 14 + 20)[0]
+            node_ts = struct.unpack_from(">I", first.data_out, 14 + 20 + 28)[0]
+            bpf.prog_test_run(prog, tcp_ts(POD, 80, NODE0, stamped_port, SYN | ACK, 7, node_ts, syn_layout=True),
+                              ctx_in=ctx)
+            bpf.prog_test_run(prog, tcp_ts(*stamped, ACK, 1001, 7), ctx_in=ctx)
             fixed = {
                 "empty": tcp(*established, ACK, b"x" * 64),
                 "ref": tcp(*established, ACK, b"x" * 64),
@@ -139,6 +149,8 @@ def main() -> int:
                 "to-node": tcp(CLIENT, 40000, NODE0, 22, ACK, b"x" * 64),
                 "forward": tcp(*established, ACK, b"x" * 64),
                 "reply": tcp(POD, 80, NODE0, snat_port, ACK, b"x" * 64),
+                "forward-ts": tcp_ts(*stamped, ACK, 1002, 7, b"x" * 52),
+                "reply-ts": tcp_ts(POD, 80, NODE0, stamped_port, ACK, 8, node_ts, b"x" * 52),
             }
             fresh_flow = iter(range(1 << 30))
 
@@ -158,6 +170,8 @@ def main() -> int:
                     Case("not for a service (to the node)", prog, lambda i: fixed["to-node"], ctx),
                     Case("established forward (DNAT + SNAT)", prog, lambda i: fixed["forward"], ctx),
                     Case("reply (reverse NAT)", prog, lambda i: fixed["reply"], ctx),
+                    Case("established forward, timestamps rewritten", prog, lambda i: fixed["forward-ts"], ctx),
+                    Case("reply, timestamps rewritten", prog, lambda i: fixed["reply-ts"], ctx),
                     Case("first packet of a flow", prog, new_flow, ctx),
                 ]
                 for i in range(args.runs):

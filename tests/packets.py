@@ -93,6 +93,20 @@ def udp(src: str, sport: int, dst: str, dport: int, payload: bytes = b"", *, zer
     return ether(ipv4_header(src, dst, IPPROTO_UDP, len(dgram), ttl=ttl) + dgram)
 
 
+def tcp_ts(src: str, sport: int, dst: str, dport: int, flags: int, tsval: int, tsecr: int, payload: bytes = b"",
+           syn_layout: bool = False) -> bytes:
+    """A frame whose TCP header carries the timestamp option: Linux's layout (NOP, NOP, TS),
+    or that of a Linux SYN (MSS, SACK permitted, TS, NOP, window scale)."""
+    ts = struct.pack("!BBII", 8, 10, tsval, tsecr)
+    opts = (struct.pack("!BBH", 2, 4, 1460) + b"\x04\x02" + ts + b"\x01\x03\x03\x07") if syn_layout else \
+        b"\x01\x01" + ts
+    hdr = struct.pack("!HHIIBBHHH", sport, dport, 1000, 0, (5 + len(opts) // 4) << 4, flags, 64240, 0, 0) + opts
+    seg = hdr + payload
+    value = csum(pseudo_header(_ip(src), _ip(dst), IPPROTO_TCP, len(seg)) + seg)
+    seg = seg[:16] + struct.pack("!H", value) + seg[18:]
+    return ether(ipv4_header(src, dst, IPPROTO_TCP, len(seg)) + seg)
+
+
 def icmp_echo(src: str, dst: str, ident: int = 1, seq: int = 1) -> bytes:
     body = struct.pack("!BBHHH", 8, 0, 0, ident, seq) + b"ping"
     body = body[:2] + struct.pack("!H", csum(body)) + body[4:]

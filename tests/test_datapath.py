@@ -1537,20 +1537,6 @@ def test_client_ip_affinity_holds_under_external_traffic_policy_local(datapath):
 # ================================================================ 10. TCP timestamps of SNATed flows
 
 
-def _tcp_ts(src: str, sport: int, dst: str, dport: int, flags: int, tsval: int, tsecr: int, payload: bytes = b"",
-            syn_layout: bool = False) -> bytes:
-    """A frame whose TCP header carries the timestamp option: Linux's layout (NOP, NOP, TS),
-    or a SYN's (MSS, SACK permitted, TS, NOP, window scale)."""
-    ts = struct.pack("!BBII", 8, 10, tsval, tsecr)
-    opts = (struct.pack("!BBH", 2, 4, 1460) + b"\x04\x02" + ts + b"\x01\x03\x03\x07") if syn_layout else \
-        b"\x01\x01" + ts
-    hdr = struct.pack("!HHIIBBHHH", sport, dport, 1000, 0, (5 + len(opts) // 4) << 4, flags, 64240, 0, 0) + opts
-    seg = hdr + payload
-    value = pk.csum(pk.pseudo_header(socket.inet_aton(src), socket.inet_aton(dst), TCP, len(seg)) + seg)
-    seg = seg[:16] + struct.pack("!H", value) + seg[18:]
-    return pk.ether(pk.ipv4_header(src, dst, TCP, len(seg)) + seg)
-
-
 def _ts_of(p: pk.Packet) -> tuple[int, int]:
     opts = p.l4[20:(p.l4[12] >> 4) * 4]
     i = opts.index(b"\x08\x0a")
@@ -1563,7 +1549,7 @@ def test_a_snated_flows_timestamps_are_the_nodes_clock_both_ways(node0):
     newer timestamps than this one, whoever its client is (the backend's TIME_WAIT passes it)."""
     service = (CLIENT, 40000, NODE0, NODEPORT)
     now_ms = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1_000_000
-    run = node0.from_netdev(_tcp_ts(*service, pk.SYN, 5_000_000, 0, syn_layout=True))
+    run = node0.from_netdev(pk.tcp_ts(*service, pk.SYN, 5_000_000, 0, syn_layout=True))
     p = run.pkt
     assert run.retval == TC_ACT_REDIRECT and p.checksums_ok()
     tsval, tsecr = _ts_of(p)
@@ -1572,11 +1558,11 @@ def test_a_snated_flows_timestamps_are_the_nodes_clock_both_ways(node0):
     entry = node0.ct(service, "CT_SERVICE")
     assert entry["flags"] & FLAGS["CT_TS_REWRITE"] and entry["ts_delta"] == delta
     snat = p.sport
-    back = node0.from_netdev(_tcp_ts(BACKEND, BACKEND_PORT, NODE0, snat, pk.SYN | pk.ACK, 777, tsval,
+    back = node0.from_netdev(pk.tcp_ts(BACKEND, BACKEND_PORT, NODE0, snat, pk.SYN | pk.ACK, 777, tsval,
                                      syn_layout=True)).pkt
     assert back.flow == (NODE0, NODEPORT, CLIENT, 40000) and back.checksums_ok()
     assert _ts_of(back) == (777, 5_000_000)  # its echo, as the client sent it
-    fwd = node0.from_netdev(_tcp_ts(*service, pk.ACK, 5_000_010, 777, b"data")).pkt
+    fwd = node0.from_netdev(pk.tcp_ts(*service, pk.ACK, 5_000_010, 777, b"data")).pkt
     assert _ts_of(fwd) == ((5_000_010 + delta) % (1 << 32), 777) and fwd.checksums_ok()
     assert fwd.l4[(fwd.l4[12] >> 4) * 4:] == b"data"
     # a segment without the option passes as it is
@@ -1588,17 +1574,17 @@ def test_a_port_whose_backend_holds_time_wait_is_taken_by_another_client_with_re
     """The backend closed first (it holds TIME_WAIT): with the flow's timestamps on the node's
     clock, another client's new flow may take the port a moment after, not 120 s after."""
     service = (CLIENT, 40000, NODE0, NODEPORT)
-    p = node0.from_netdev(_tcp_ts(*service, pk.SYN, 1, 0, syn_layout=True)).pkt
+    p = node0.from_netdev(pk.tcp_ts(*service, pk.SYN, 1, 0, syn_layout=True)).pkt
     snat = p.sport
     tsval, _ = _ts_of(p)
-    node0.from_netdev(_tcp_ts(BACKEND, BACKEND_PORT, NODE0, snat, pk.SYN | pk.ACK, 9, tsval))
-    node0.from_netdev(_tcp_ts(*service, pk.ACK, 2, 9))
-    node0.from_netdev(_tcp_ts(BACKEND, BACKEND_PORT, NODE0, snat, pk.FIN | pk.ACK, 10, tsval))
-    node0.from_netdev(_tcp_ts(*service, pk.FIN | pk.ACK, 3, 10))  # the backend goes TIME_WAIT
+    node0.from_netdev(pk.tcp_ts(BACKEND, BACKEND_PORT, NODE0, snat, pk.SYN | pk.ACK, 9, tsval))
+    node0.from_netdev(pk.tcp_ts(*service, pk.ACK, 2, 9))
+    node0.from_netdev(pk.tcp_ts(BACKEND, BACKEND_PORT, NODE0, snat, pk.FIN | pk.ACK, 10, tsval))
+    node0.from_netdev(pk.tcp_ts(*service, pk.FIN | pk.ACK, 3, 10))  # the backend goes TIME_WAIT
     out = node0.ct((NODE0, snat, BACKEND, BACKEND_PORT), "CT_OUT")
     assert out["flags"] & FLAGS["CT_BACKEND_DONE"] and out["flags"] & FLAGS["CT_BACKEND_CLOSED_FIRST"]
     time.sleep(DONE_TICKS)
-    run = node0.from_netdev(_tcp_ts(OTHER_CLIENT, snat, NODE0, NODEPORT, pk.SYN, 123, 0, syn_layout=True))
+    run = node0.from_netdev(pk.tcp_ts(OTHER_CLIENT, snat, NODE0, NODEPORT, pk.SYN, 123, 0, syn_layout=True))
     assert run.pkt.sport == snat
     assert (_ts_of(run.pkt)[0] - tsval) % (1 << 32) < 1 << 31  # newer than the old flow's
     # without timestamps, TIME_WAIT would reject another client's SYN: the port rests
