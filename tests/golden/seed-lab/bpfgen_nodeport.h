@@ -261,57 +261,92 @@ l4_csum:
 #define TCPOLEN_TIMESTAMP 10
 
 /*
- * Where the TSval of the TCP segment at l4_off is (its offset in the packet), or 0: the
- * timestamp option where the common stacks put it, no loop. Not a SYN: after two NOPs
- * (Linux, the BSDs, macOS, Windows), or first. A SYN: after MSS and SACK permitted
- * (Linux), or after MSS, NOP, window scale and two bytes (SACK permitted: FreeBSD; two
- * NOPs: macOS). A segment with the option elsewhere is taken as without it.
+ * Where the TSval is in a TCP header's first 12 bytes of options o (the header is len
+ * bytes long): its offset from the header, or 0. The timestamp option where the common
+ * stacks put it, no loop: not a SYN, after two NOPs (Linux, the BSDs, macOS, Windows), or
+ * first; a SYN, after MSS and SACK permitted (Linux), or after MSS, NOP, window scale and
+ * two bytes (SACK permitted: FreeBSD; two NOPs: macOS). A segment with the option
+ * elsewhere is taken as without it.
  */
-static __noinline __u32 tcp_ts_at(struct __sk_buff *skb, __u32 l4_off)
+static __always_inline __u32 ts_option_at(const __u8 *o, __u32 len)
 {
-	__u8 o[12] = {}, doff = 0;
-	__u32 len;
-
-	if (bpf_skb_load_bytes(skb, l4_off + 12, &doff, 1) < 0)
-		return 0;
-	len = (doff >> 4) * 4;
-	if (len < 32 || bpf_skb_load_bytes(skb, l4_off + 20, o, sizeof(o)) < 0)
+	if (len < 32)
 		return 0;
 	if (o[0] == TCPOPT_TIMESTAMP && o[1] == TCPOLEN_TIMESTAMP)
-		return l4_off + 22;
+		return 22;
 	if (o[0] == TCPOPT_NOP && o[1] == TCPOPT_NOP && o[2] == TCPOPT_TIMESTAMP && o[3] == TCPOLEN_TIMESTAMP)
-		return l4_off + 24;
+		return 24;
 	if (o[0] != TCPOPT_MSS || o[1] != 4)
 		return 0;
 	if (len >= 36 && o[4] == TCPOPT_SACK_PERM && o[5] == 2 && o[6] == TCPOPT_TIMESTAMP &&
 	    o[7] == TCPOLEN_TIMESTAMP)
-		return l4_off + 28;
+		return 28;
 	if (len >= 40 && o[4] == TCPOPT_NOP && o[5] == TCPOPT_WINDOW && o[6] == 3 &&
 	    ((o[8] == TCPOPT_SACK_PERM && o[9] == 2) || (o[8] == TCPOPT_NOP && o[9] == TCPOPT_NOP)) &&
 	    o[10] == TCPOPT_TIMESTAMP && o[11] == TCPOLEN_TIMESTAMP)
-		return l4_off + 32;
+		return 32;
 	return 0;
 }
 
-/*
- * Shifts the segment's TSval by delta (echo: its TSecr back by delta) and returns the
- * checksum difference (rewrite folds it in), 0 if it has no timestamp.
- */
-static __noinline __u32 tcp_ts_shift(struct __sk_buff *skb, const struct pkt *p, __u32 delta, int echo)
+/* ts_option_at of the segment at l4_off, read with helpers (an offset in the packet, or 0). */
+static __noinline __u32 tcp_ts_at(struct __sk_buff *skb, __u32 l4_off)
 {
-	__u32 at = tcp_ts_at(skb, p->l4_off);
-	__be32 from, to;
+	__u8 o[12] = {}, doff = 0;
+	__u32 at;
 
-	if (!at)
+	if (bpf_skb_load_bytes(skb, l4_off + 12, &doff, 1) < 0 || (doff >> 4) < 8 ||
+	    bpf_skb_load_bytes(skb, l4_off + 20, o, sizeof(o)) < 0)
 		return 0;
-	if (echo)
-		at += 4;
+	at = ts_option_at(o, (doff >> 4) * 4);
+	return at ? l4_off + at : 0;
+}
+
+/* Where p's TSval is (an offset in the packet, or 0): read in place where from_netdev can. */
+static __always_inline __u32 tcp_ts_offset(struct __sk_buff *skb, const struct pkt *p, int direct)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	__u8 *th = data + (p->l4_off & 0x7f);
+	__u32 at;
+
+	if (!direct || (void *)(th + 32) > data_end)
+		return tcp_ts_at(skb, p->l4_off);
+	at = ts_option_at(th + 20, (th[12] >> 4) * 4);
+	return at ? p->l4_off + at : 0;
+}
+
+/* Adds delta to the 32-bit word at offset at (a TSval or TSecr), in place where from_netdev
+ * can; returns the checksum difference (rewrite folds it in), 0 if it could not. */
+static __always_inline __u32 tcp_ts_move(struct __sk_buff *skb, __u32 at, __u32 delta, int direct)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	__be32 *word = data + (at & 0x7f), from, to;
+
+	if (direct && (void *)(word + 1) <= data_end) {
+		from = *word;
+		to = bpf_htonl(bpf_ntohl(from) + delta);
+		*word = to;
+		return csum_change(from, to);
+	}
 	if (bpf_skb_load_bytes(skb, at, &from, 4) < 0)
 		return 0;
-	to = bpf_htonl(echo ? bpf_ntohl(from) - delta : bpf_ntohl(from) + delta);
+	to = bpf_htonl(bpf_ntohl(from) + delta);
 	if (bpf_skb_store_bytes(skb, at, &to, 4, 0) < 0)
 		return 0;
 	return csum_change(from, to);
+}
+
+/* A SNATed flow's segment with its timestamps moved: the TSval towards the backend by
+ * delta, the TSecr back to the client by as much. */
+static __always_inline __u32 tcp_ts_shift(struct __sk_buff *skb, const struct pkt *p, __u32 delta, int echo,
+					   int direct)
+{
+	__u32 at = tcp_ts_offset(skb, p, direct);
+
+	if (!at)
+		return 0;
+	return echo ? tcp_ts_move(skb, at + 4, -delta, direct) : tcp_ts_move(skb, at, delta, direct);
 }
 
 /* ---- routing: where a translated packet goes ---- */
@@ -1086,7 +1121,7 @@ static __always_inline int lb_forward(struct __sk_buff *skb, struct pkt *p, cons
 		/* Its TCP timestamps on the node's clock (ms): a later flow on this port then
 		 * passes the backend's TIME_WAIT of this one, whatever its client's clock. */
 		if (syn && !hairpin) {
-			__u32 at = tcp_ts_at(skb, p->l4_off);
+			__u32 at = tcp_ts_offset(skb, p, direct);
 			__be32 tsval;
 
 			if (at && bpf_skb_load_bytes(skb, at, &tsval, 4) == 0) {
@@ -1130,7 +1165,7 @@ static __always_inline int lb_forward(struct __sk_buff *skb, struct pkt *p, cons
 
 	/* We forward it ourselves (ingress, a next hop): decrement the TTL as a router does. */
 	if (entry.flags & CT_TS_REWRITE)
-		ts_csum = tcp_ts_shift(skb, p, entry.ts_delta, 0);
+		ts_csum = tcp_ts_shift(skb, p, entry.ts_delta, 0, direct);
 	if (rewrite(skb, p, xlated.saddr, xlated.daddr, xlated.sport, xlated.dport, !egress && entry.nh != NH_STACK,
 		    direct, ts_csum))
 		return TC_ACT_SHOT;
@@ -1329,7 +1364,7 @@ static __always_inline int ct_fast(struct __sk_buff *skb, struct pkt *p, const s
 	if (!reply)
 		count_frontend(ct->rev_nat_id, p->len);
 	if (!egress && (ct->flags & CT_TS_REWRITE) && p->t.proto == IPPROTO_TCP) /* (SNATed: from_netdev's) */
-		ts_csum = tcp_ts_shift(skb, p, ct->ts_delta, reply);
+		ts_csum = tcp_ts_shift(skb, p, ct->ts_delta, reply, direct);
 	if (rewrite(skb, p, ct->xl_saddr, ct->xl_daddr, ct->xl_sport, ct->xl_dport, !egress && ct->nh != NH_STACK,
 		    direct, ts_csum))
 		return TC_ACT_SHOT;
