@@ -36,6 +36,9 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from bpfgen.labnet import read_line  # noqa: E402
+
 SPEC = REPO / "tests" / "specs" / "lab" / "snat-1000.yaml"
 NODE0, NODE1, POD, NODEPORT = "172.26.50.101", "172.26.50.102", "10.0.1.72", 30645
 SECOND_CLIENT = "172.26.50.181"
@@ -62,72 +65,55 @@ while True:
 """
 
 
-def loop(host: str, port: int, seconds: float, sources: tuple[str, ...]) -> dict:
-    """connect/request/answer/close for seconds (the caller is in the client's namespace)."""
-    done = failed = 0
-    worst = 0.0
-    slow = 0
-    start = time.monotonic()
-    end = start + seconds
-    i = 0
-    while time.monotonic() < end:
-        s = socket.socket()
+def _connection(host: str, port: int, source: str = "", client_closes: bool = False) -> float:
+    """One connect/request/answer/close (the caller is in the client's namespace): how long
+    the connect took. With client_closes the lab's server echoes after its answer until the
+    client closes; else the pod closes first. OSError if it failed."""
+    with socket.socket() as s:
         s.settimeout(3)
-        try:
-            if sources[i % len(sources)]:
-                s.bind((sources[i % len(sources)], 0))
-            i += 1
-            t = time.monotonic()
-            s.connect((host, port))
-            took = time.monotonic() - t
-            worst = max(worst, took)
-            slow += took > SLOW
+        if source:
+            s.bind((source, 0))
+        t = time.monotonic()
+        s.connect((host, port))
+        took = time.monotonic() - t
+        if client_closes:
+            s.sendall(b"echo\n")
+            read_line(s)
+        else:
             s.sendall(b"hi\n")
             while s.recv(4096):
                 pass
-            done += 1
+    return took
+
+
+def _loops(connections, keep_going) -> dict:
+    """Connections while keep_going(count so far): failed ones, the slowest connect."""
+    done = failed = slow = 0
+    worst = 0.0
+    start = time.monotonic()
+    while keep_going(done + failed, start):
+        try:
+            took = connections(done + failed)
         except OSError:
             failed += 1
-        finally:
-            s.close()
+            continue
+        worst = max(worst, took)
+        slow += took > SLOW
+        done += 1
     return {"done": done, "failed": failed, "worst": worst, "slow": slow, "elapsed": time.monotonic() - start}
+
+
+def loop(host: str, port: int, seconds: float, sources: tuple[str, ...]) -> dict:
+    """connect/request/answer/close for seconds, from the source addresses in turn."""
+    return _loops(lambda i: _connection(host, port, sources[i % len(sources)]),
+                  lambda n, start: time.monotonic() < start + seconds)
 
 
 def sequential(count: int, client_closes: bool) -> dict:
     """count connect/request/answer/close loops through the NodePort, without a deadline:
     failed connects and the slowest connect (the caller is in the client's namespace)."""
-    done = failed = slow = 0
-    worst = 0.0
-    start = time.monotonic()
-    for _ in range(count):
-        if time.monotonic() - start > SEQUENTIAL_DEADLINE:
-            break
-        s = socket.socket()
-        s.settimeout(3)
-        try:
-            t = time.monotonic()
-            s.connect((NODE0, NODEPORT))
-            took = time.monotonic() - t
-            worst = max(worst, took)
-            slow += took > SLOW
-            if client_closes:  # the lab's server echoes after its answer until the client closes
-                s.sendall(b"echo\n")
-                data = b""
-                while not data.endswith(b"\n"):
-                    chunk = s.recv(4096)
-                    if not chunk:
-                        raise ConnectionError("closed before the answer")
-                    data += chunk
-            else:
-                s.sendall(b"hi\n")
-                while s.recv(4096):
-                    pass
-            done += 1
-        except OSError:
-            failed += 1
-        finally:
-            s.close()
-    return {"done": done, "failed": failed, "worst": worst, "slow": slow, "elapsed": time.monotonic() - start}
+    return _loops(lambda i: _connection(NODE0, NODEPORT, client_closes=client_closes),
+                  lambda n, start: n < count and time.monotonic() - start <= SEQUENTIAL_DEADLINE)
 
 
 def merge(a: dict | None, b: dict) -> dict:

@@ -91,8 +91,6 @@ def apply_changes(maps: dict[str, bpf.MapFd], changes: Changes) -> None:
 
 
 _NOT_SERVING = layout.FLAGS["BACKEND_NOT_SERVING"]
-_UDP = layout.PROTOCOLS["UDP"]
-_CT_KEY_PROTO = 12  # bpfgen_tuple: saddr, daddr, sport, dport, proto
 
 
 def gone_backends(changes: Changes) -> set[int]:
@@ -100,7 +98,8 @@ def gone_backends(changes: Changes) -> set[int]:
     ids: set[int] = set()
     for name, keys, values in changes.writes:
         if name == "backend_v4":
-            ids |= {layout.ID_KEY.unpack(k) for k, v in zip(keys, values) if v[7] & _NOT_SERVING}
+            ids |= {layout.ID_KEY.unpack(k) for k, v in zip(keys, values)
+                    if layout.BACKEND.unpack(v)["flags"] & _NOT_SERVING}
     for name, keys in changes.deletes:
         if name == "backend_v4":
             ids |= {layout.ID_KEY.unpack(k) for k in keys}
@@ -115,8 +114,7 @@ def clear_udp_flows(pins: Path, changes: Changes) -> int:
     if not gone:
         return 0
     with bpf.MapFd.from_pin(pins / "ct_udp_v4") as ct:
-        stale = [k for k, v in ct.lookup_batch(BATCH)
-                 if k[_CT_KEY_PROTO] == _UDP and _CT_REFS.unpack_from(v)[1] in gone]
+        stale = [k for k, v in ct.lookup_batch(BATCH) if _CT_REFS.unpack_from(v)[1] in gone]
         return sum(ct.delete(k) for k in stale)
 
 

@@ -603,7 +603,7 @@ def _allocate_node_ports(services: list[Service], node_port_range: PortRange) ->
     in the order of those keys, so the result depends on nothing but the spec's content.
     """
     taken = {port.node_port for service in services for port in service.ports}
-    taken |= {service.health_check_node_port for service in services}
+    taken |= {s.health_check_node_port for s in services if s.health_check_node_port is not None}
     wanted = sorted(
         (f"{service.key}/{j}/{port.protocol}", f"services[{i}].ports[{j}].nodePort", port)
         for i, service in enumerate(services)

@@ -1021,6 +1021,24 @@ static __always_inline int no_backend(struct __sk_buff *skb, const struct pkt *p
 
 /* ---- the service path: frontend -> backend ---- */
 
+/*
+ * Makes e, a copy of a flow's forward entry (made from p: client -> frontend), the flow's
+ * reply entry: the frontend back to the client, routed by us after SNAT (its next hop
+ * looked up by its first packet), sent in again for a hairpin flow, else delivered.
+ */
+static __always_inline void as_reply_entry(struct bpfgen_ct_entry *e, const struct pkt *p)
+{
+	e->xl_saddr = p->t.daddr;
+	e->xl_sport = p->t.dport;
+	e->xl_daddr = p->t.saddr;
+	e->xl_dport = p->t.sport;
+	if ((e->flags & (CT_SNAT | CT_EGRESS)) == (CT_SNAT | CT_EGRESS))
+		e->nh = NH_INGRESS;
+	else
+		e->nh = (e->flags & CT_SNAT) ? NH_FIB : NH_STACK;
+	e->checked = 0;
+}
+
 /* A new flow's entry: into ct_half_v4 (half: a TCP flow of from_netdev), ct_udp_v4 or ct_v4. */
 static __always_inline int ct_insert(int half, const struct bpfgen_tuple *key, const struct bpfgen_ct_entry *e)
 {
@@ -1055,7 +1073,7 @@ static __always_inline int lb_forward(struct __sk_buff *skb, struct pkt *p, cons
 	__u8 fwd_nh;
 	__be32 snat_addr;
 	__u8 took_over = 0;
-	__u32 ts_csum = 0;
+	__u32 ts_csum = 0, ts_at = 0;
 	int snat, local, hairpin, half = p->t.proto == IPPROTO_TCP && !(mode & LB_EGRESS);
 	int syn = p->t.proto == IPPROTO_TCP && (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
 
@@ -1121,10 +1139,10 @@ static __always_inline int lb_forward(struct __sk_buff *skb, struct pkt *p, cons
 		/* Its TCP timestamps on the node's clock (ms): a later flow on this port then
 		 * passes the backend's TIME_WAIT of this one, whatever its client's clock. */
 		if (syn && !hairpin) {
-			__u32 at = tcp_ts_offset(skb, p, direct);
 			__be32 tsval;
 
-			if (at && bpf_skb_load_bytes(skb, at, &tsval, 4) == 0) {
+			ts_at = tcp_ts_offset(skb, p, direct);
+			if (ts_at && bpf_skb_load_bytes(skb, ts_at, &tsval, 4) == 0) {
 				entry.ts_delta = (__u32)(bpf_ktime_get_ns() / 1000000) + 1 - bpf_ntohl(tsval);
 				entry.flags |= CT_TS_REWRITE;
 			}
@@ -1146,16 +1164,10 @@ static __always_inline int lb_forward(struct __sk_buff *skb, struct pkt *p, cons
 	}
 	if (ct_insert(half, &svc_key, &entry))
 		return drop(DROP_CT_FULL);
-	/* The reply's entry (the same struct, to save stack): from the frontend back to the
-	 * client; routed by us after SNAT, its next hop looked up by its first packet. */
+	/* The reply's entry (the same struct, to save stack). */
 	fwd_nh = entry.nh;
 	fwd_ifindex = entry.ifindex;
-	entry.xl_saddr = p->t.daddr;
-	entry.xl_sport = p->t.dport;
-	entry.xl_daddr = p->t.saddr;
-	entry.xl_dport = p->t.sport;
-	entry.nh = hairpin ? NH_INGRESS : snat ? NH_FIB : NH_STACK;
-	entry.checked = 0;
+	as_reply_entry(&entry, p);
 	if (ct_insert(half, &out_key, &entry))
 		return drop(DROP_CT_FULL);
 	entry.nh = fwd_nh;
@@ -1164,8 +1176,8 @@ static __always_inline int lb_forward(struct __sk_buff *skb, struct pkt *p, cons
 		affinity_record(p, rev, backend_id, now);
 
 	/* We forward it ourselves (ingress, a next hop): decrement the TTL as a router does. */
-	if (entry.flags & CT_TS_REWRITE)
-		ts_csum = tcp_ts_shift(skb, p, entry.ts_delta, 0, direct);
+	if (entry.flags & CT_TS_REWRITE) /* (the SYN's TSval, found above) */
+		ts_csum = tcp_ts_move(skb, ts_at, entry.ts_delta, direct);
 	if (rewrite(skb, p, xlated.saddr, xlated.daddr, xlated.sport, xlated.dport, !egress && entry.nh != NH_STACK,
 		    direct, ts_csum))
 		return TC_ACT_SHOT;
@@ -1223,11 +1235,12 @@ static __always_inline void ct_promote(const struct bpfgen_tuple *key, struct bp
  * An SNATed flow's claim of its port (its NAT_IN entry) kept alive, once a second: the
  * fast path never looks it up, and an LRU map evicts what nobody looks up, so a one-way
  * flow would lose its port to another flow. A claim found gone is made again, for the
- * same port (the flow keeps its port for as long as it lives).
+ * same port (the flow keeps its port for as long as it lives). Returns -1 if the claim is
+ * another flow's (the port was taken over: this flow is over).
  */
 static __noinline int snat_keep(const struct pkt *p, const struct bpfgen_ct_entry *ct, int reply, __u32 now)
 {
-	struct bpfgen_nat_entry val = {};
+	struct bpfgen_nat_entry val = {}, *claim;
 	struct bpfgen_tuple key;
 
 	if (reply) {
@@ -1239,8 +1252,9 @@ static __noinline int snat_keep(const struct pkt *p, const struct bpfgen_ct_entr
 		val.addr = p->t.saddr;
 		val.port = p->t.sport;
 	}
-	if (bpf_map_lookup_elem(&snat_v4, &key))
-		return 0;
+	claim = bpf_map_lookup_elem(&snat_v4, &key);
+	if (claim)
+		return claim->cookie == ct->nat_cookie ? 0 : -1;
 	val.claimed = now;
 	val.cookie = ct->nat_cookie;
 	bpf_map_update_elem(&snat_v4, &key, &val, BPF_NOEXIST);
@@ -1257,41 +1271,20 @@ static __noinline int snat_keep(const struct pkt *p, const struct bpfgen_ct_entr
 static __noinline int ct_repair(const struct pkt *p, const struct bpfgen_ct_entry *ct, int half)
 {
 	struct bpfgen_ct_entry *other;
-	struct bpfgen_nat_entry *claim;
 	struct bpfgen_tuple key;
 
-	if (ct->flags & CT_SNAT) {
-		/* the port is another flow's now (its claim): this flow is over */
-		nat_in_key(&key, ct->xl_daddr, ct->xl_dport, ct->xl_saddr, ct->xl_sport, p->t.proto);
-		claim = bpf_map_lookup_elem(&snat_v4, &key);
-		if (claim && claim->cookie != ct->nat_cookie)
-			return -1;
-	}
 	if (ct->flags & CT_CLOSING)
 		return 0; /* (a closed flow's late packet never makes its entries again) */
 	partner_key(&key, ct, p->t.proto, 0);
 	other = ct_table_lookup(&key, half);
-	if (other) {
-		if (other->xl_daddr != p->t.saddr || other->xl_dport != p->t.sport ||
-		    other->nat_cookie != ct->nat_cookie)
-			return -1;
-		return 0;
-	}
-	/* (written as the forward entry, then changed in place: no copy on the stack) */
+	if (other)
+		return same_flow(other, ct) ? 0 : -1;
+	/* (written as the forward entry, then made the reply's in place: no copy on the stack) */
 	if (ct_insert(half, &key, ct))
 		return 0;
 	other = ct_table_lookup(&key, half);
-	if (!other)
-		return 0;
-	other->xl_saddr = p->t.daddr;
-	other->xl_sport = p->t.dport;
-	other->xl_daddr = p->t.saddr;
-	other->xl_dport = p->t.sport;
-	if ((ct->flags & (CT_SNAT | CT_EGRESS)) == (CT_SNAT | CT_EGRESS))
-		other->nh = NH_INGRESS; /* a hairpin flow's */
-	else
-		other->nh = (ct->flags & CT_SNAT) ? NH_FIB : NH_STACK;
-	other->checked = 0;
+	if (other)
+		as_reply_entry(other, p);
 	return 1;
 }
 
@@ -1329,11 +1322,12 @@ static __always_inline int ct_fast(struct __sk_buff *skb, struct pkt *p, const s
 			if (!be || be->addr != ct->xl_daddr || be->port != ct->xl_dport ||
 			    (p->t.proto == IPPROTO_UDP && (be->flags & BACKEND_NOT_SERVING)))
 				return -1;
-			if (ct_repair(p, ct, half) < 0)
-				return -1;
 		}
-		if (ct->flags & CT_SNAT)
-			snat_keep(p, ct, reply, now);
+		/* (its port taken over: this flow is over; a reply found this port's own entry) */
+		if ((ct->flags & CT_SNAT) && snat_keep(p, ct, reply, now) < 0 && !reply)
+			return -1;
+		if (!reply && ct_repair(p, ct, half) < 0)
+			return -1;
 		if (ct->nh == NH_STACK || ct->nh == NH_INGRESS) {
 			ct->checked = now;
 		} else {
