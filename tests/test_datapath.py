@@ -1595,3 +1595,22 @@ def test_a_port_whose_backend_holds_time_wait_is_taken_by_another_client_with_re
     _close(node0, service2, p2.sport, first="backend", final_ack=False)
     time.sleep(DONE_TICKS)
     assert node0.from_netdev(pk.tcp("172.26.50.193", p2.sport, NODE0, NODEPORT, pk.SYN)).pkt.sport != p2.sport
+
+
+def test_a_first_packet_on_two_cpus_gives_one_mapping(node0):
+    """The same first packet twice (a SYN and its copy on another CPU): one SNAT port, one
+    claim. And when the second comes while the first is between its claim and its
+    conntrack entries (here: those entries removed), it takes the same port under the same
+    claim rather than a second one."""
+    service = (CLIENT, 40000, NODE0, NODEPORT)
+    first = node0.from_netdev(syn(40000)).pkt.sport
+    assert node0.from_netdev(syn(40000)).pkt.sport == first
+    [(claim_key, claim)] = node0.entries("snat_v4").items()
+    for table in ("ct_half_v4", "ct_v4"):
+        for key in list(node0.maps[table].keys()):
+            node0.maps[table].delete(key)
+    assert node0.from_netdev(syn(40000)).pkt.sport == first
+    assert node0.entries("snat_v4") == {claim_key: claim}
+    cookie = layout.NAT_ENTRY.unpack(claim)["cookie"]
+    assert node0.ct(service, "CT_SERVICE")["nat_cookie"] == cookie
+    assert node0.ct((NODE0, first, BACKEND, BACKEND_PORT), "CT_OUT")["nat_cookie"] == cookie

@@ -751,6 +751,22 @@ static __always_inline int snat_unowned(struct snat_search *s)
 	return 0;
 }
 
+/* Whether the claim (claimed) of the port at s->key is a flow's still being set up: made
+ * within the second, and no conntrack entry at the port yet (a first packet on another CPU
+ * comes here only before its CPU wrote the flow's entries). */
+static __always_inline int snat_setting_up(const struct snat_search *s, __u32 claimed)
+{
+	struct bpfgen_tuple ct_key;
+	struct bpfgen_ct_entry *ct;
+	int half;
+
+	if (s->now > claimed + 1)
+		return 0;
+	ct_out_key(&ct_key, s->key.daddr, s->key.dport, s->key.saddr, s->key.sport, s->key.proto);
+	ct = ct_lookup(&ct_key, &half);
+	return !ct;
+}
+
 /*
  * Claims node:port (the NAT_IN entry at s->key) for the flow of s: a free port with
  * no-exist semantics, a stale one by compare-and-swap on its claim (claimed and cookie
@@ -768,6 +784,12 @@ static __always_inline int snat_claim(struct snat_search *s)
 		return 0;
 	at = nat_lease(nat);
 	lease = *at;
+	if (nat->addr == s->val.addr && nat->port == s->val.port && snat_setting_up(s, (__u32)lease)) {
+		/* this very client tuple's claim, its flow being set up on another CPU (its first
+		 * packets on two CPUs): the same mapping, under that claim */
+		s->val.cookie = lease >> 32;
+		return 1;
+	}
 	if (!snat_is_stale(nat, (__u32)lease, (__u32)(lease >> 32), s))
 		return 0;
 	if (__sync_val_compare_and_swap(at, lease, (__u64)s->val.cookie << 32 | s->val.claimed) != lease)
