@@ -242,6 +242,8 @@ CONFIG = _s(
 )
 SVC_STATS = _s("bpfgen_svc_stats", "Per-CPU packet and byte counts of one frontend.", ("packets", "u64"), ("bytes", "u64"))
 DROP_STATS = _s("bpfgen_drop_stats", "Per-CPU count of drops of one reason.", ("packets", "u64"))
+LOCAL_PORT = _s("bpfgen_local_port", "Until when (datapath seconds) a flow of the node or its pods to a ClusterIP may"
+                " live that has this local port: its replies are looked up only before then.", ("expires", "u32"))
 
 
 @dataclass(frozen=True)
@@ -261,7 +263,8 @@ class Scalar:
 ID_KEY = Scalar("__u32", 4)
 
 STRUCTS = (SVC_KEY, SVC_VALUE, BACKEND, REVNAT, TUPLE, CT_ENTRY, NAT_ENTRY, AFFINITY_KEY, AFFINITY_ENTRY,
-           AFFINITY_MATCH_KEY, AFFINITY_MATCH, SOURCE_RANGE_KEY, SOURCE_RANGE, CONFIG, SVC_STATS, DROP_STATS)
+           AFFINITY_MATCH_KEY, AFFINITY_MATCH, SOURCE_RANGE_KEY, SOURCE_RANGE, CONFIG, SVC_STATS, DROP_STATS,
+           LOCAL_PORT)
 
 
 @dataclass(frozen=True)
@@ -378,6 +381,8 @@ MAPS = (
            "the backends an affinity frontend may keep a client on", lambda c: c["backend_slots"], BPF_F_NO_PREALLOC),
     MapDef("src_range_v4", "LPM_TRIE", SOURCE_RANGE_KEY, SOURCE_RANGE, "loadBalancerSourceRanges per frontend",
            lambda c: c["source_ranges"], BPF_F_NO_PREALLOC),
+    MapDef("local_port_v4", "ARRAY", ID_KEY, LOCAL_PORT, "by local port, the flows of the node or its pods to"
+           " ClusterIPs (so that other traffic to them passes without a conntrack lookup)", lambda c: 65536),
     MapDef("svc_stats", "PERCPU_ARRAY", ID_KEY, SVC_STATS, "packets and bytes per frontend id",
            lambda c: c["frontends"] + 1),
     MapDef("drop_stats", "PERCPU_ARRAY", ID_KEY, DROP_STATS, "drops by reason", lambda c: len(DROP_REASONS.members)),

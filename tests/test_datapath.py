@@ -1133,6 +1133,42 @@ def test_ingress_and_egress_flows_of_one_tuple_keep_their_own_entries(node0, fir
     assert not node0.ct(flow, "CT_SERVICE_EGRESS")["flags"] & FLAGS["CT_SNAT"]
 
 
+def test_replies_to_the_nodes_own_flows_are_looked_up_only_at_their_local_ports(node0):
+    """Traffic to the node is looked up as a reply to its own ClusterIP flows only at a
+    local port such a flow may still have (local_port_v4, until when); the mark follows
+    the flow's entries up, also when only replies come (a download), so no live flow's
+    reply is ever passed untranslated."""
+    flow = (NODE0, 20000, "10.106.91.98", 80)
+    marks = node0.maps["local_port_v4"]
+
+    def mark(port: int) -> int:
+        return layout.LOCAL_PORT.unpack(marks.lookup(layout.ID_KEY.pack(port)))["expires"]
+
+    assert mark(20000) == 0
+    assert node0.to_netdev(pk.tcp(*flow, pk.SYN)).pkt.flow == (NODE0, 20000, BACKEND, BACKEND_PORT)
+    out = node0.ct(flow, "CT_SERVICE_EGRESS")
+    assert mark(20000) == out["expires"] > 0 and mark(20001) == 0
+    reply = pk.tcp(BACKEND, BACKEND_PORT, NODE0, 20000, pk.SYN | pk.ACK)
+    assert node0.from_netdev(reply).pkt.flow == ("10.106.91.98", 80, NODE0, 20000)
+    # a packet from the backend to another port of the node: no flow's, passed as it is
+    other = pk.tcp(BACKEND, BACKEND_PORT, NODE0, 20001, pk.ACK)
+    assert node0.from_netdev(other).frame == other
+    node0.to_netdev(pk.tcp(*flow, pk.ACK))  # established
+    # the flow's entries made to expire sooner, the mark lowered to match (as if time had
+    # passed): a reply raises both again
+    reply_flow, out_key = (BACKEND, BACKEND_PORT, NODE0, 20000), (NODE0, 20000, BACKEND, BACKEND_PORT)
+    back = node0.ct(out_key, "CT_OUT")
+    soon = back["expires"] - 100
+    node0.put_ct(out_key, "CT_OUT", **{**back, "expires": soon})
+    marks.update(layout.ID_KEY.pack(20000), layout.LOCAL_PORT.pack(expires=soon))
+    assert node0.from_netdev(pk.tcp(*reply_flow, pk.ACK, b"data")).pkt.flow == ("10.106.91.98", 80, NODE0, 20000)
+    assert mark(20000) >= node0.ct(out_key, "CT_OUT")["expires"] > soon
+    # with the mark over, the same reply is not looked up: passed as it is
+    marks.update(layout.ID_KEY.pack(20000), layout.LOCAL_PORT.pack(expires=1))
+    data = pk.tcp(*reply_flow, pk.ACK, b"more")
+    assert node0.from_netdev(data).frame == data
+
+
 # ================================================================ 9. malformed packets
 
 

@@ -214,4 +214,10 @@ struct bpfgen_drop_stats {
 };
 _Static_assert(sizeof(struct bpfgen_drop_stats) == 8, "bpfgen_drop_stats layout");
 
+/* Until when (datapath seconds) a flow of the node or its pods to a ClusterIP may live that has this local port: its replies are looked up only before then. */
+struct bpfgen_local_port {
+	__u32 expires;
+};
+_Static_assert(sizeof(struct bpfgen_local_port) == 4, "bpfgen_local_port layout");
+
 #endif /* BPFGEN_LAYOUT_H */

@@ -1061,6 +1061,41 @@ static __always_inline void as_reply_entry(struct bpfgen_ct_entry *e, const stru
 	e->checked = 0;
 }
 
+/*
+ * Local ports of the flows of the node or its pods to ClusterIPs (their replies come in
+ * to the node's or a pod's address at that port): until when such a flow may live, so
+ * that other traffic to the node passes without a conntrack lookup. Raised (never
+ * lowered) whenever such a flow's entry is refreshed, by compare-and-swap: a larger
+ * expiry is never lost to a smaller one written at the same time.
+ */
+static __always_inline void local_port_note(__be16 port, __u32 expires)
+{
+	__u32 k = bpf_ntohs(port), old;
+	struct bpfgen_local_port *lp = bpf_map_lookup_elem(&local_port_v4, &k);
+
+	if (!lp)
+		return;
+#pragma unroll
+	for (int i = 0; i < 3; i++) {
+		old = lp->expires;
+		if (old >= expires || __sync_val_compare_and_swap(&lp->expires, old, expires) == old)
+			return;
+	}
+}
+
+/* Whether a flow of the node or its pods to a ClusterIP may live with local port port
+ * (the clock read only for a port that such a flow had). */
+static __always_inline int local_port_in_use(__be16 port)
+{
+	__u32 k = bpf_ntohs(port);
+	struct bpfgen_local_port *lp = bpf_map_lookup_elem(&local_port_v4, &k);
+
+	return lp && lp->expires && lp->expires >= now_sec();
+}
+
+/* Whether entry e is of a flow of the node or its pods to a ClusterIP (not SNATed). */
+#define CT_IS_LOCAL_FLOW(e) (((e)->flags & (CT_SNAT | CT_EGRESS)) == CT_EGRESS)
+
 /* A new flow's entry: into ct_half_v4 (half: a TCP flow of from_netdev), ct_udp_v4 or ct_v4. */
 static __always_inline int ct_insert(int half, const struct bpfgen_tuple *key, const struct bpfgen_ct_entry *e)
 {
@@ -1194,6 +1229,8 @@ static __always_inline int lb_forward(struct __sk_buff *skb, struct pkt *p, cons
 		return drop(DROP_CT_FULL);
 	entry.nh = fwd_nh;
 	entry.ifindex = fwd_ifindex;
+	if (CT_IS_LOCAL_FLOW(&entry))
+		local_port_note(p->t.sport, entry.expires);
 	if (rev)
 		affinity_record(p, rev, backend_id, now);
 
@@ -1376,6 +1413,8 @@ static __always_inline int ct_fast(struct __sk_buff *skb, struct pkt *p, const s
 			if (other && same_flow(other, ct))
 				ct_touch(other, p, now, fin);
 		}
+		if (CT_IS_LOCAL_FLOW(ct))
+			local_port_note(reply ? p->t.dport : p->t.sport, ct->expires);
 	}
 	if (!reply)
 		count_frontend(ct->rev_nat_id, p->len);
@@ -1486,11 +1525,13 @@ not_a_frontend:
 	if (to_node || (p.t.daddr & POD_MASK) == POD_NET) {
 		/* A reply to a flow this node or one of its pods opened to a ClusterIP (in ct_v4). */
 		if (!looked) {
+			if (!local_port_in_use(p.t.dport))
+				return TC_ACT_OK;
 			reply_key(&rkey, &p.t);
 			reply = ct_table_lookup(&rkey, 0);
 			rhalf = 0;
 		}
-		if (reply && (reply->flags & (CT_SNAT | CT_EGRESS)) == CT_EGRESS)
+		if (reply && CT_IS_LOCAL_FLOW(reply))
 			goto fast_reply;
 	}
 	return TC_ACT_OK;

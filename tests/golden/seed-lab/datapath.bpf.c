@@ -136,6 +136,15 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } src_range_v4 SEC(".maps");
 
+/* by local port, the flows of the node or its pods to ClusterIPs (so that other traffic to them passes without a conntrack lookup) (max_entries: the default, set from the cluster's capacity at load) */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 65536);
+	__type(key, __u32);
+	__type(value, struct bpfgen_local_port);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} local_port_v4 SEC(".maps");
+
 /* packets and bytes per frontend id (max_entries: the default, set from the cluster's capacity at load) */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
