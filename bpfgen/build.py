@@ -127,10 +127,23 @@ def check_headers() -> None:
             raise CompileError(f"{header} not found; install the libbpf headers (Debian: apt-get install libbpf-dev)")
 
 
+def _uapi_has_bpf_wq() -> bool:
+    """Whether the installed linux/bpf.h declares struct bpf_wq (UAPI of kernel 6.10 on);
+    the generated layout header declares it otherwise."""
+    for d in ("/usr/local/include", "/usr/include"):
+        try:
+            return "struct bpf_wq {" in (Path(d) / "linux" / "bpf.h").read_text(errors="replace")
+        except OSError:
+            continue
+    return False
+
+
 def clang_command(clang: str) -> list[str]:
     # -mcpu=v3: atomic compare-and-swap (SNAT port takeover) and 32-bit jumps.
     # -fdebug-compilation-dir: the object does not depend on where the build directory is.
     cmd = [clang, "-O2", "-g", "-fdebug-compilation-dir=.", "-target", "bpf", "-mcpu=v3", "-Wall", "-Werror"]
+    if _uapi_has_bpf_wq():
+        cmd.append("-DBPFGEN_UAPI_HAS_BPF_WQ")
     for d in include_dirs():
         cmd += ["-I", d]
     return cmd

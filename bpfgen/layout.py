@@ -26,6 +26,8 @@ SCALARS: dict[str, tuple[str, str, int]] = {
     "ip4": ("bpfgen_ip4_t", "4s", 4),  # IPv4 address, network order (packed bytes)
     "port": ("bpfgen_port_t", ">H", 2),  # L4 port, network order
     "proto": ("bpfgen_proto_t", "<B", 1),  # IP protocol number
+    "timer": ("struct bpf_timer", "16s", 16),  # the kernel's timer, opaque (reads as zeros)
+    "wq": ("struct bpf_wq", "16s", 16),  # the kernel's BPF work item, opaque (reads as zeros)
 }
 
 # The typedefs behind the display types; the BTF decoder keys on these names.
@@ -242,6 +244,8 @@ CONFIG = _s(
 )
 SVC_STATS = _s("bpfgen_svc_stats", "Per-CPU packet and byte counts of one frontend.", ("packets", "u64"), ("bytes", "u64"))
 DROP_STATS = _s("bpfgen_drop_stats", "Per-CPU count of drops of one reason.", ("packets", "u64"))
+COLLECTOR = _s("bpfgen_collector", "ct_v4's collector: its timer, and the work item the timer starts (a sweep"
+               " runs in process context, where packets preempt it).", ("timer", "timer"), ("work", "wq"))
 LOCAL_PORT = _s("bpfgen_local_port", "Until when (datapath seconds) a flow of the node or its pods to a ClusterIP may"
                 " live that has this local port: its replies are looked up only before then.", ("expires", "u32"))
 
@@ -264,7 +268,7 @@ ID_KEY = Scalar("__u32", 4)
 
 STRUCTS = (SVC_KEY, SVC_VALUE, BACKEND, REVNAT, TUPLE, CT_ENTRY, NAT_ENTRY, AFFINITY_KEY, AFFINITY_ENTRY,
            AFFINITY_MATCH_KEY, AFFINITY_MATCH, SOURCE_RANGE_KEY, SOURCE_RANGE, CONFIG, SVC_STATS, DROP_STATS,
-           LOCAL_PORT)
+           LOCAL_PORT, COLLECTOR)
 
 
 @dataclass(frozen=True)
@@ -290,7 +294,7 @@ DROP_REASONS = Enum(
         ("FIB_FAILED", 2, "fib lookup failed"),
         ("MALFORMED", 3, "malformed packet"),
         ("CT_NO_SYN", 4, "TCP packet of no known flow without SYN"),
-        ("CT_FULL", 5, "conntrack insert failed"),
+        ("CT_FULL", 5, "a new flow refused: its conntrack table is full"),
         ("REWRITE_FAILED", 6, "packet rewrite failed"),
         ("TTL_EXCEEDED", 7, "TTL exceeded in forwarding"),
         ("NO_LOCAL_BACKEND", 8, "traffic policy Local and no endpoint on this node"),
@@ -360,15 +364,16 @@ class MapDef:
 
 
 # Hash maps of services grow on use (no preallocation), so a generous capacity costs no
-# memory until it is used; conntrack and SNAT are LRU maps, preallocated by the kernel.
+# memory until it is used; conntrack and SNAT maps are preallocated by the kernel: LRU maps
+# but ct_v4 (established TCP flows are never evicted; its collector removes dead entries).
 MAPS = (
     MapDef("svc_v4", "HASH", SVC_KEY, SVC_VALUE, "service frontends and their backend slots",
            lambda c: c["frontends"] + c["backend_slots"], BPF_F_NO_PREALLOC),
     MapDef("backend_v4", "HASH", ID_KEY, BACKEND, "backends by id", lambda c: c["backends"], BPF_F_NO_PREALLOC),
     MapDef("revnat_v4", "HASH", ID_KEY, REVNAT, "frontend by reverse-NAT id", lambda c: c["frontends"],
            BPF_F_NO_PREALLOC),
-    MapDef("ct_v4", "LRU_HASH", TUPLE, CT_ENTRY, "conntrack of established TCP flows and the node's own TCP flows",
-           lambda c: 2 * c["flows"]),
+    MapDef("ct_v4", "HASH", TUPLE, CT_ENTRY, "conntrack of established TCP flows and the node's own TCP flows"
+           " (never evicts: full, it refuses new flows; its collector removes dead entries)", lambda c: 2 * c["flows"]),
     MapDef("ct_udp_v4", "LRU_HASH", TUPLE, CT_ENTRY, "conntrack of UDP flows (apart: a flood of datagrams evicts"
            " no TCP flow)", lambda c: 2 * c["udp_flows"]),
     MapDef("ct_half_v4", "LRU_HASH", TUPLE, CT_ENTRY, "conntrack of TCP flows not established yet (promoted to"
@@ -381,6 +386,8 @@ MAPS = (
            "the backends an affinity frontend may keep a client on", lambda c: c["backend_slots"], BPF_F_NO_PREALLOC),
     MapDef("src_range_v4", "LPM_TRIE", SOURCE_RANGE_KEY, SOURCE_RANGE, "loadBalancerSourceRanges per frontend",
            lambda c: c["source_ranges"], BPF_F_NO_PREALLOC),
+    MapDef("collector_v4", "ARRAY", ID_KEY, COLLECTOR, "ct_v4's collector, on a timer that runs while this map"
+           " is pinned", lambda c: 1),
     MapDef("local_port_v4", "ARRAY", ID_KEY, LOCAL_PORT, "by local port, the flows of the node or its pods to"
            " ClusterIPs (so that other traffic to them passes without a conntrack lookup)", lambda c: 65536),
     MapDef("svc_stats", "PERCPU_ARRAY", ID_KEY, SVC_STATS, "packets and bytes per frontend id",

@@ -11,6 +11,7 @@ a new qdisc are removed.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import ipaddress
 import os
@@ -421,6 +422,7 @@ def _load_object(b: Build, pins: Path, plan: Plan, n: planning.NodeInfo, config:
         ct = [undo.hold(obj.map(name).map_fd()) for name in CONNTRACK_MAPS]
         changes = _sync_with_undo(maps, ct, plan, n, undo)
         programs, created_qdisc = _attach(obj, ifindex, netns, undo)
+        arm_collector(obj)
     # The programs now use the new maps: the old ones go with their last pin.
     for old in resized.values():
         old.close()
@@ -470,6 +472,20 @@ def _migrate(old: bpf.MapFd, new_map: bpf.BpfMap, size: int) -> None:
         for i in range(0, len(entries), BATCH * 16):
             chunk = entries[i:i + BATCH * 16]
             new.update_batch([k for k, _ in chunk], [v for _, v in chunk])
+
+
+COLLECTOR_PROGRAM = "collector_arm"
+
+
+def arm_collector(obj: bpf.BpfObject) -> int:
+    """Arm ct_v4's collector (a timer in the pinned collector_v4, which runs while that pin
+    lives) with the loaded object's callback, replacing an earlier load's; it also sweeps
+    once. Returns the dead entries removed."""
+    res = bpf.prog_test_run(obj.program(COLLECTOR_PROGRAM).fd, bytes(64))
+    rc = ctypes.c_int32(res.retval).value
+    if rc < 0:
+        raise bpf.LibbpfError("arming the conntrack collector (bpf_timer)", -rc)
+    return rc
 
 
 def configure(obj: bpf.BpfObject, config: bytes, sizes: dict[str, int]) -> None:

@@ -30,6 +30,7 @@ TIMEOUTS = (
     ("CT_CLOSE_TIMEOUT", 10),
     ("CT_UDP_TIMEOUT", 60),
     ("SNAT_REUSE_GRACE", 120),
+    ("CT_GC_INTERVAL", 5),  # how often ct_v4's collector runs
 )
 
 

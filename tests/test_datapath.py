@@ -32,7 +32,7 @@ import pytest
 from bpfgen import layout
 from bpfgen import libbpf as bpf
 from bpfgen.build import Build, compile_spec
-from bpfgen.loader import SERVICE_MAPS, open_datapath, sync_service_maps
+from bpfgen.loader import SERVICE_MAPS, arm_collector, open_datapath, sync_service_maps
 from bpfgen.plan import Plan
 from bpfgen.netns import current_netns, enter_netns, ifindex as if_index
 from bpfgen.render import TIMEOUTS
@@ -1338,6 +1338,47 @@ def test_flow_is_half_open_until_established_then_moves_to_the_main_table(datapa
     assert dp.ct(out, "CT_OUT")["flags"] & FLAGS["CT_ESTABLISHED"]
     answer = _reply(dp, snat, pk.PSH | pk.ACK, b"answer")
     assert answer.pkt.flow == (dp.address, NODEPORT, CLIENT, 40000) and answer.pkt.checksums_ok()
+
+
+def _fill_ct_v4(dp: Datapath, expires: int) -> list[bytes]:
+    """ct_v4 filled up with other flows' entries (as many as its capacity)."""
+    keys = []
+    size = dp.maps["ct_v4"].info.max_entries - len(dp.entries("ct_v4"))
+    for i in range(size):
+        keys.append(tuple_key((f"172.29.{i // 250}.{i % 250 + 1}", 50000, NODE0, NODEPORT), "CT_SERVICE"))
+        dp.maps["ct_v4"].update(keys[-1], layout.CT_ENTRY.pack(expires=expires, flags=FLAGS["CT_ESTABLISHED"]))
+    return keys
+
+
+def test_a_full_established_table_refuses_a_new_flow_and_evicts_none(datapath):
+    """ct_v4 never evicts: full, the packet that would establish a new flow is a counted
+    drop (CT_FULL) and the flow's half-open entries go, as does a flow of the node itself;
+    every established entry stays. Its collector removes entries dead for longer than
+    SNAT_REUSE_GRACE (once at load, then on its timer), and the next flow gets in."""
+    dp = datapath(HALF_OPEN, "node0")
+    now = layout.datapath_now()
+    live = _established(dp, client_port=41000)
+    keys = _fill_ct_v4(dp, now + 1000)
+    before = dp.entries("ct_v4")
+    service = (CLIENT, 42000, NODE0, NODEPORT)
+    dp.from_netdev(pk.tcp(*service, pk.SYN))
+    snat = dp.ct(service, "CT_SERVICE")["snat_port"]
+    _reply(dp, snat, pk.SYN | pk.ACK, client_port=42000)
+    run = dp.from_netdev(pk.tcp(*service, pk.ACK))
+    assert run.retval == TC_ACT_SHOT and dp.drops("CT_FULL") == 1
+    assert dp.entries("ct_half_v4") == {} and dp.entries("ct_v4") == before
+    own = (NODE0, 20000, "10.106.91.98", 80)  # the node's own flow to a ClusterIP
+    assert dp.to_netdev(pk.tcp(*own, pk.SYN)).retval == TC_ACT_SHOT and dp.drops("CT_FULL") == 2
+    assert dp.entries("ct_v4") == before
+    assert dp.from_netdev(pk.tcp(*live[0], pk.ACK, b"still here")).pkt.daddr == BACKEND
+    # entries dead for longer than the grace are collected; those within it stay
+    grace = dict(TIMEOUTS)["SNAT_REUSE_GRACE"]
+    for i, key in enumerate(keys[:10]):
+        dp.maps["ct_v4"].update(key, layout.CT_ENTRY.pack(expires=now - grace - 5 if i < 6 else now - 5))
+    assert arm_collector(dp.obj) == 6
+    assert len(dp.entries("ct_v4")) == len(before) - 6
+    _established(dp, client_port=42001)
+    assert dp.ct_table((CLIENT, 42001, NODE0, NODEPORT), "CT_SERVICE") == "ct_v4"
 
 
 def test_syn_flood_larger_than_the_half_open_table_leaves_established_flows(datapath):

@@ -39,6 +39,7 @@ from bpfgen import layout
 from bpfgen import libbpf as L
 from bpfgen.build import compile_object, compile_spec
 from bpfgen.cli import cli
+from bpfgen.render import TIMEOUTS
 
 from conftest import SEED, Netns
 
@@ -630,6 +631,42 @@ def test_a_capacity_change_moves_the_live_entries_into_the_resized_maps(builds, 
     for hook in ("ingress", "egress"):
         assert uses_pinned_maps(bpftool("prog", "show", "id", str(new[hook])), pins)
     assert wait_gone(list(loaded["ids"].values())) == []
+
+
+def _collected(pins: Path, key: bytes, timeout: float) -> bool:
+    """Whether ct_v4's entry at key is removed within timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if bpftool_lookup(pins / "ct_v4", key) is None:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_the_conntrack_collector_runs_on_its_timer_across_a_program_replacement(builds, state, netns: Netns,
+                                                                               loaded):
+    """ct_v4 never evicts, so its dead entries are collected: by the timer in the pinned
+    collector_v4, every CT_GC_INTERVAL seconds, after bpfgen has exited; a live entry
+    stays. A program replacement hands the timer to the new program (the old ones leave
+    the kernel) and collection goes on; unload_leaves_nothing checks the maps go too."""
+    pins = state["pins"]
+    interval = dict(TIMEOUTS)["CT_GC_INTERVAL"]
+    grace = dict(TIMEOUTS)["SNAT_REUSE_GRACE"]
+    ct = write_state(pins)
+
+    def dead_entry(port: int) -> bytes:
+        key = layout.TUPLE.pack(saddr="192.0.2.11", daddr=NODE_ADDR, sport=port, dport=30645, proto=6,
+                                dir=layout.FLAGS["CT_SERVICE"])
+        value = layout.CT_ENTRY.pack(expires=layout.datapath_now() - grace - 2, backend_id=1, rev_nat_id=2)
+        run("bpftool", "map", "update", "pinned", str(pins / "ct_v4"), "key", *hexargs(key), "value", *hexargs(value))
+        return key
+
+    assert _collected(pins, dead_entry(41000), interval + 3)
+    stderr = load(netns, builds["snat-code"])
+    assert "programs replaced" in stderr
+    assert wait_gone(list(loaded["ids"].values())) == [], "the timer keeps a replaced program"
+    assert _collected(pins, dead_entry(41001), interval + 3)
+    assert bpftool_lookup(pins / "ct_v4", CT_KEY) == ct
 
 
 def test_a_pinned_map_of_another_layout_is_refused_and_nothing_is_left(builds, state, netns: Netns):

@@ -5,6 +5,14 @@
 
 #include <linux/types.h>
 
+#ifndef BPFGEN_UAPI_HAS_BPF_WQ
+/* The kernel's BPF work item (kernel 6.10 on; older UAPI headers lack it): opaque, known
+ * to the kernel by its BTF name. */
+struct bpf_wq {
+	__u64 __opaque[2];
+} __attribute__((aligned(8)));
+#endif
+
 typedef __u32 bpfgen_ip4_t; /* IPv4 address in network byte order */
 typedef __u16 bpfgen_port_t; /* L4 port in network byte order */
 typedef __u8 bpfgen_proto_t; /* IP protocol number (6 TCP, 17 UDP) */
@@ -48,7 +56,7 @@ enum bpfgen_drop_reason {
 	DROP_FIB_FAILED = 2, /* fib lookup failed */
 	DROP_MALFORMED = 3, /* malformed packet */
 	DROP_CT_NO_SYN = 4, /* TCP packet of no known flow without SYN */
-	DROP_CT_FULL = 5, /* conntrack insert failed */
+	DROP_CT_FULL = 5, /* a new flow refused: its conntrack table is full */
 	DROP_REWRITE_FAILED = 6, /* packet rewrite failed */
 	DROP_TTL_EXCEEDED = 7, /* TTL exceeded in forwarding */
 	DROP_NO_LOCAL_BACKEND = 8, /* traffic policy Local and no endpoint on this node */
@@ -219,5 +227,12 @@ struct bpfgen_local_port {
 	__u32 expires;
 };
 _Static_assert(sizeof(struct bpfgen_local_port) == 4, "bpfgen_local_port layout");
+
+/* ct_v4's collector: its timer, and the work item the timer starts (a sweep runs in process context, where packets preempt it). */
+struct bpfgen_collector {
+	struct bpf_timer timer;
+	struct bpf_wq work;
+};
+_Static_assert(sizeof(struct bpfgen_collector) == 32, "bpfgen_collector layout");
 
 #endif /* BPFGEN_LAYOUT_H */

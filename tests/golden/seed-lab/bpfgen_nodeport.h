@@ -1106,6 +1106,17 @@ static __always_inline int ct_insert(int half, const struct bpfgen_tuple *key, c
 	return bpf_map_update_elem(&ct_v4, key, e, BPF_ANY);
 }
 
+/* A new flow's entry removed again (its partner could not be made). */
+static __always_inline void ct_remove(int half, const struct bpfgen_tuple *key)
+{
+	if (half)
+		bpf_map_delete_elem(&ct_half_v4, key);
+	else if (key->proto != IPPROTO_TCP)
+		bpf_map_delete_elem(&ct_udp_v4, key);
+	else
+		bpf_map_delete_elem(&ct_v4, key);
+}
+
 /*
  * A new flow through frontend svc: a backend, the next hop, an SNAT port for a remote
  * backend, and the flow's two conntrack entries, each holding the whole translation of
@@ -1225,8 +1236,10 @@ static __always_inline int lb_forward(struct __sk_buff *skb, struct pkt *p, cons
 	fwd_nh = entry.nh;
 	fwd_ifindex = entry.ifindex;
 	as_reply_entry(&entry, p);
-	if (ct_insert(half, &out_key, &entry))
+	if (ct_insert(half, &out_key, &entry)) {
+		ct_remove(half, &svc_key); /* (the rest or nothing) */
 		return drop(DROP_CT_FULL);
+	}
 	entry.nh = fwd_nh;
 	entry.ifindex = fwd_ifindex;
 	if (CT_IS_LOCAL_FLOW(&entry))
@@ -1268,9 +1281,10 @@ static __always_inline void partner_key(struct bpfgen_tuple *key, const struct b
 }
 
 /*
- * A half-open flow has just been established by a packet that found ct at key: its two
- * entries move to ct_v4 (ct's partner refreshed as it goes). If ct_v4 refuses the entry,
- * the flow stays half-open.
+ * A half-open flow has just been established by a packet that found ct at key, and ct is
+ * in ct_v4 now (ct_admit): its partner follows (refreshed as it goes; if ct_v4 refuses
+ * it, it stays in ct_half_v4, where the flow's replies find it), and both leave
+ * ct_half_v4. After the packet is sent: until then it uses ct where it was.
  */
 static __always_inline void ct_promote(const struct bpfgen_tuple *key, struct bpfgen_ct_entry *ct,
 				       const struct pkt *p, int reply, __u32 now, __u8 fin)
@@ -1279,15 +1293,35 @@ static __always_inline void ct_promote(const struct bpfgen_tuple *key, struct bp
 	struct bpfgen_ct_entry *other;
 
 	partner_key(&partner, ct, p->t.proto, reply);
-	if (bpf_map_update_elem(&ct_v4, key, ct, BPF_ANY))
-		return;
 	other = bpf_map_lookup_elem(&ct_half_v4, &partner);
 	if (other && same_flow(other, ct)) {
 		ct_touch(other, p, now, fin);
-		bpf_map_update_elem(&ct_v4, &partner, other, BPF_ANY);
-		bpf_map_delete_elem(&ct_half_v4, &partner);
+		if (bpf_map_update_elem(&ct_v4, &partner, other, BPF_ANY) == 0)
+			bpf_map_delete_elem(&ct_half_v4, &partner);
 	}
 	bpf_map_delete_elem(&ct_half_v4, key);
+}
+
+/*
+ * The entry ct (at key in ct_half_v4) of a flow just established, copied into ct_v4. If
+ * ct_v4 is full, the flow is refused: its half-open entries go and the packet is a
+ * counted drop (the client's next segment, a flow picked up mid-stream, then gets the
+ * backend's reset); no established flow is evicted for it. Returns 0, or -1 refused.
+ */
+static __always_inline int ct_admit(const struct bpfgen_tuple *key, struct bpfgen_ct_entry *ct, const struct pkt *p,
+				    int reply)
+{
+	struct bpfgen_tuple partner;
+	struct bpfgen_ct_entry *other;
+
+	if (bpf_map_update_elem(&ct_v4, key, ct, BPF_ANY) == 0)
+		return 0;
+	partner_key(&partner, ct, p->t.proto, reply);
+	other = bpf_map_lookup_elem(&ct_half_v4, &partner);
+	if (other && same_flow(other, ct))
+		bpf_map_delete_elem(&ct_half_v4, &partner);
+	bpf_map_delete_elem(&ct_half_v4, key);
+	return -1;
 }
 
 /*
@@ -1404,6 +1438,8 @@ static __always_inline int ct_fast(struct __sk_buff *skb, struct pkt *p, const s
 		return drop(DROP_TTL_EXCEEDED);
 	if (ct_touch(ct, p, now, fin)) {
 		if (half && (ct->flags & CT_ESTABLISHED)) {
+			if (ct_admit(key, ct, p, reply))
+				return drop(DROP_CT_FULL);
 			promote = 1; /* after the packet is sent: the entry leaves ct_half_v4 */
 		} else {
 			partner_key(&partner, ct, p->t.proto, reply);
@@ -1584,6 +1620,90 @@ static __always_inline int nodeport_to_netdev(struct __sk_buff *skb)
 		return lb_forward(skb, &p, svc, now, LB_EGRESS | (ct ? LB_STALE : 0));
 	}
 	return TC_ACT_OK;
+}
+
+/* ---- ct_v4's collector ---- */
+
+/*
+ * ct_v4 is a hash map, not an LRU one: full, it refuses a new flow (a counted drop)
+ * rather than evict an established one. Its dead entries are removed here: every
+ * CT_GC_INTERVAL seconds a timer in collector_v4 starts a work item that sweeps the
+ * table in process context (a sweep of a full table takes tens of milliseconds: in the
+ * timer's softirq it would hold up that CPU's packets). collector_v4 is pinned, so both
+ * run for as long as the node's maps are pinned, with the callbacks of the program that
+ * armed them last (the loader arms them after every load). An entry goes
+ * SNAT_REUSE_GRACE after its expiry: until then a closed flow's entry still decides when
+ * its SNAT port is free.
+ */
+#ifndef CLOCK_MONOTONIC
+#define CLOCK_MONOTONIC 1
+#endif
+#define BPFGEN_EBUSY 16
+
+extern int bpf_wq_init(struct bpf_wq *wq, void *p__map, unsigned int flags) __ksym;
+extern int bpf_wq_start(struct bpf_wq *wq, unsigned int flags) __ksym;
+extern int bpf_wq_set_callback_impl(struct bpf_wq *wq, int (callback_fn)(void *map, int *key, void *value),
+				    unsigned int flags, void *aux__ign) __ksym;
+
+struct collector_sweep {
+	__u32 now;
+	__u32 removed;
+};
+
+static long collect_one(void *map, struct bpfgen_tuple *key, struct bpfgen_ct_entry *ct, struct collector_sweep *s)
+{
+	if (ct->expires + SNAT_REUSE_GRACE < s->now && bpf_map_delete_elem(&ct_v4, key) == 0)
+		s->removed++;
+	return 0;
+}
+
+static __always_inline __u32 collector_sweep(void)
+{
+	struct collector_sweep s = { .now = now_sec() };
+
+	bpf_for_each_map_elem(&ct_v4, collect_one, &s, 0);
+	return s.removed;
+}
+
+static int collector_work(void *map, int *key, void *value)
+{
+	collector_sweep();
+	return 0;
+}
+
+static int collector_tick(void *map, __u32 *key, struct bpfgen_collector *c)
+{
+	bpf_wq_start(&c->work, 0);
+	bpf_timer_start(&c->timer, (__u64)CT_GC_INTERVAL * NSEC_PER_SEC, 0);
+	return 0;
+}
+
+/* Arms the collector with this program's callbacks (a timer armed by an earlier load
+ * takes the new ones) and sweeps once. Returns the entries removed, or a negative errno. */
+static __always_inline long nodeport_collector_arm(void)
+{
+	struct bpfgen_collector *c;
+	__u32 k = 0, removed;
+	long rc;
+
+	c = bpf_map_lookup_elem(&collector_v4, &k);
+	if (!c)
+		return -1;
+	rc = bpf_timer_init(&c->timer, &collector_v4, CLOCK_MONOTONIC);
+	if (rc && rc != -BPFGEN_EBUSY)
+		return rc;
+	rc = bpf_wq_init(&c->work, &collector_v4, 0);
+	if (rc && rc != -BPFGEN_EBUSY)
+		return rc;
+	rc = bpf_wq_set_callback_impl(&c->work, collector_work, 0, NULL);
+	if (rc)
+		return rc;
+	rc = bpf_timer_set_callback(&c->timer, collector_tick);
+	if (rc)
+		return rc;
+	removed = collector_sweep();
+	rc = bpf_timer_start(&c->timer, (__u64)CT_GC_INTERVAL * NSEC_PER_SEC, 0);
+	return rc ? rc : removed;
 }
 
 #endif /* BPFGEN_NODEPORT_H */

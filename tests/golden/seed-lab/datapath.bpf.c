@@ -40,6 +40,7 @@ const volatile struct bpfgen_config CONFIG SEC(".rodata.config") = {};
 #define CT_CLOSE_TIMEOUT 10
 #define CT_UDP_TIMEOUT 60
 #define SNAT_REUSE_GRACE 120
+#define CT_GC_INTERVAL 5
 
 /* service frontends and their backend slots (max_entries: the default, set from the cluster's capacity at load) */
 struct {
@@ -71,9 +72,9 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } revnat_v4 SEC(".maps");
 
-/* conntrack of established TCP flows and the node's own TCP flows (max_entries: the default, set from the cluster's capacity at load) */
+/* conntrack of established TCP flows and the node's own TCP flows (never evicts: full, it refuses new flows; its collector removes dead entries) (max_entries: the default, set from the cluster's capacity at load) */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 524288);
 	__type(key, struct bpfgen_tuple);
 	__type(value, struct bpfgen_ct_entry);
@@ -136,6 +137,15 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } src_range_v4 SEC(".maps");
 
+/* ct_v4's collector, on a timer that runs while this map is pinned (max_entries: the default, set from the cluster's capacity at load) */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct bpfgen_collector);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} collector_v4 SEC(".maps");
+
 /* by local port, the flows of the node or its pods to ClusterIPs (so that other traffic to them passes without a conntrack lookup) (max_entries: the default, set from the cluster's capacity at load) */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -175,6 +185,15 @@ SEC("tc")
 int to_netdev(struct __sk_buff *skb)
 {
 	return nodeport_to_netdev(skb);
+}
+
+/* Run by the loader after every load (BPF_PROG_TEST_RUN), never attached: arms ct_v4's
+ * collector with this object's callback and sweeps once. Returns the entries removed,
+ * or a negative errno. */
+SEC("tc")
+int collector_arm(struct __sk_buff *skb)
+{
+	return nodeport_collector_arm();
 }
 
 char LICENSE[] SEC("license") = "GPL";
