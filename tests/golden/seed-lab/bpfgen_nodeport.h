@@ -1068,19 +1068,19 @@ static __always_inline void as_reply_entry(struct bpfgen_ct_entry *e, const stru
  * lowered) whenever such a flow's entry is refreshed, by compare-and-swap: a larger
  * expiry is never lost to a smaller one written at the same time.
  */
-static __always_inline void local_port_note(__be16 port, __u32 expires)
+__noinline int local_port_note(__u32 port, __u32 expires)
 {
-	__u32 k = bpf_ntohs(port), old;
-	struct bpfgen_local_port *lp = bpf_map_lookup_elem(&local_port_v4, &k);
+	struct bpfgen_local_port *lp = bpf_map_lookup_elem(&local_port_v4, &port);
+	__u32 old;
 
 	if (!lp)
-		return;
-#pragma unroll
+		return 0;
 	for (int i = 0; i < 3; i++) {
 		old = lp->expires;
 		if (old >= expires || __sync_val_compare_and_swap(&lp->expires, old, expires) == old)
-			return;
+			break;
 	}
+	return 0;
 }
 
 /* Whether a flow of the node or its pods to a ClusterIP may live with local port port
@@ -1243,7 +1243,7 @@ static __always_inline int lb_forward(struct __sk_buff *skb, struct pkt *p, cons
 	entry.nh = fwd_nh;
 	entry.ifindex = fwd_ifindex;
 	if (CT_IS_LOCAL_FLOW(&entry))
-		local_port_note(p->t.sport, entry.expires);
+		local_port_note(bpf_ntohs(p->t.sport), entry.expires);
 	if (rev)
 		affinity_record(p, rev, backend_id, now);
 
@@ -1449,8 +1449,9 @@ static __always_inline int ct_fast(struct __sk_buff *skb, struct pkt *p, const s
 			if (other && same_flow(other, ct))
 				ct_touch(other, p, now, fin);
 		}
-		if (CT_IS_LOCAL_FLOW(ct))
-			local_port_note(reply ? p->t.dport : p->t.sport, ct->expires);
+		/* (a flow of the node's: its packets out on egress, its replies in on ingress) */
+		if (reply != egress && CT_IS_LOCAL_FLOW(ct))
+			local_port_note(bpf_ntohs(reply ? p->t.dport : p->t.sport), ct->expires);
 	}
 	if (!reply)
 		count_frontend(ct->rev_nat_id, p->len);
