@@ -16,7 +16,9 @@ Then --sequential connections (100,000) in a row through the 1000-port range, on
 the pod closing first and once with the client closing first (the lab's own server, which
 waits for the client's FIN), with their failed and slowest connects.
 
-Prints connections/s of each arm, the ratio NAT / no NAT, failed connects (none answered
+A third arm, half as long, reaches a second address of the pod routed through node0 both
+ways by plain kernel forwarding (no NAT): the cost of the hops the NodePort path adds,
+apart from bpfgen's own. Prints connections/s of each arm, the ratio NAT / no NAT (the target's), failed connects (none answered
 within 3 s, or an error) and the slowest connect. Targets: >= 0.9x, zero failed, no
 connect slower than 0.5 s. Needs root; everything lives in the lab's namespaces.
 """
@@ -42,6 +44,11 @@ from bpfgen.labnet import read_line  # noqa: E402
 SPEC = REPO / "tests" / "specs" / "lab" / "snat-1000.yaml"
 NODE0, NODE1, POD, NODEPORT = "172.26.50.101", "172.26.50.102", "10.0.1.72", 30645
 SECOND_CLIENT = "172.26.50.181"
+# A second address of the pod, routed by the client through node0 and on to node1, its
+# replies back the same way, by plain kernel forwarding (no NAT, nothing for bpfgen to
+# do): the hops the NAT path adds, measured apart (the target's reference stays the loop
+# straight to the pod).
+VIA_NODE0 = "10.0.1.73"
 SLOW = 0.5
 SEQUENTIAL_DEADLINE = 120.0  # seconds: a stalling datapath would take hours for 100k
 
@@ -140,6 +147,18 @@ def run_config(name: str, spec: Path, seconds: float, slice_: float, tmp: Path, 
         labmod.ip(lab.client_ns, "addr", "add", f"{SECOND_CLIENT}/24", "dev", "eth0")
         labmod.ip(lab.client_ns, "route", "add", f"{POD}/32", "via", NODE1)  # the no-NAT arm
         [pod] = lab.pods
+        # the routed arm: client -> node0 -> node1 -> pod, replies straight back from node1
+        labmod.ip(pod.ns, "addr", "add", f"{VIA_NODE0}/32", "dev", "eth0")
+        labmod.ip(lab.node_ns("node1"), "route", "add", f"{VIA_NODE0}/32", "dev",
+                  f"veth{lab.pods.index(pod)}")
+        labmod.ip(lab.node_ns("node0"), "route", "add", f"{VIA_NODE0}/32", "via", NODE1)
+        labmod.ip(lab.client_ns, "route", "add", f"{VIA_NODE0}/32", "via", NODE0)
+        # its replies back through node0 too (as the NAT path's are): by their source
+        labmod.ip(lab.node_ns("node1"), "rule", "add", "from", VIA_NODE0, "lookup", "100")
+        for client in (lab.client_address, SECOND_CLIENT):
+            labmod.ip(lab.node_ns("node1"), "route", "add", f"{client}/32", "via", NODE0, "table", "100")
+        for conf in ("all", "eth0"):  # (node0 forwards out of the interface it got them on)
+            labmod.sysctl(lab.node_ns("node0"), f"net.ipv4.conf.{conf}.send_redirects", 0)
         if count:  # with the lab's own server, which can wait for the client's FIN
             labmod.sysctl(lab.client_ns, "net.ipv4.tcp_tw_reuse", 1)  # the client's TIME_WAIT ports
             with enter_netns(lab.client_ns):
@@ -152,21 +171,23 @@ def run_config(name: str, spec: Path, seconds: float, slice_: float, tmp: Path, 
                           flush=True)
         labmod._stop_server(pod)
         time.sleep(0.3)
-        server = subprocess.Popen(["nsenter", f"--net=/run/netns/{pod.ns}", sys.executable, "-c", SERVER, pod.address],
+        server = subprocess.Popen(["nsenter", f"--net=/run/netns/{pod.ns}", sys.executable, "-c", SERVER, "0.0.0.0"],
                                   stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, start_new_session=True)
         assert server.stdout.readline().strip() == b"ready"
         for clients, sources in (("one client", ("",)), ("two addresses", (lab.client_address, SECOND_CLIENT))):
             with enter_netns(lab.client_ns):
                 loop(NODE0, NODEPORT, 0.3, sources)  # neighbours resolved
                 loop(POD, 80, 0.3, sources)
-                nat = direct = None
+                loop(VIA_NODE0, 80, 0.3, sources)
+                nat = direct = routed = None
                 left = seconds
                 while left > 0:
                     step = min(slice_, left)
                     nat = merge(nat, loop(NODE0, NODEPORT, step, sources))
                     direct = merge(direct, loop(POD, 80, step, sources))
+                    routed = merge(routed, loop(VIA_NODE0, 80, step / 2, sources))
                     left -= step
-            rows.append((name, clients, nat, direct))
+            rows.append((name, clients, nat, direct, routed))
             print_row(rows[-1])
             time.sleep(2)
     finally:
@@ -178,10 +199,12 @@ def run_config(name: str, spec: Path, seconds: float, slice_: float, tmp: Path, 
 
 
 def print_row(row: tuple) -> None:
-    name, clients, nat, direct = row
+    name, clients, nat, direct, routed = row
     rate = nat["done"] / nat["elapsed"]
     base = direct["done"] / direct["elapsed"]
+    hop = routed["done"] / routed["elapsed"]
     print(f"{name:<22} {clients:<14} NAT {rate:8.0f}/s  no NAT {base:8.0f}/s  ratio {rate / base:5.2f}x  "
+          f"(routed through node0 {hop:.0f}/s: {hop / base:.2f}x of no NAT; NAT {rate / hop:.2f}x of it)  "
           f"failed {nat['failed']} (no NAT {direct['failed']})  slowest connect {nat['worst'] * 1000:.0f} ms "
           f"(no NAT {direct['worst'] * 1000:.0f} ms), {nat['slow']} over 0.5 s, {nat['done']} connections", flush=True)
 

@@ -254,11 +254,13 @@ def _load_node(b: Build, plan: Plan, n: planning.NodeInfo, iface: str, ifindex: 
                      and all((pins / name).exists() for name in sizes) and _attached(previous, ifindex, netns))
     undo = _Undo()
     try:
+        collector = None
         if same_datapath:
             changes = _update_data(pins, plan, n, previous, undo)
             programs, created_qdisc = previous.programs, previous.created_qdisc
         else:
-            changes, programs, created_qdisc = _load_object(b, pins, plan, n, config, sizes, ifindex, netns, undo)
+            changes, programs, created_qdisc, collector = _load_object(b, pins, plan, n, config, sizes, ifindex,
+                                                                       netns, undo)
             created_qdisc = created_qdisc or bool(previous and previous.created_qdisc)
         reserved, warning = _reserve(plan, netns, previous, undo)
         now = _now()
@@ -286,6 +288,8 @@ def _load_node(b: Build, plan: Plan, n: planning.NodeInfo, iface: str, ifindex: 
             if gone:
                 result.messages.append(f"note: {' and '.join(gone)} of node {n.name} were created afresh (the pinned "
                                        "maps of the last load were gone): connections tracked before are lost")
+        if collector is not None:
+            arm_collector(collector)
         return result
     except BaseException as e:
         for failure in undo.run():
@@ -405,7 +409,7 @@ def _restore(maps: dict[str, bpf.MapFd], before: dict[str, dict[bytes, bytes | N
 
 
 def _load_object(b: Build, pins: Path, plan: Plan, n: planning.NodeInfo, config: bytes, sizes: dict[str, int],
-                 ifindex: int, netns: str | None, undo: _Undo) -> tuple[Changes, dict, bool]:
+                 ifindex: int, netns: str | None, undo: _Undo) -> tuple[Changes, dict, bool, bpf.Fd]:
     if not pins.is_dir():
         pins.mkdir(parents=True, mode=0o700)
         undo.push(f"pin dir {pins}", lambda: remove_pins(n.name) and None)
@@ -422,12 +426,13 @@ def _load_object(b: Build, pins: Path, plan: Plan, n: planning.NodeInfo, config:
         ct = [undo.hold(obj.map(name).map_fd()) for name in CONNTRACK_MAPS]
         changes = _sync_with_undo(maps, ct, plan, n, undo)
         programs, created_qdisc = _attach(obj, ifindex, netns, undo)
-        arm_collector(obj)
+        # (armed last of all, by load: nothing can fail after it, so no undo needs it back)
+        collector = undo.hold(bpf.prog_get_fd_by_id(bpf.prog_info(obj.program(COLLECTOR_PROGRAM).fd).id))
     # The programs now use the new maps: the old ones go with their last pin.
     for old in resized.values():
         old.close()
         (pins / _aside(old.name)).unlink(missing_ok=True)
-    return changes, programs, created_qdisc
+    return changes, programs, created_qdisc, collector
 
 
 ASIDE = "resizing_"  # (bpffs refuses dots in names)
@@ -477,11 +482,11 @@ def _migrate(old: bpf.MapFd, new_map: bpf.BpfMap, size: int) -> None:
 COLLECTOR_PROGRAM = "collector_arm"
 
 
-def arm_collector(obj: bpf.BpfObject) -> int:
+def arm_collector(prog: int | bpf.Fd) -> int:
     """Arm ct_v4's collector (a timer in the pinned collector_v4, which runs while that pin
-    lives) with the loaded object's callback, replacing an earlier load's; it also sweeps
-    once. Returns the dead entries removed."""
-    res = bpf.prog_test_run(obj.program(COLLECTOR_PROGRAM).fd, bytes(64))
+    lives) with the callbacks of a loaded object (prog: its collector_arm program),
+    replacing an earlier load's; it also sweeps once. Returns the dead entries removed."""
+    res = bpf.prog_test_run(prog, bytes(64))
     rc = ctypes.c_int32(res.retval).value
     if rc < 0:
         raise bpf.LibbpfError("arming the conntrack collector (bpf_timer)", -rc)

@@ -32,7 +32,7 @@ import pytest
 from bpfgen import layout
 from bpfgen import libbpf as bpf
 from bpfgen.build import Build, compile_spec
-from bpfgen.loader import SERVICE_MAPS, arm_collector, open_datapath, sync_service_maps
+from bpfgen.loader import COLLECTOR_PROGRAM, SERVICE_MAPS, arm_collector, open_datapath, sync_service_maps
 from bpfgen.plan import Plan
 from bpfgen.netns import current_netns, enter_netns, ifindex as if_index
 from bpfgen.render import TIMEOUTS
@@ -1375,7 +1375,7 @@ def test_a_full_established_table_refuses_a_new_flow_and_evicts_none(datapath):
     grace = dict(TIMEOUTS)["SNAT_REUSE_GRACE"]
     for i, key in enumerate(keys[:10]):
         dp.maps["ct_v4"].update(key, layout.CT_ENTRY.pack(expires=now - grace - 5 if i < 6 else now - 5))
-    assert arm_collector(dp.obj) == 6
+    assert arm_collector(dp.obj.program(COLLECTOR_PROGRAM).fd) == 6
     assert len(dp.entries("ct_v4")) == len(before) - 6
     _established(dp, client_port=42001)
     assert dp.ct_table((CLIENT, 42001, NODE0, NODEPORT), "CT_SERVICE") == "ct_v4"
