@@ -241,11 +241,13 @@ CONFIG = _s(
     ("nodeport_min", "u16"), ("nodeport_max", "u16"),
     ("snat_port_min", "u16"), ("snat_port_max", "u16"),
     ("hairpin_ip", "ip4", "the source a flow of the node or its pods to a backend on the node is SNATed to"),
+    ("ct_entries", "u32", "ct_v4's size: its collector gives up SNAT ports' rests when it is 3/4 full"),
 )
 SVC_STATS = _s("bpfgen_svc_stats", "Per-CPU packet and byte counts of one frontend.", ("packets", "u64"), ("bytes", "u64"))
 DROP_STATS = _s("bpfgen_drop_stats", "Per-CPU count of drops of one reason.", ("packets", "u64"))
 COLLECTOR = _s("bpfgen_collector", "ct_v4's collector: its timer, and the work item the timer starts (a sweep"
-               " runs in process context, where packets preempt it).", ("timer", "timer"), ("work", "wq"))
+               " runs in process context, where packets preempt it).", ("timer", "timer"), ("work", "wq"),
+               ("entries", "u32", "what the last sweep left in ct_v4"), ("pad", "u32"), ("pad2", "u64"))
 LOCAL_PORT = _s("bpfgen_local_port", "Until when (datapath seconds) a flow of the node or its pods to a ClusterIP may"
                 " live that has this local port: its replies are looked up only before then.", ("expires", "u32"))
 

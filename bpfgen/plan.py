@@ -269,6 +269,7 @@ def config(plan: Plan, node: NodeInfo) -> bytes:
         nodeport_min=plan.node_port_range[0], nodeport_max=plan.node_port_range[1],
         snat_port_min=plan.snat_port_range[0], snat_port_max=plan.snat_port_range[1],
         hairpin_ip=layout.HAIRPIN_ADDRESS,
+        ct_entries=map_sizes(plan)["ct_v4"],
     )
 
 

@@ -1353,8 +1353,8 @@ def _fill_ct_v4(dp: Datapath, expires: int) -> list[bytes]:
 def test_a_full_established_table_refuses_a_new_flow_and_evicts_none(datapath):
     """ct_v4 never evicts: full, the packet that would establish a new flow is a counted
     drop (CT_FULL) and the flow's half-open entries go, as does a flow of the node itself;
-    every established entry stays. Its collector removes entries dead for longer than
-    SNAT_REUSE_GRACE (once at load, then on its timer), and the next flow gets in."""
+    every established entry stays. Its collector (once at load, then on its timer)
+    removes dead entries, and the next flow gets in."""
     dp = datapath(HALF_OPEN, "node0")
     now = layout.datapath_now()
     live = _established(dp, client_port=41000)
@@ -1371,12 +1371,26 @@ def test_a_full_established_table_refuses_a_new_flow_and_evicts_none(datapath):
     assert dp.to_netdev(pk.tcp(*own, pk.SYN)).retval == TC_ACT_SHOT and dp.drops("CT_FULL") == 2
     assert dp.entries("ct_v4") == before
     assert dp.from_netdev(pk.tcp(*live[0], pk.ACK, b"still here")).pkt.daddr == BACKEND
-    # entries dead for longer than the grace are collected; those within it stay
+    # The collector: a dead entry goes at once, but a SNATed flow's CT_OUT entry whose
+    # backend may hold TIME_WAIT (here: expired without a close), which keeps its port
+    # resting for SNAT_REUSE_GRACE, unless the table was 3/4 full at the last sweep.
     grace = dict(TIMEOUTS)["SNAT_REUSE_GRACE"]
-    for i, key in enumerate(keys[:10]):
-        dp.maps["ct_v4"].update(key, layout.CT_ENTRY.pack(expires=now - grace - 5 if i < 6 else now - 5))
-    assert arm_collector(dp.obj.program(COLLECTOR_PROGRAM).fd) == 6
-    assert len(dp.entries("ct_v4")) == len(before) - 6
+    for key in keys[:6]:
+        dp.maps["ct_v4"].update(key, layout.CT_ENTRY.pack(expires=now - grace - 5))
+    dp.maps["ct_v4"].update(keys[6], layout.CT_ENTRY.pack(expires=now - 5, flags=FLAGS["CT_ESTABLISHED"]))
+    closed = FLAGS["CT_SNAT"] | FLAGS["CT_ESTABLISHED"] | FLAGS["CT_FIN_CLIENT"] | FLAGS["CT_FIN_BACKEND"] | \
+        FLAGS["CT_CLOSING"] | FLAGS["CT_BACKEND_DONE"]  # the client closed first, its final ACK seen
+    resting = FLAGS["CT_SNAT"] | FLAGS["CT_ESTABLISHED"]
+    for i, (key, flags) in enumerate(((keys[7], closed), (keys[8], resting), (keys[9], resting))):
+        dp.maps["ct_v4"].delete(key)
+        out = tuple_key((NODE0, 33000 + i, BACKEND, BACKEND_PORT), "CT_OUT")
+        dp.maps["ct_v4"].update(out, layout.CT_ENTRY.pack(expires=now - 5, flags=flags, snat_port=33000 + i))
+        keys[7 + i] = out
+    arm = dp.obj.program(COLLECTOR_PROGRAM).fd
+    assert arm_collector(arm) == 8  # (the first sweep: no count of the table yet)
+    assert [dp.maps["ct_v4"].lookup(k) is not None for k in keys[:10]] == [False] * 8 + [True, True]
+    assert arm_collector(arm) == 2  # the table was 3/4 full: the rest yields
+    assert len(dp.entries("ct_v4")) == len(before) - 10
     _established(dp, client_port=42001)
     assert dp.ct_table((CLIENT, 42001, NODE0, NODEPORT), "CT_SERVICE") == "ct_v4"
 

@@ -206,8 +206,9 @@ struct bpfgen_config {
 	__u16 snat_port_min;
 	__u16 snat_port_max;
 	bpfgen_ip4_t hairpin_ip; /* the source a flow of the node or its pods to a backend on the node is SNATed to */
+	__u32 ct_entries; /* ct_v4's size: its collector gives up SNAT ports' rests when it is 3/4 full */
 };
-_Static_assert(sizeof(struct bpfgen_config) == 24, "bpfgen_config layout");
+_Static_assert(sizeof(struct bpfgen_config) == 28, "bpfgen_config layout");
 
 /* Per-CPU packet and byte counts of one frontend. */
 struct bpfgen_svc_stats {
@@ -232,7 +233,10 @@ _Static_assert(sizeof(struct bpfgen_local_port) == 4, "bpfgen_local_port layout"
 struct bpfgen_collector {
 	struct bpf_timer timer;
 	struct bpf_wq work;
+	__u32 entries; /* what the last sweep left in ct_v4 */
+	__u32 pad;
+	__u64 pad2;
 };
-_Static_assert(sizeof(struct bpfgen_collector) == 32, "bpfgen_collector layout");
+_Static_assert(sizeof(struct bpfgen_collector) == 48, "bpfgen_collector layout");
 
 #endif /* BPFGEN_LAYOUT_H */

@@ -671,6 +671,37 @@ static __always_inline __u64 *nat_lease(struct bpfgen_nat_entry *nat)
  *   old flow's clock) passes it at once, as Linux conntrack reopens such a tuple; any
  *   other flow only after SNAT_REUSE_GRACE.
  */
+/* Whether the TCP flow of CT_OUT entry ct, over (dead, or live and closing), leaves
+ * nothing on the backend that a new flow from another client could trip on (below). */
+static __always_inline int ct_port_released(const struct bpfgen_ct_entry *ct, __u32 now, int live)
+{
+	/* whether the backend holds TIME_WAIT: it sent the first of both FINs */
+	int tw = (ct->flags & CT_BACKEND_CLOSED_FIRST) && (ct->flags & CT_FIN_BOTH) == CT_FIN_BOTH;
+	/* not in the very tick of the clock the backend's side went by: a backend busy in
+	 * the socket holds that packet in its backlog, where a SYN right behind it is lost
+	 * when the packet closes the socket (seen: a 1 s stall) */
+	int settled = (ct->flags & CT_BACKEND_DONE) && (!live || (__u16)(now_tick() - ct->done_tick) >= 2);
+
+	if (!live && (ct->flags & CT_MIDSTREAM))
+		return 1;
+	if (!tw) {
+		if (ct->flags & CT_BACKEND_DONE)
+			return settled;
+		/* the client closed first and its final ACK was not seen: after the close timeout */
+		return (ct->flags & CT_CLOSING) && !live;
+	}
+	if ((ct->flags & CT_TS_REWRITE) && settled) {
+		/* TIME_WAIT passes a SYN whose timestamp is newer than the old flow's last (RFC
+		 * 6191): the flow's timestamps were the node's clock, and so are the next
+		 * flow's. After a thousandth of the old flow's life, for the client's clock's
+		 * drift from the node's. */
+		__u32 closed = ct->expires - CT_CLOSE_TIMEOUT;
+
+		return !live || now >= closed + (closed - ct->started) / 1000;
+	}
+	return 0;
+}
+
 static __always_inline int snat_is_stale(struct bpfgen_nat_entry *nat, __u32 claimed, __u32 cookie,
 					 const struct snat_search *s)
 {
@@ -687,33 +718,8 @@ static __always_inline int snat_is_stale(struct bpfgen_nat_entry *nat, __u32 cla
 	live = ct_is_live(ct, now);
 	if (live && !(ct->flags & CT_CLOSING))
 		return 0;
-	if (key->proto == IPPROTO_TCP) {
-		/* whether the backend holds TIME_WAIT: it sent the first of both FINs */
-		int tw = (ct->flags & CT_BACKEND_CLOSED_FIRST) && (ct->flags & CT_FIN_BOTH) == CT_FIN_BOTH;
-		/* not in the very tick of the clock the backend's side went by: a backend busy in
-		 * the socket holds that packet in its backlog, where a SYN right behind it is lost
-		 * when the packet closes the socket (seen: a 1 s stall) */
-		int settled = (ct->flags & CT_BACKEND_DONE) && (__u16)(now_tick() - ct->done_tick) >= 2;
-
-		if (!live && (ct->flags & CT_MIDSTREAM))
-			return 1;
-		if (!tw) {
-			if (ct->flags & CT_BACKEND_DONE)
-				return !live || settled;
-			/* the client closed first and its final ACK was not seen: after the close timeout */
-			if ((ct->flags & CT_CLOSING) && !live)
-				return 1;
-		} else if ((ct->flags & CT_TS_REWRITE) && settled) {
-			/* TIME_WAIT passes a SYN whose timestamp is newer than the old flow's last (RFC
-			 * 6191): the flow's timestamps were the node's clock, and so are the next
-			 * flow's. After a thousandth of the old flow's life, for the client's clock's
-			 * drift from the node's. */
-			__u32 closed = ct->expires - CT_CLOSE_TIMEOUT;
-
-			if (!live || now >= closed + (closed - ct->started) / 1000)
-				return 1;
-		}
-	}
+	if (key->proto == IPPROTO_TCP && ct_port_released(ct, now, live))
+		return 1;
 	if (nat->addr == s->val.addr && nat->port == s->val.port && ct->rev_nat_id == s->rev_nat_id)
 		return 1;
 	return now > ct->expires + SNAT_REUSE_GRACE;
@@ -1632,9 +1638,8 @@ static __always_inline int nodeport_to_netdev(struct __sk_buff *skb)
  * table in process context (a sweep of a full table takes tens of milliseconds: in the
  * timer's softirq it would hold up that CPU's packets). collector_v4 is pinned, so both
  * run for as long as the node's maps are pinned, with the callbacks of the program that
- * armed them last (the loader arms them after every load). An entry goes
- * SNAT_REUSE_GRACE after its expiry: until then a closed flow's entry still decides when
- * its SNAT port is free.
+ * armed them last (the loader arms them after every load). A dead entry goes at its
+ * sweep, but one that still decides when its SNAT port is free (collector_sweep).
  */
 #ifndef CLOCK_MONOTONIC
 #define CLOCK_MONOTONIC 1
@@ -1649,26 +1654,46 @@ extern int bpf_wq_set_callback_impl(struct bpf_wq *wq, int (callback_fn)(void *m
 struct collector_sweep {
 	__u32 now;
 	__u32 removed;
+	__u32 seen;
+	__u32 pressed; /* the last sweep found the table 3/4 full */
 };
+
+/* Whether a dead entry still decides its SNAT port's rest: a SNATed flow's CT_OUT entry
+ * (snat_is_stale reads it), unless its flow left the backend nothing to protect. */
+static __always_inline int ct_keeps_port(const struct bpfgen_tuple *key, const struct bpfgen_ct_entry *ct, __u32 now)
+{
+	return key->dir == CT_OUT && (ct->flags & CT_SNAT) && !ct_port_released(ct, now, 0);
+}
 
 static long collect_one(void *map, struct bpfgen_tuple *key, struct bpfgen_ct_entry *ct, struct collector_sweep *s)
 {
-	if (ct->expires + SNAT_REUSE_GRACE < s->now && bpf_map_delete_elem(&ct_v4, key) == 0)
+	s->seen++;
+	if (ct->expires >= s->now)
+		return 0;
+	if ((s->pressed || ct->expires + SNAT_REUSE_GRACE < s->now || !ct_keeps_port(key, ct, s->now)) &&
+	    bpf_map_delete_elem(&ct_v4, key) == 0)
 		s->removed++;
 	return 0;
 }
 
-static __always_inline __u32 collector_sweep(void)
+/*
+ * One sweep: a dead entry goes at once, or, if it still decides its port's rest, after
+ * SNAT_REUSE_GRACE; when the last sweep found the table 3/4 full, at once too (a full
+ * table refuses new flows: the rest yields to them).
+ */
+static __always_inline __u32 collector_sweep(struct bpfgen_collector *c)
 {
 	struct collector_sweep s = { .now = now_sec() };
 
+	s.pressed = c->entries > CONFIG.ct_entries / 4 * 3;
 	bpf_for_each_map_elem(&ct_v4, collect_one, &s, 0);
+	c->entries = s.seen - s.removed;
 	return s.removed;
 }
 
 static int collector_work(void *map, int *key, void *value)
 {
-	collector_sweep();
+	collector_sweep(value);
 	return 0;
 }
 
@@ -1702,7 +1727,7 @@ static __always_inline long nodeport_collector_arm(void)
 	rc = bpf_timer_set_callback(&c->timer, collector_tick);
 	if (rc)
 		return rc;
-	removed = collector_sweep();
+	removed = collector_sweep(c);
 	rc = bpf_timer_start(&c->timer, (__u64)CT_GC_INTERVAL * NSEC_PER_SEC, 0);
 	return rc ? rc : removed;
 }
