@@ -262,6 +262,9 @@ def _load_node(b: Build, plan: Plan, n: planning.NodeInfo, iface: str, ifindex: 
             changes, programs, created_qdisc, collector = _load_object(b, pins, plan, n, config, sizes, ifindex,
                                                                        netns, undo)
             created_qdisc = created_qdisc or bool(previous and previous.created_qdisc)
+        collector_id = previous.collector_id if previous else 0
+        if collector is not None:
+            collector_id = _arm(collector, previous, undo)
         reserved, warning = _reserve(plan, netns, previous, undo)
         now = _now()
         plan_bytes = b.plan_bytes()
@@ -273,7 +276,7 @@ def _load_node(b: Build, plan: Plan, n: planning.NodeInfo, iface: str, ifindex: 
             programs=programs, created_qdisc=created_qdisc,
             object_sha256=b.object_sha256, config=config.hex(), maps=sizes,
             map_ids=record_ids, plan_sha256=hashlib.sha256(plan_bytes).hexdigest(),
-            reserved_ports=format_ports(reserved),
+            reserved_ports=format_ports(reserved), collector_id=collector_id,
         ).save(plan_bytes)
         cleared = clear_udp_flows(pins, changes)
         result = LoadResult(n.name, iface, str(pins), previous is not None, programs,
@@ -288,8 +291,6 @@ def _load_node(b: Build, plan: Plan, n: planning.NodeInfo, iface: str, ifindex: 
             if gone:
                 result.messages.append(f"note: {' and '.join(gone)} of node {n.name} were created afresh (the pinned "
                                        "maps of the last load were gone): connections tracked before are lost")
-        if collector is not None:
-            arm_collector(collector)
         return result
     except BaseException as e:
         for failure in undo.run():
@@ -426,7 +427,7 @@ def _load_object(b: Build, pins: Path, plan: Plan, n: planning.NodeInfo, config:
         ct = [undo.hold(obj.map(name).map_fd()) for name in CONNTRACK_MAPS]
         changes = _sync_with_undo(maps, ct, plan, n, undo)
         programs, created_qdisc = _attach(obj, ifindex, netns, undo)
-        # (armed last of all, by load: nothing can fail after it, so no undo needs it back)
+        # (armed by load once the programs are attached, before the record is written)
         collector = undo.hold(bpf.prog_get_fd_by_id(bpf.prog_info(obj.program(COLLECTOR_PROGRAM).fd).id))
     # The programs now use the new maps: the old ones go with their last pin.
     for old in resized.values():
@@ -491,6 +492,23 @@ def arm_collector(prog: int | bpf.Fd) -> int:
     if rc < 0:
         raise bpf.LibbpfError("arming the conntrack collector (bpf_timer)", -rc)
     return rc
+
+
+def _arm(collector: bpf.Fd, previous: NodeRecord | None, undo: _Undo) -> int:
+    """Arm the new object's collector; a load failing after this arms the last load's
+    again (whose program the collector's timer held until now). Returns the program's id."""
+    old = None
+    if previous is not None and previous.collector_id:
+        try:
+            old = undo.hold(bpf.prog_get_fd_by_id(previous.collector_id))
+            if bpf.prog_info(old).name != COLLECTOR_PROGRAM:
+                old = None  # (an id of another program now)
+        except bpf.LibbpfError:
+            old = None  # gone, with the maps it collected
+    arm_collector(collector)
+    if old is not None:
+        undo.push("conntrack collector", lambda: arm_collector(old) and None)
+    return bpf.prog_info(collector).id
 
 
 def configure(obj: bpf.BpfObject, config: bytes, sizes: dict[str, int]) -> None:

@@ -133,6 +133,7 @@ class NodeRecord:
     map_ids: dict[str, int] = field(default_factory=dict)  # the pinned maps the plan was written into
     plan_sha256: str = ""  # the plan last applied, kept beside the record (<node>.applied-plan)
     reserved_ports: str = ""  # what bpfgen added to net.ipv4.ip_local_reserved_ports ("30000-32767,...")
+    collector_id: int = 0  # the collector_arm program whose callbacks ct_v4's collector runs
 
     @property
     def path(self) -> Path:

@@ -1340,10 +1340,10 @@ def test_flow_is_half_open_until_established_then_moves_to_the_main_table(datapa
     assert answer.pkt.flow == (dp.address, NODEPORT, CLIENT, 40000) and answer.pkt.checksums_ok()
 
 
-def _fill_ct_v4(dp: Datapath, expires: int) -> list[bytes]:
-    """ct_v4 filled up with other flows' entries (as many as its capacity)."""
+def _fill_ct_v4(dp: Datapath, expires: int, leave: int = 0) -> list[bytes]:
+    """ct_v4 filled up with other flows' entries (up to its capacity, but `leave` slots)."""
     keys = []
-    size = dp.maps["ct_v4"].info.max_entries - len(dp.entries("ct_v4"))
+    size = dp.maps["ct_v4"].info.max_entries - len(dp.entries("ct_v4")) - leave
     for i in range(size):
         keys.append(tuple_key((f"172.29.{i // 250}.{i % 250 + 1}", 50000, NODE0, NODEPORT), "CT_SERVICE"))
         dp.maps["ct_v4"].update(keys[-1], layout.CT_ENTRY.pack(expires=expires, flags=FLAGS["CT_ESTABLISHED"]))
@@ -1351,26 +1351,48 @@ def _fill_ct_v4(dp: Datapath, expires: int) -> list[bytes]:
 
 
 def test_a_full_established_table_refuses_a_new_flow_and_evicts_none(datapath):
-    """ct_v4 never evicts: full, the packet that would establish a new flow is a counted
-    drop (CT_FULL) and the flow's half-open entries go, as does a flow of the node itself;
-    every established entry stays. Its collector (once at load, then on its timer)
-    removes dead entries, and the next flow gets in."""
+    """ct_v4 never evicts: when it cannot take both entries of a flow being established,
+    the packet is a counted drop (CT_FULL) answered with a reset at its ACK, and the
+    flow's half-open entries go (neither entry gets in: here one slot was left), for a
+    flow of the node itself too (half-open until established, as a client's); every
+    established entry stays. A flow already admitted (its partner in ct_v4) is never
+    refused. Its collector (once at load, then on its timer) removes dead entries, and the
+    next flow gets in."""
     dp = datapath(HALF_OPEN, "node0")
     now = layout.datapath_now()
     live = _established(dp, client_port=41000)
-    keys = _fill_ct_v4(dp, now + 1000)
+    keys = _fill_ct_v4(dp, now + 1000, leave=1)
     before = dp.entries("ct_v4")
     service = (CLIENT, 42000, NODE0, NODEPORT)
     dp.from_netdev(pk.tcp(*service, pk.SYN))
     snat = dp.ct(service, "CT_SERVICE")["snat_port"]
     _reply(dp, snat, pk.SYN | pk.ACK, client_port=42000)
-    run = dp.from_netdev(pk.tcp(*service, pk.ACK))
-    assert run.retval == TC_ACT_SHOT and dp.drops("CT_FULL") == 1
+    run = dp.from_netdev(pk.tcp(*service, pk.ACK, seq=7, ack=7777))
+    assert dp.drops("CT_FULL") == 1
+    assert run.pkt.flow == (NODE0, NODEPORT, CLIENT, 42000) and run.pkt.tcp_flags == pk.RST
+    assert struct.unpack("!I", run.pkt.l4[4:8]) == (7777,) and run.pkt.checksums_ok()
     assert dp.entries("ct_half_v4") == {} and dp.entries("ct_v4") == before
+    keys += _fill_ct_v4(dp, now + 1000)  # (the last slot: the node's flow gets a first entry nowhere)
+    before = dp.entries("ct_v4")
     own = (NODE0, 20000, "10.106.91.98", 80)  # the node's own flow to a ClusterIP
-    assert dp.to_netdev(pk.tcp(*own, pk.SYN)).retval == TC_ACT_SHOT and dp.drops("CT_FULL") == 2
-    assert dp.entries("ct_v4") == before
+    assert dp.to_netdev(pk.tcp(*own, pk.SYN)).pkt.flow == (NODE0, 20000, BACKEND, BACKEND_PORT)
+    assert dp.ct_table(own, "CT_SERVICE_EGRESS") == "ct_half_v4"
+    assert dp.from_netdev(pk.tcp(BACKEND, BACKEND_PORT, NODE0, 20000, pk.SYN | pk.ACK)).pkt.flow == (
+        "10.106.91.98", 80, NODE0, 20000)
+    run = dp.to_netdev(pk.tcp(*own, pk.ACK))
+    assert dp.drops("CT_FULL") == 2 and run.pkt.tcp_flags == pk.RST
+    assert run.pkt.flow == ("10.106.91.98", 80, NODE0, 20000)
+    assert dp.entries("ct_half_v4") == {} and dp.entries("ct_v4") == before
     assert dp.from_netdev(pk.tcp(*live[0], pk.ACK, b"still here")).pkt.daddr == BACKEND
+    # an admitted flow whose forward entry was left in ct_half_v4: kept, not refused
+    table = dp.maps["ct_v4"]
+    forward = tuple_key(live[0], "CT_SERVICE")
+    dp.maps["ct_half_v4"].update(forward, table.lookup(forward))
+    table.delete(forward)
+    keys += _fill_ct_v4(dp, now + 1000)
+    run = dp.from_netdev(pk.tcp(*live[0], pk.ACK, b"again"))
+    assert run.pkt.daddr == BACKEND and dp.drops("CT_FULL") == 2
+    assert dp.ct_table(live[0], "CT_SERVICE") == "ct_half_v4"
     # The collector: a dead entry goes at once, but a SNATed flow's CT_OUT entry whose
     # backend may hold TIME_WAIT (here: expired without a close), which keeps its port
     # resting for SNAT_REUSE_GRACE, unless the table was 3/4 full at the last sweep.
@@ -1381,16 +1403,19 @@ def test_a_full_established_table_refuses_a_new_flow_and_evicts_none(datapath):
     closed = FLAGS["CT_SNAT"] | FLAGS["CT_ESTABLISHED"] | FLAGS["CT_FIN_CLIENT"] | FLAGS["CT_FIN_BACKEND"] | \
         FLAGS["CT_CLOSING"] | FLAGS["CT_BACKEND_DONE"]  # the client closed first, its final ACK seen
     resting = FLAGS["CT_SNAT"] | FLAGS["CT_ESTABLISHED"]
-    for i, (key, flags) in enumerate(((keys[7], closed), (keys[8], resting), (keys[9], resting))):
+    cases = ((keys[5], resting, now - grace - 5), (keys[7], closed, now - 5), (keys[8], resting, now - 5),
+             (keys[9], resting, now - 5))
+    for i, (key, flags, expires) in enumerate(cases):
         dp.maps["ct_v4"].delete(key)
         out = tuple_key((NODE0, 33000 + i, BACKEND, BACKEND_PORT), "CT_OUT")
-        dp.maps["ct_v4"].update(out, layout.CT_ENTRY.pack(expires=now - 5, flags=flags, snat_port=33000 + i))
-        keys[7 + i] = out
+        dp.maps["ct_v4"].update(out, layout.CT_ENTRY.pack(expires=expires, flags=flags, snat_port=33000 + i))
+        keys[keys.index(key)] = out
+    count = len(dp.entries("ct_v4"))
     arm = dp.obj.program(COLLECTOR_PROGRAM).fd
     assert arm_collector(arm) == 8  # (the first sweep: no count of the table yet)
     assert [dp.maps["ct_v4"].lookup(k) is not None for k in keys[:10]] == [False] * 8 + [True, True]
     assert arm_collector(arm) == 2  # the table was 3/4 full: the rest yields
-    assert len(dp.entries("ct_v4")) == len(before) - 10
+    assert len(dp.entries("ct_v4")) == count - 10
     _established(dp, client_port=42001)
     assert dp.ct_table((CLIENT, 42001, NODE0, NODEPORT), "CT_SERVICE") == "ct_v4"
 

@@ -661,10 +661,16 @@ def test_the_conntrack_collector_runs_on_its_timer_across_a_program_replacement(
         run("bpftool", "map", "update", "pinned", str(pins / "ct_v4"), "key", *hexargs(key), "value", *hexargs(value))
         return key
 
+    def collector_id() -> int:
+        return json.loads((state["run"] / "nodes" / f"{NODE}.json").read_text())["collector_id"]
+
+    first = collector_id()
+    assert bpftool("prog", "show", "id", str(first))["name"] == "collector_arm"
     assert _collected(pins, dead_entry(41000), interval + 3)
     stderr = load(netns, builds["snat-code"])
     assert "programs replaced" in stderr
-    assert wait_gone(list(loaded["ids"].values())) == [], "the timer keeps a replaced program"
+    assert collector_id() != first
+    assert wait_gone([first, *loaded["ids"].values()]) == [], "the timer keeps a replaced program"
     assert _collected(pins, dead_entry(41001), interval + 3)
     assert bpftool_lookup(pins / "ct_v4", CT_KEY) == ct
 
@@ -1051,6 +1057,37 @@ def test_update_failing_part_way_restores_the_programs(builds, state, netns: Net
     assert now["ingress"] == old["ingress"], (
         f"ingress runs program {now['ingress']} "
         f"(tag {bpftool('prog', 'show', 'id', str(now['ingress']))['tag']}), not the previous {old['ingress']}")
+
+
+def test_an_update_failing_after_arming_the_collector_arms_the_last_one_again(builds, state, netns: Netns, loaded,
+                                                                              monkeypatch):
+    """The collector's timer holds the program whose callbacks it runs: a replacement that
+    fails after arming the new object's (here: writing the record) arms the last load's
+    again, which the record names, and collection goes on."""
+    from bpfgen import state as state_mod
+
+    record = state["run"] / "nodes" / f"{NODE}.json"
+    first = json.loads(record.read_text())["collector_id"]
+
+    def fail(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(state_mod.NodeRecord, "save", fail)
+        clean_error(bpfgen("load", "--iface", IFACE, "--build", str(builds["snat-code"]), "--netns", netns.name),
+                    exit_code=1, one_line=False)
+    assert attached(netns) == loaded["ids"]
+    assert json.loads(record.read_text())["collector_id"] == first
+    assert bpftool("prog", "show", "id", str(first))["name"] == "collector_arm"
+    key = layout.TUPLE.pack(saddr="192.0.2.12", daddr=NODE_ADDR, sport=41002, dport=30645, proto=6,
+                            dir=layout.FLAGS["CT_SERVICE"])
+    value = layout.CT_ENTRY.pack(expires=layout.datapath_now() - 5, backend_id=1, rev_nat_id=2)
+    run("bpftool", "map", "update", "pinned", str(state["pins"] / "ct_v4"), "key", *hexargs(key), "value",
+        *hexargs(value))
+    assert _collected(state["pins"], key, dict(TIMEOUTS)["CT_GC_INTERVAL"] + 3)
+    # ... by the last load's program: the failed one's is gone from the kernel
+    assert [p for p in json.loads(run("bpftool", "-j", "prog", "show").stdout)
+            if p.get("name") == "collector_arm" and p["id"] > first] == []
 
 
 def reserved_ports(ns: Netns) -> str:

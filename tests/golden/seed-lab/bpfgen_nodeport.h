@@ -598,7 +598,7 @@ static __always_inline int ct_touch(struct bpfgen_ct_entry *ct, const struct pkt
 
 /*
  * The entry at key: a UDP flow's in ct_udp_v4; a TCP flow's in ct_v4, or, not established
- * yet (from_netdev's: SYN seen, or picked up mid-stream), in ct_half_v4: tables of their
+ * yet (SYN seen, or picked up mid-stream), in ct_half_v4: tables of their
  * own, so that a flood of datagrams or of SYNs evicts none of the established TCP flows;
  * *half says whether in ct_half_v4.
  */
@@ -672,7 +672,9 @@ static __always_inline __u64 *nat_lease(struct bpfgen_nat_entry *nat)
  *   other flow only after SNAT_REUSE_GRACE.
  */
 /* Whether the TCP flow of CT_OUT entry ct, over (dead, or live and closing), leaves
- * nothing on the backend that a new flow from another client could trip on (below). */
+ * nothing on the backend that a new flow from another client could trip on (below): 1
+ * yes, -1 not yet for any flow (its backend's last packet may still be in its backlog),
+ * 0 undecided (the rules after it decide). */
 static __always_inline int ct_port_released(const struct bpfgen_ct_entry *ct, __u32 now, int live)
 {
 	/* whether the backend holds TIME_WAIT: it sent the first of both FINs */
@@ -686,7 +688,7 @@ static __always_inline int ct_port_released(const struct bpfgen_ct_entry *ct, __
 		return 1;
 	if (!tw) {
 		if (ct->flags & CT_BACKEND_DONE)
-			return settled;
+			return settled ? 1 : -1;
 		/* the client closed first and its final ACK was not seen: after the close timeout */
 		return (ct->flags & CT_CLOSING) && !live;
 	}
@@ -718,8 +720,12 @@ static __always_inline int snat_is_stale(struct bpfgen_nat_entry *nat, __u32 cla
 	live = ct_is_live(ct, now);
 	if (live && !(ct->flags & CT_CLOSING))
 		return 0;
-	if (key->proto == IPPROTO_TCP && ct_port_released(ct, now, live))
-		return 1;
+	if (key->proto == IPPROTO_TCP) {
+		int released = ct_port_released(ct, now, live);
+
+		if (released)
+			return released > 0;
+	}
 	if (nat->addr == s->val.addr && nat->port == s->val.port && ct->rev_nat_id == s->rev_nat_id)
 		return 1;
 	return now > ct->expires + SNAT_REUSE_GRACE;
@@ -968,7 +974,7 @@ static __always_inline void reply_ip(struct iphdr *ip, const struct pkt *p, __u8
  * receiver as it is, and one from a real NIC's receive is never partial. A packet with
  * IPv4 options or a GSO one is dropped, as is a reset. Counted as DROP_REJECTED.
  */
-static __noinline int reject(struct __sk_buff *skb, const struct pkt *p, int egress)
+__noinline int reject(struct __sk_buff *skb, const struct pkt *p, int egress)
 {
 	union {
 		struct reset_reply rst;
@@ -982,7 +988,7 @@ static __noinline int reject(struct __sk_buff *skb, const struct pkt *p, int egr
 	__u8 flags;
 
 	drop(DROP_REJECTED);
-	if (p->l4_off != ETH_HLEN + sizeof(struct iphdr) || skb->gso_size)
+	if (!p || p->l4_off != ETH_HLEN + sizeof(struct iphdr) || skb->gso_size)
 		return TC_ACT_SHOT;
 	/* the MACs swapped first (r is scratch until the reply is built in it) */
 	if (bpf_skb_load_bytes(skb, 0, r.macs, sizeof(r.macs)) < 0 ||
@@ -1081,7 +1087,7 @@ __noinline int local_port_note(__u32 port, __u32 expires)
 
 	if (!lp)
 		return 0;
-	for (int i = 0; i < 3; i++) {
+	for (int i = 0; i < 16; i++) { /* (retried while other CPUs raise it: none is lost) */
 		old = lp->expires;
 		if (old >= expires || __sync_val_compare_and_swap(&lp->expires, old, expires) == old)
 			break;
@@ -1102,7 +1108,7 @@ static __always_inline int local_port_in_use(__be16 port)
 /* Whether entry e is of a flow of the node or its pods to a ClusterIP (not SNATed). */
 #define CT_IS_LOCAL_FLOW(e) (((e)->flags & (CT_SNAT | CT_EGRESS)) == CT_EGRESS)
 
-/* A new flow's entry: into ct_half_v4 (half: a TCP flow of from_netdev), ct_udp_v4 or ct_v4. */
+/* A new flow's entry: into ct_half_v4 (half: a TCP flow), ct_udp_v4 or ct_v4. */
 static __always_inline int ct_insert(int half, const struct bpfgen_tuple *key, const struct bpfgen_ct_entry *e)
 {
 	if (half)
@@ -1148,7 +1154,7 @@ static __always_inline int lb_forward(struct __sk_buff *skb, struct pkt *p, cons
 	__be32 snat_addr;
 	__u8 took_over = 0;
 	__u32 ts_csum = 0, ts_at = 0;
-	int snat, local, hairpin, half = p->t.proto == IPPROTO_TCP && !(mode & LB_EGRESS);
+	int snat, local, hairpin, half = p->t.proto == IPPROTO_TCP;
 	int syn = p->t.proto == IPPROTO_TCP && (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
 
 	count_frontend(svc->id, p->len);
@@ -1287,47 +1293,67 @@ static __always_inline void partner_key(struct bpfgen_tuple *key, const struct b
 }
 
 /*
- * A half-open flow has just been established by a packet that found ct at key, and ct is
- * in ct_v4 now (ct_admit): its partner follows (refreshed as it goes; if ct_v4 refuses
- * it, it stays in ct_half_v4, where the flow's replies find it), and both leave
- * ct_half_v4. After the packet is sent: until then it uses ct where it was.
+ * A half-open flow has just been established by a packet that found ct at key: both its
+ * entries into ct_v4 (the partner refreshed as it goes), or neither. If ct_v4 is full,
+ * the flow is refused: its half-open entries go (the caller resets the client); no
+ * established flow is evicted for it. A flow whose partner is in ct_v4 already was
+ * admitted (this entry was left behind): never refused, it stays where it is if ct_v4
+ * has no room. Runs before the packet is sent (which uses ct where it was); ct_promote
+ * then takes both out of ct_half_v4. Returns 0, or -1 refused.
  */
-static __always_inline void ct_promote(const struct bpfgen_tuple *key, struct bpfgen_ct_entry *ct,
-				       const struct pkt *p, int reply, __u32 now, __u8 fin)
+__noinline int ct_admit(const struct bpfgen_tuple *key, struct bpfgen_ct_entry *ct, const struct pkt *p, int reply,
+			__u32 now)
 {
+	__u8 fin = reply ? CT_FIN_BACKEND : CT_FIN_CLIENT;
 	struct bpfgen_tuple partner;
 	struct bpfgen_ct_entry *other;
 
+	if (!key || !ct || !p)
+		return 0;
 	partner_key(&partner, ct, p->t.proto, reply);
+	other = bpf_map_lookup_elem(&ct_v4, &partner);
+	if (other && same_flow(other, ct)) {
+		bpf_map_update_elem(&ct_v4, key, ct, BPF_ANY);
+		return 0;
+	}
+	if (bpf_map_update_elem(&ct_v4, key, ct, BPF_ANY))
+		goto refuse;
 	other = bpf_map_lookup_elem(&ct_half_v4, &partner);
 	if (other && same_flow(other, ct)) {
 		ct_touch(other, p, now, fin);
-		if (bpf_map_update_elem(&ct_v4, &partner, other, BPF_ANY) == 0)
-			bpf_map_delete_elem(&ct_half_v4, &partner);
+		if (bpf_map_update_elem(&ct_v4, &partner, other, BPF_ANY)) {
+			bpf_map_delete_elem(&ct_v4, key);
+			goto refuse;
+		}
 	}
-	bpf_map_delete_elem(&ct_half_v4, key);
-}
-
-/*
- * The entry ct (at key in ct_half_v4) of a flow just established, copied into ct_v4. If
- * ct_v4 is full, the flow is refused: its half-open entries go and the packet is a
- * counted drop (the client's next segment, a flow picked up mid-stream, then gets the
- * backend's reset); no established flow is evicted for it. Returns 0, or -1 refused.
- */
-static __always_inline int ct_admit(const struct bpfgen_tuple *key, struct bpfgen_ct_entry *ct, const struct pkt *p,
-				    int reply)
-{
-	struct bpfgen_tuple partner;
-	struct bpfgen_ct_entry *other;
-
-	if (bpf_map_update_elem(&ct_v4, key, ct, BPF_ANY) == 0)
-		return 0;
-	partner_key(&partner, ct, p->t.proto, reply);
+	return 0;
+refuse:
+	if (reply)
+		return 0; /* (only the client's packet establishes: this is an entry left behind) */
 	other = bpf_map_lookup_elem(&ct_half_v4, &partner);
 	if (other && same_flow(other, ct))
 		bpf_map_delete_elem(&ct_half_v4, &partner);
 	bpf_map_delete_elem(&ct_half_v4, key);
 	return -1;
+}
+
+/* After an admitted flow's packet is sent: its entries leave ct_half_v4 (those that are
+ * in ct_v4 now). */
+__noinline int ct_promote(const struct bpfgen_tuple *key, const struct bpfgen_ct_entry *ct, const struct pkt *p,
+			  int reply)
+{
+	struct bpfgen_tuple partner;
+	struct bpfgen_ct_entry *other;
+
+	if (!key || !ct || !p)
+		return 0;
+	partner_key(&partner, ct, p->t.proto, reply);
+	other = bpf_map_lookup_elem(&ct_half_v4, &partner);
+	if (other && same_flow(other, ct) && bpf_map_lookup_elem(&ct_v4, &partner))
+		bpf_map_delete_elem(&ct_half_v4, &partner);
+	if (bpf_map_lookup_elem(&ct_v4, key))
+		bpf_map_delete_elem(&ct_half_v4, key);
+	return 0;
 }
 
 /*
@@ -1395,8 +1421,12 @@ static __noinline int ct_repair(const struct pkt *p, const struct bpfgen_ct_entr
  * or a new second also refreshes the other direction's entry (a second lookup, then).
  * key is where ct was found, half whether in ct_half_v4.
  * Returns a TC verdict, or -1: the entry is not this packet's flow any more (dead, a
- * closed flow's tuple reused by a new connection, or its backend removed): a new flow.
+ * closed flow's tuple reused by a new connection, or its backend removed): a new flow;
+ * or CT_REFUSED: the flow was being established, and ct_v4 has no room (the caller
+ * resets the client).
  */
+#define CT_REFUSED (-2)
+
 static __always_inline int ct_fast(struct __sk_buff *skb, struct pkt *p, const struct bpfgen_tuple *key,
 				   struct bpfgen_ct_entry *ct, int half, __u32 now, int reply, int egress, int direct)
 {
@@ -1444,8 +1474,10 @@ static __always_inline int ct_fast(struct __sk_buff *skb, struct pkt *p, const s
 		return drop(DROP_TTL_EXCEEDED);
 	if (ct_touch(ct, p, now, fin)) {
 		if (half && (ct->flags & CT_ESTABLISHED)) {
-			if (ct_admit(key, ct, p, reply))
-				return drop(DROP_CT_FULL);
+			if (ct_admit(key, ct, p, reply, now)) {
+				drop(DROP_CT_FULL);
+				return CT_REFUSED;
+			}
 			promote = 1; /* after the packet is sent: the entry leaves ct_half_v4 */
 		} else {
 			partner_key(&partner, ct, p->t.proto, reply);
@@ -1468,7 +1500,7 @@ static __always_inline int ct_fast(struct __sk_buff *skb, struct pkt *p, const s
 		return TC_ACT_SHOT;
 	verdict = send(skb, ct, egress, direct);
 	if (promote)
-		ct_promote(key, ct, p, reply, now, fin);
+		ct_promote(key, ct, p, reply);
 	return verdict;
 }
 
@@ -1557,6 +1589,8 @@ static __always_inline int nodeport_from_netdev(struct __sk_buff *skb)
 			verdict = ct_fast(skb, &p, &key, ct, half, now, 0, 0, 1);
 			if (verdict >= 0)
 				return verdict;
+			if (verdict == CT_REFUSED)
+				return reject(skb, &p, 0); /* (a reset at the client's ACK) */
 		}
 		if (!svc)
 			svc = lookup_frontend(&p);
@@ -1566,13 +1600,12 @@ static __always_inline int nodeport_from_netdev(struct __sk_buff *skb)
 not_a_frontend:
 
 	if (to_node || (p.t.daddr & POD_MASK) == POD_NET) {
-		/* A reply to a flow this node or one of its pods opened to a ClusterIP (in ct_v4). */
+		/* A reply to a flow this node or one of its pods opened to a ClusterIP. */
 		if (!looked) {
 			if (!local_port_in_use(p.t.dport))
 				return TC_ACT_OK;
 			reply_key(&rkey, &p.t);
-			reply = ct_table_lookup(&rkey, 0);
-			rhalf = 0;
+			reply = ct_lookup(&rkey, &rhalf);
 		}
 		if (reply && CT_IS_LOCAL_FLOW(reply))
 			goto fast_reply;
@@ -1611,20 +1644,23 @@ static __always_inline int nodeport_to_netdev(struct __sk_buff *skb)
 	}
 
 	/* Traffic of this node, or of its pods routed out of this interface, to a ClusterIP
-	 * (its flows are in ct_v4 from the first packet: not half-open). */
+	 * (a TCP flow half-open until established, as from_netdev's: a pod retrying a dead
+	 * ClusterIP fills ct_half_v4, never ct_v4). */
 	svc = lookup_frontend(&p);
 	if (svc && (svc->flags & SVC_CLUSTERIP)) {
 		__u32 now = now_sec();
 
 		key = p.t;
 		key.dir = CT_SERVICE_EGRESS;
-		ct = ct_table_lookup(&key, 0);
+		ct = ct_lookup(&key, &half);
 		if (ct) {
-			verdict = ct_fast(skb, &p, &key, ct, 0, now, 0, 1, 0);
+			verdict = ct_fast(skb, &p, &key, ct, half, now, 0, 1, 0);
 			if (verdict >= 0)
 				return verdict;
+			if (verdict == CT_REFUSED)
+				return reject(skb, &p, 1);
 		}
-		return lb_forward(skb, &p, svc, now, LB_EGRESS | (ct ? LB_STALE : 0));
+		return lb_forward(skb, &p, svc, now, LB_EGRESS | (ct && !half ? LB_STALE : 0));
 	}
 	return TC_ACT_OK;
 }
@@ -1662,7 +1698,7 @@ struct collector_sweep {
  * (snat_is_stale reads it), unless its flow left the backend nothing to protect. */
 static __always_inline int ct_keeps_port(const struct bpfgen_tuple *key, const struct bpfgen_ct_entry *ct, __u32 now)
 {
-	return key->dir == CT_OUT && (ct->flags & CT_SNAT) && !ct_port_released(ct, now, 0);
+	return key->dir == CT_OUT && (ct->flags & CT_SNAT) && ct_port_released(ct, now, 0) <= 0;
 }
 
 static long collect_one(void *map, struct bpfgen_tuple *key, struct bpfgen_ct_entry *ct, struct collector_sweep *s)
