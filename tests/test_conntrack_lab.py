@@ -233,6 +233,26 @@ def _spoofed_syns(lab, count: int) -> int:
 FLOOD = 70_000  # spoofed SYNs, as in the issue
 
 
+def _drop_count(node: str, reason: str) -> int:
+    """node's drops of one reason (drop_stats, summed over CPUs)."""
+    from bpfgen import layout
+    from bpfgen import libbpf as bpf
+    from bpfgen.state import pin_dir
+
+    with bpf.MapFd.from_pin(pin_dir(node) / "drop_stats") as m:
+        values = m.lookup_percpu(layout.ID_KEY.pack(layout.DROP_REASONS.value(reason)))
+    return sum(layout.DROP_STATS.unpack(v)["packets"] for v in values)
+
+
+def _ct_entries(node: str) -> int:
+    """How many entries node's ct_v4 holds."""
+    from bpfgen import libbpf as bpf
+    from bpfgen.state import pin_dir
+
+    with bpf.MapFd.from_pin(pin_dir(node) / "ct_v4") as m:
+        return len(m.lookup_batch(4096))
+
+
 def _frontend_packets(node: str) -> int:
     from click.testing import CliRunner
 
@@ -321,6 +341,48 @@ class TestState:
                     broken.append((i, repr(e)))
             assert not broken, (f"{len(broken)} of 20 idle established connections broken by the flood: {broken}",
                                 _drops("node0"))
+
+    def test_a_full_established_table_resets_a_new_connection_and_keeps_the_others(self, lab) -> None:
+        """Established connections up to capacity.flows fill node0's ct_v4 (it never
+        evicts): the next connection is reset at once (a counted CT_FULL drop) while every
+        established one keeps echoing; once some close, the collector frees their entries
+        (the closing timeout, then its next sweep) and a new connection gets in; once all
+        have closed, the table empties again."""
+        with ExitStack() as stack:
+            conns, refused = [], None
+            before = _drop_count("node0", "CT_FULL")
+            # (earlier tests' closed flows may still hold entries: the room they leave)
+            room = (2 * FLOWS - _ct_entries("node0")) // 2
+            for i in range(2 * FLOWS):
+                try:
+                    s, _ = _echo_connection(lab)
+                except OSError as e:
+                    refused = (i, e)
+                    break
+                stack.enter_context(s)
+                conns.append(s)
+            assert refused is not None, f"{2 * FLOWS} connections established in a table of {FLOWS} flows"
+            assert room - 2 <= len(conns) <= FLOWS, (room, len(conns), refused)
+            assert isinstance(refused[1], ConnectionResetError), refused  # reset, not left to time out
+            assert _drop_count("node0", "CT_FULL") > before
+            broken = [i for i, s in enumerate(conns) if not _echoes(s, b"still here %d" % i)]
+            assert not broken, f"established connections broken while the table was full: {broken}"
+            for s in conns[:10]:
+                s.close()
+            deadline = time.monotonic() + 30  # closing timeout 10 s, a sweep every 5 s
+            while True:
+                try:
+                    s, _ = _echo_connection(lab)
+                    stack.enter_context(s)
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline, "no connection got in after ten closed"
+                    time.sleep(0.5)
+            assert all(_echoes(s, b"at the end %d" % i) for i, s in enumerate(conns[10:]))
+        deadline = time.monotonic() + 30
+        while _ct_entries("node0") > 8:
+            assert time.monotonic() < deadline, f"ct_v4 still holds {_ct_entries('node0')} entries of closed flows"
+            time.sleep(0.5)
 
     def test_a_one_way_udp_flow_keeps_its_snat_port_while_other_flows_churn(self, lab) -> None:
         """A one-way UDP flow (statsd, syslog: no replies) sends now and then while ten times
