@@ -78,7 +78,7 @@ def conntrack_refs(cts: list[bpf.MapFd]) -> tuple[set[int], set[int]]:
     for ct in cts:
         for _, v in ct.lookup_batch(BATCH):
             expires, backend_id, rev_nat_id = _CT_REFS.unpack_from(v)
-            if expires >= now:  # dead entries the LRU has not evicted hold nothing
+            if expires >= now:  # dead entries not yet evicted or collected hold nothing
                 backends.add(backend_id)
                 revnats.add(rev_nat_id)
     return backends, revnats
