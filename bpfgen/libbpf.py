@@ -75,6 +75,7 @@ PERCPU_TYPES = frozenset(
         BPF_MAP_TYPE_PERCPU_CGROUP_STORAGE,
     }
 )
+LOOKUP_BATCH = 4096  # entries per bpf_map_lookup_batch call, by default
 ARRAY_TYPES = frozenset({BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_PERCPU_ARRAY})
 LRU_TYPES = frozenset({BPF_MAP_TYPE_LRU_HASH, BPF_MAP_TYPE_LRU_PERCPU_HASH})
 
@@ -885,7 +886,7 @@ class MapFd(Fd):
             for key in keys[count.value:]:
                 self.delete(key)
 
-    def lookup_batch(self, chunk: int = 256) -> list[tuple[bytes, bytes]]:
+    def lookup_batch(self, chunk: int = LOOKUP_BATCH) -> list[tuple[bytes, bytes]]:
         """Every (key, value) with bpf_map_lookup_batch, falling back to items()."""
         batch_size = max(self.key_size, 8)
         in_batch: Any = None

@@ -51,7 +51,7 @@ TC_HANDLE = 0xB9F
 TC_PRIORITY = 0xB9F
 HOOKS = (("ingress", bpf.BPF_TC_INGRESS, "from_netdev"), ("egress", bpf.BPF_TC_EGRESS, "to_netdev"))
 CONFIG_MAP = ".rodata.config"
-BATCH = 4096
+UPDATE_BATCH = 65536  # entries per bpf_map_update_batch of a migration
 
 
 def _now() -> str:
@@ -62,7 +62,7 @@ def _now() -> str:
 
 
 def read_maps(maps: dict[str, bpf.MapFd]) -> planning.Contents:
-    return {name: dict(maps[name].lookup_batch(BATCH)) for name in SERVICE_MAPS}
+    return {name: dict(maps[name].lookup_batch()) for name in SERVICE_MAPS}
 
 
 _CT_REFS = struct.Struct("<III")  # bpfgen_ct_entry: expires, backend_id, rev_nat_id
@@ -76,7 +76,7 @@ def conntrack_refs(cts: list[bpf.MapFd]) -> tuple[set[int], set[int]]:
     now = layout.datapath_now()
     backends, revnats = set(), set()
     for ct in cts:
-        for _, v in ct.lookup_batch(BATCH):
+        for _, v in ct.lookup_batch():
             expires, backend_id, rev_nat_id = _CT_REFS.unpack_from(v)
             if expires >= now:  # dead entries not yet evicted or collected hold nothing
                 backends.add(backend_id)
@@ -115,7 +115,7 @@ def clear_udp_flows(pins: Path, changes: Changes) -> int:
     if not gone:
         return 0
     with bpf.MapFd.from_pin(pins / "ct_udp_v4") as ct:
-        stale = [k for k, v in ct.lookup_batch(BATCH) if _CT_REFS.unpack_from(v)[1] in gone]
+        stale = [k for k, v in ct.lookup_batch() if _CT_REFS.unpack_from(v)[1] in gone]
         return sum(ct.delete(k) for k in stale)
 
 
@@ -344,10 +344,10 @@ class _MapsView(planning.KernelView):
         return out
 
     def frontend_ids_in_use(self) -> set[int]:
-        return {layout.ID_KEY.unpack(k) for k, _ in self.maps["revnat_v4"].lookup_batch(BATCH)}
+        return {layout.ID_KEY.unpack(k) for k, _ in self.maps["revnat_v4"].lookup_batch()}
 
     def backends(self) -> dict[bytes, tuple[int, bytes]]:
-        return {v[:7]: (layout.ID_KEY.unpack(k), v) for k, v in self.maps["backend_v4"].lookup_batch(BATCH)}
+        return {v[:7]: (layout.ID_KEY.unpack(k), v) for k, v in self.maps["backend_v4"].lookup_batch()}
 
 
 def _applied_plan(previous: NodeRecord, map_ids: dict[str, int]) -> Plan | None:
@@ -469,14 +469,14 @@ def _set_aside_resized(pins: Path, sizes: dict[str, int], undo: _Undo) -> dict[s
 def _migrate(old: bpf.MapFd, new_map: bpf.BpfMap, size: int) -> None:
     """The entries of a map into its resized successor (an array: the slots that fit)."""
     with new_map.map_fd() as new:
-        entries = old.lookup_batch(BATCH)
+        entries = old.lookup_batch()
         if old.info.type in bpf.ARRAY_TYPES:
             entries = [(k, v) for k, v in entries if layout.ID_KEY.unpack(k) < size and any(v)]
         elif len(entries) > size and old.info.type not in bpf.LRU_TYPES:
             raise UsageError(f"map {old.name} holds {len(entries)} entries, more than its new size {size}; "
                              "raise the capacity setting again")
-        for i in range(0, len(entries), BATCH * 16):
-            chunk = entries[i:i + BATCH * 16]
+        for i in range(0, len(entries), UPDATE_BATCH):
+            chunk = entries[i:i + UPDATE_BATCH]
             new.update_batch([k for k, _ in chunk], [v for _, v in chunk])
 
 

@@ -17,7 +17,6 @@ from .inspect import map_type_name
 from .state import pin_dir
 
 PROTO_NAMES = {v: k for k, v in layout.PROTOCOLS.items()}
-BATCH = 4096  # entries per bpf_map_lookup_batch of the tables
 
 
 def pinned_map_names(node: str) -> list[str]:
@@ -73,7 +72,7 @@ def dump_map(m: bpf.MapFd) -> dict:
     entries = []
     array = m.info.type in bpf.ARRAY_TYPES
     zero_slots = 0
-    for k, v in m.lookup_batch(BATCH):
+    for k, v in m.lookup_batch():
         if array and not any(v):
             zero_slots += 1
             continue
@@ -113,7 +112,7 @@ _FRONTEND_KINDS = (("NodePort", "SVC_NODEPORT"), ("LoadBalancer", "SVC_LOADBALAN
 
 def _by_id(m: bpf.MapFd, value: layout.Struct) -> dict[int, dict]:
     """A map keyed by id (backend_v4, revnat_v4), decoded."""
-    return {layout.ID_KEY.unpack(k): value.unpack(v) for k, v in m.lookup_batch(BATCH)}
+    return {layout.ID_KEY.unpack(k): value.unpack(v) for k, v in m.lookup_batch()}
 
 
 _BACKEND_STATES = (("terminating", "BACKEND_TERMINATING"), ("not-serving", "BACKEND_NOT_SERVING"))
@@ -131,11 +130,11 @@ def service_list(node: str) -> list[dict]:
     with open_maps(node, ["svc_v4", "backend_v4", "revnat_v4", "src_range_v4"]) as maps:
         backends, revnat = _by_id(maps["backend_v4"], layout.BACKEND), _by_id(maps["revnat_v4"], layout.REVNAT)
         ranges: dict[int, list[str]] = {}
-        for k, v in maps["src_range_v4"].lookup_batch(BATCH):
+        for k, v in maps["src_range_v4"].lookup_batch():
             key = layout.SOURCE_RANGE_KEY.unpack(k)
             ranges.setdefault(key["rev_nat_id"], []).append(f"{key['addr']}/{layout.SOURCE_RANGE.unpack(v)['range_len']}")
         masters, slots = {}, {}
-        for k, v in maps["svc_v4"].lookup_batch(BATCH):
+        for k, v in maps["svc_v4"].lookup_batch():
             key, val = layout.SVC_KEY.unpack(k), layout.SVC_VALUE.unpack(v)
             fe = (key["addr"], key["port"], key["proto"])
             if key["slot"] == 0:
@@ -184,7 +183,7 @@ def affinity_list(node: str) -> list[dict]:
     with open_maps(node, ["affinity_v4", "backend_v4", "revnat_v4"]) as maps:
         backends, revnat = _by_id(maps["backend_v4"], layout.BACKEND), _by_id(maps["revnat_v4"], layout.REVNAT)
         rows = []
-        for k, v in maps["affinity_v4"].lookup_batch(BATCH):
+        for k, v in maps["affinity_v4"].lookup_batch():
             key, e = layout.AFFINITY_KEY.unpack(k), layout.AFFINITY_ENTRY.unpack(v)
             group = revnat.get(key["group"], {})
             be = backends.get(e["backend_id"])
@@ -216,7 +215,7 @@ CT_TABLES = {"ct_v4": "tcp", "ct_half_v4": "tcp-half-open", "ct_udp_v4": "udp"}
 
 def _ct_entries(maps: dict[str, bpf.MapFd]) -> Iterator[tuple[str, dict, dict]]:
     for name in CT_TABLES:
-        for k, v in maps[name].lookup_batch(BATCH):
+        for k, v in maps[name].lookup_batch():
             yield name, layout.TUPLE.unpack(k), layout.CT_ENTRY.unpack(v)
 
 
@@ -249,7 +248,7 @@ def nat_list(node: str) -> list[dict]:
                 rows.append({"proto": PROTO_NAMES.get(t["proto"], str(t["proto"])), "dir": "OUT",
                              "src": _ep(t["saddr"], t["sport"]), "dst": _ep(e["xl_daddr"], e["xl_dport"]),
                              "xlate": "XLATE_SRC", "to": _ep(e["snat_addr"], e["snat_port"])})
-        for k, v in maps["snat_v4"].lookup_batch(BATCH):
+        for k, v in maps["snat_v4"].lookup_batch():
             t, e = layout.TUPLE.unpack(k), layout.NAT_ENTRY.unpack(v)
             proto, src, dst = _tuple(t)
             d = NAT_DIRS.get(t["dir"], str(t["dir"]))

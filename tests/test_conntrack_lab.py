@@ -250,7 +250,7 @@ def _ct_entries(node: str) -> int:
     from bpfgen.state import pin_dir
 
     with bpf.MapFd.from_pin(pin_dir(node) / "ct_v4") as m:
-        return len(m.lookup_batch(4096))
+        return len(m.lookup_batch())
 
 
 def _frontend_packets(node: str) -> int:

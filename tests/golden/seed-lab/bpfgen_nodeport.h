@@ -655,22 +655,6 @@ static __always_inline __u64 *nat_lease(struct bpfgen_nat_entry *nat)
 	return (__u64 *)&nat->claimed;
 }
 
-/*
- * Whether node:port (the NAT_IN entry nat at s->key, whose claim was read as
- * claimed/cookie) may be taken by the new flow of s, the way TCP allows reusing the
- * tuple node:port -> backend (kernel-notes, SNAT and TCP):
- * - the flow that made the claim is still being set up (its conntrack entry does not
- *   carry the claim yet) for a second after the claim; after that it is gone;
- * - a live flow keeps its port; a flow reset, or closed by the client first once the
- *   client's final ACK went by (before it the backend is in LAST_ACK), leaves nothing on
- *   the backend: free a few milliseconds after, as is at once an expired flow picked up
- *   mid-stream (the backend never had it);
- * - else the backend may hold the tuple in TIME_WAIT: a new flow of the same client
- *   address and port to the same frontend (the same connection tuple: Linux draws TCP
- *   timestamp offsets per connection, addresses and ports, so only that one runs on the
- *   old flow's clock) passes it at once, as Linux conntrack reopens such a tuple; any
- *   other flow only after SNAT_REUSE_GRACE.
- */
 /* Whether the TCP flow of CT_OUT entry ct, over (dead, or live and closing), leaves
  * nothing on the backend that a new flow from another client could trip on (below): 1
  * yes, -1 not yet for any flow (its backend's last packet may still be in its backlog),
@@ -704,23 +688,45 @@ static __always_inline int ct_port_released(const struct bpfgen_ct_entry *ct, __
 	return 0;
 }
 
+/* The conntrack entry (CT_OUT, either table) of the flow that has the port at s->key. */
+static __always_inline struct bpfgen_ct_entry *port_flow(const struct snat_search *s)
+{
+	struct bpfgen_tuple ct_key;
+	int half;
+
+	ct_out_key(&ct_key, s->key.daddr, s->key.dport, s->key.saddr, s->key.sport, s->key.proto);
+	return ct_lookup(&ct_key, &half);
+}
+
+/*
+ * Whether node:port (the NAT_IN entry nat at s->key, whose claim was read as
+ * claimed/cookie) may be taken by the new flow of s, the way TCP allows reusing the
+ * tuple node:port -> backend (kernel-notes, SNAT and TCP):
+ * - the flow that made the claim is still being set up (its conntrack entry does not
+ *   carry the claim yet) for a second after the claim; after that it is gone;
+ * - a live flow keeps its port; a flow reset, or closed by the client first once the
+ *   client's final ACK went by (before it the backend is in LAST_ACK), leaves nothing on
+ *   the backend: free a few milliseconds after, as is at once an expired flow picked up
+ *   mid-stream (the backend never had it);
+ * - else the backend may hold the tuple in TIME_WAIT: a new flow of the same client
+ *   address and port to the same frontend (the same connection tuple: Linux draws TCP
+ *   timestamp offsets per connection, addresses and ports, so only that one runs on the
+ *   old flow's clock) passes it at once, as Linux conntrack reopens such a tuple; any
+ *   other flow only after SNAT_REUSE_GRACE.
+ */
 static __always_inline int snat_is_stale(struct bpfgen_nat_entry *nat, __u32 claimed, __u32 cookie,
 					 const struct snat_search *s)
 {
-	const struct bpfgen_tuple *key = &s->key;
-	struct bpfgen_tuple ct_key;
-	struct bpfgen_ct_entry *ct;
+	struct bpfgen_ct_entry *ct = port_flow(s);
 	__u32 now = s->now;
-	int live, half;
+	int live;
 
-	ct_out_key(&ct_key, key->daddr, key->dport, key->saddr, key->sport, key->proto);
-	ct = ct_lookup(&ct_key, &half);
 	if (!ct || ct->nat_cookie != cookie)
 		return now > claimed + 1;
 	live = ct_is_live(ct, now);
 	if (live && !(ct->flags & CT_CLOSING))
 		return 0;
-	if (key->proto == IPPROTO_TCP) {
+	if (s->key.proto == IPPROTO_TCP) {
 		int released = ct_port_released(ct, now, live);
 
 		if (released)
@@ -739,14 +745,10 @@ static __always_inline int snat_is_stale(struct bpfgen_nat_entry *nat, __u32 cla
  */
 static __always_inline int snat_unowned(struct snat_search *s)
 {
+	struct bpfgen_ct_entry *ct = port_flow(s);
 	struct bpfgen_nat_entry owner = {};
 	struct bpfgen_nat_entry *nat;
-	struct bpfgen_tuple ct_key;
-	struct bpfgen_ct_entry *ct;
-	int half;
 
-	ct_out_key(&ct_key, s->key.daddr, s->key.dport, s->key.saddr, s->key.sport, s->key.proto);
-	ct = ct_lookup(&ct_key, &half);
 	if (!ct || !(ct->flags & CT_SNAT) || !ct->nat_cookie)
 		return 1;
 	owner.addr = ct->xl_daddr;
@@ -768,15 +770,7 @@ static __always_inline int snat_unowned(struct snat_search *s)
  * comes here only before its CPU wrote the flow's entries). */
 static __always_inline int snat_setting_up(const struct snat_search *s, __u32 claimed)
 {
-	struct bpfgen_tuple ct_key;
-	struct bpfgen_ct_entry *ct;
-	int half;
-
-	if (s->now > claimed + 1)
-		return 0;
-	ct_out_key(&ct_key, s->key.daddr, s->key.dport, s->key.saddr, s->key.sport, s->key.proto);
-	ct = ct_lookup(&ct_key, &half);
-	return !ct;
+	return s->now <= claimed + 1 && !port_flow(s);
 }
 
 /*
@@ -1293,12 +1287,34 @@ static __always_inline void partner_key(struct bpfgen_tuple *key, const struct b
 }
 
 /*
+ * A half-open flow's entries (ct at key, and its partner) out of ct_half_v4: all of them
+ * (refused: the flow is over), or those that are in ct_v4 now (after an admitted flow's
+ * packet is sent: until then it used ct where it was).
+ */
+__noinline int ct_leave_half(const struct bpfgen_tuple *key, const struct bpfgen_ct_entry *ct, const struct pkt *p,
+			     int reply, int refused)
+{
+	struct bpfgen_tuple partner;
+	struct bpfgen_ct_entry *other;
+
+	if (!key || !ct || !p)
+		return 0;
+	partner_key(&partner, ct, p->t.proto, reply);
+	other = bpf_map_lookup_elem(&ct_half_v4, &partner);
+	if (other && same_flow(other, ct) && (refused || bpf_map_lookup_elem(&ct_v4, &partner)))
+		bpf_map_delete_elem(&ct_half_v4, &partner);
+	if (refused || bpf_map_lookup_elem(&ct_v4, key))
+		bpf_map_delete_elem(&ct_half_v4, key);
+	return 0;
+}
+
+/*
  * A half-open flow has just been established by a packet that found ct at key: both its
  * entries into ct_v4 (the partner refreshed as it goes), or neither. If ct_v4 is full,
  * the flow is refused: its half-open entries go (the caller resets the client); no
  * established flow is evicted for it. A flow whose partner is in ct_v4 already was
  * admitted (this entry was left behind): never refused, it stays where it is if ct_v4
- * has no room. Runs before the packet is sent (which uses ct where it was); ct_promote
+ * has no room. Runs before the packet is sent (which uses ct where it was); ct_leave_half
  * then takes both out of ct_half_v4. Returns 0, or -1 refused.
  */
 __noinline int ct_admit(const struct bpfgen_tuple *key, struct bpfgen_ct_entry *ct, const struct pkt *p, int reply,
@@ -1330,30 +1346,8 @@ __noinline int ct_admit(const struct bpfgen_tuple *key, struct bpfgen_ct_entry *
 refuse:
 	if (reply)
 		return 0; /* (only the client's packet establishes: this is an entry left behind) */
-	other = bpf_map_lookup_elem(&ct_half_v4, &partner);
-	if (other && same_flow(other, ct))
-		bpf_map_delete_elem(&ct_half_v4, &partner);
-	bpf_map_delete_elem(&ct_half_v4, key);
+	ct_leave_half(key, ct, p, reply, 1);
 	return -1;
-}
-
-/* After an admitted flow's packet is sent: its entries leave ct_half_v4 (those that are
- * in ct_v4 now). */
-__noinline int ct_promote(const struct bpfgen_tuple *key, const struct bpfgen_ct_entry *ct, const struct pkt *p,
-			  int reply)
-{
-	struct bpfgen_tuple partner;
-	struct bpfgen_ct_entry *other;
-
-	if (!key || !ct || !p)
-		return 0;
-	partner_key(&partner, ct, p->t.proto, reply);
-	other = bpf_map_lookup_elem(&ct_half_v4, &partner);
-	if (other && same_flow(other, ct) && bpf_map_lookup_elem(&ct_v4, &partner))
-		bpf_map_delete_elem(&ct_half_v4, &partner);
-	if (bpf_map_lookup_elem(&ct_v4, key))
-		bpf_map_delete_elem(&ct_half_v4, key);
-	return 0;
 }
 
 /*
@@ -1500,7 +1494,7 @@ static __always_inline int ct_fast(struct __sk_buff *skb, struct pkt *p, const s
 		return TC_ACT_SHOT;
 	verdict = send(skb, ct, egress, direct);
 	if (promote)
-		ct_promote(key, ct, p, reply);
+		ct_leave_half(key, ct, p, reply, 0);
 	return verdict;
 }
 
@@ -1681,6 +1675,7 @@ static __always_inline int nodeport_to_netdev(struct __sk_buff *skb)
 #define CLOCK_MONOTONIC 1
 #endif
 #define BPFGEN_EBUSY 16
+#define CT_GC_INTERVAL_NS ((__u64)CT_GC_INTERVAL * NSEC_PER_SEC)
 
 extern int bpf_wq_init(struct bpf_wq *wq, void *p__map, unsigned int flags) __ksym;
 extern int bpf_wq_start(struct bpf_wq *wq, unsigned int flags) __ksym;
@@ -1736,7 +1731,7 @@ static int collector_work(void *map, int *key, void *value)
 static int collector_tick(void *map, __u32 *key, struct bpfgen_collector *c)
 {
 	bpf_wq_start(&c->work, 0);
-	bpf_timer_start(&c->timer, (__u64)CT_GC_INTERVAL * NSEC_PER_SEC, 0);
+	bpf_timer_start(&c->timer, CT_GC_INTERVAL_NS, 0);
 	return 0;
 }
 
@@ -1764,7 +1759,7 @@ static __always_inline long nodeport_collector_arm(void)
 	if (rc)
 		return rc;
 	removed = collector_sweep(c);
-	rc = bpf_timer_start(&c->timer, (__u64)CT_GC_INTERVAL * NSEC_PER_SEC, 0);
+	rc = bpf_timer_start(&c->timer, CT_GC_INTERVAL_NS, 0);
 	return rc ? rc : removed;
 }
 
