@@ -248,6 +248,17 @@ DROP_STATS = _s("bpfgen_drop_stats", "Per-CPU count of drops of one reason.", ("
 COLLECTOR = _s("bpfgen_collector", "ct_v4's collector: its timer, and the work item the timer starts (a sweep"
                " runs in process context, where packets preempt it).", ("timer", "timer"), ("work", "wq"),
                ("entries", "u32", "what the last sweep left in ct_v4"), ("pad", "u32"), ("pad2", "u64"))
+NH_KEY = _s(
+    "bpfgen_nh_key", "A next hop's lookup: the translated packet's addresses and the interface the lookup is made for"
+    " (the packet's, in or out: egress).",
+    ("saddr", "ip4"), ("daddr", "ip4"), ("ifindex", "u32"), ("egress", "u8"), ("pad1", "u8"), ("pad2", "u16"),
+)
+NH_ENTRY = _s(
+    "bpfgen_nh_entry", "The kernel's answer to a next hop's lookup, as conntrack entries cache it.",
+    ("checked", "u32", "when it was looked up (datapath seconds): good for the second after"),
+    ("ifindex", "u32"), ("l2_dst", "u32"), ("l2_mid", "u32"), ("l2_src", "u32"),
+    ("nh", "u8", "NH_REDIRECT or NH_NEIGH"), ("pad1", "u8"), ("pad2", "u16"),
+)
 LOCAL_PORT = _s("bpfgen_local_port", "Until when (datapath seconds) a flow of the node or its pods to a ClusterIP may"
                 " live that has this local port: its replies are looked up only before then.", ("expires", "u32"))
 
@@ -270,7 +281,7 @@ ID_KEY = Scalar("__u32", 4)
 
 STRUCTS = (SVC_KEY, SVC_VALUE, BACKEND, REVNAT, TUPLE, CT_ENTRY, NAT_ENTRY, AFFINITY_KEY, AFFINITY_ENTRY,
            AFFINITY_MATCH_KEY, AFFINITY_MATCH, SOURCE_RANGE_KEY, SOURCE_RANGE, CONFIG, SVC_STATS, DROP_STATS,
-           LOCAL_PORT, COLLECTOR)
+           LOCAL_PORT, COLLECTOR, NH_KEY, NH_ENTRY)
 
 
 @dataclass(frozen=True)
@@ -382,6 +393,9 @@ MAPS = (
            " ct_v4 when they are): a SYN flood evicts only these", lambda c: 2 * c["half_open_flows"]),
     MapDef("snat_v4", "LRU_HASH", TUPLE, NAT_ENTRY, "SNAT port claims (NAT_IN; like cilium_snat_v4_external): one"
            " per SNATed flow", lambda c: c["flows"] + c["udp_flows"] + c["half_open_flows"]),
+    MapDef("nh_v4", "LRU_HASH", NH_KEY, NH_ENTRY, "next hops by addresses and interface, each looked up again"
+           " after a second: a new flow to a backend (or a client) seen in that second needs no fib lookup",
+           lambda c: c["next_hops"]),
     MapDef("affinity_v4", "LRU_HASH", AFFINITY_KEY, AFFINITY_ENTRY, "ClientIP session affinity: a client's backend",
            lambda c: c["affinity_clients"]),
     MapDef("aff_match_v4", "HASH", AFFINITY_MATCH_KEY, AFFINITY_MATCH,

@@ -514,6 +514,31 @@ def test_unroutable_backend_is_a_counted_drop(node0, netns):
     assert node0.drops("FIB_FAILED") == 1
 
 
+def test_a_new_flow_takes_the_next_hop_looked_up_in_the_last_second_and_then_looks_again(node0, netns):
+    """The first flow to a backend looks its next hop up and keeps the answer in nh_v4 by
+    addresses and interface; a new flow in the second after takes it from there (the
+    neighbour's new MAC, set meanwhile, is not seen yet); once the answer is due, the next
+    new flow looks again and gets the MAC the kernel now has (ip neigh: the oracle)."""
+    nh_key = layout.NH_KEY.pack(saddr=NODE0, daddr=BACKEND, ifindex=node0.ifindex, egress=0)
+    old_mac, new_mac = PEER_MACS[NODE1], bytes.fromhex("02000000aa77")
+
+    assert_forwarded_to(node0.from_netdev(syn(40000)), old_mac)
+    kept = layout.NH_ENTRY.unpack(node0.maps["nh_v4"].lookup(nh_key))
+    assert (kept["nh"], kept["ifindex"]) == (FLAGS["NH_REDIRECT"], node0.ifindex)
+    assert now_sec() - 1 <= kept["checked"] <= now_sec()
+    assert node0.ct((CLIENT, 40000, NODE0, NODEPORT), "CT_SERVICE")["checked"] == kept["checked"]
+
+    netns.ip("neigh", "replace", NODE1, "lladdr", new_mac.hex(":"), "dev", "eth0", "nud", "permanent")
+    assert new_mac.hex(":") in netns.ip("neigh", "show", NODE1)
+    assert_forwarded_to(node0.from_netdev(syn(40001)), old_mac)  # the kept answer
+
+    node0.maps["nh_v4"].update(nh_key, layout.NH_ENTRY.pack(**{**kept, "checked": now_sec() - 2}))  # due
+    assert_forwarded_to(node0.from_netdev(syn(40002)), new_mac)
+    kept = layout.NH_ENTRY.unpack(node0.maps["nh_v4"].lookup(nh_key))
+    assert kept["checked"] >= now_sec() - 1
+    assert len(node0.entries("nh_v4")) == 1  # one backend, one answer for all its flows
+
+
 # ================================================================ 4. reply of a SNATed flow
 
 

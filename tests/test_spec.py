@@ -201,7 +201,8 @@ def test_spec_to_dict_is_resolved():
     assert data["cluster"] == {
         "nodePortRange": "30000-32767", "snatPortRange": "32768-65535",
         "capacity": {"frontends": 131072, "backendSlots": 1048576, "backends": 262144, "flows": 262144,
-                     "halfOpenFlows": 65536, "udpFlows": 131072, "affinityClients": 65536, "sourceRanges": 16384},
+                     "halfOpenFlows": 65536, "udpFlows": 131072, "nextHops": 65536, "affinityClients": 65536,
+                     "sourceRanges": 16384},
     }
     assert data["services"][0]["namespace"] == "default"
     (port,) = data["services"][0]["ports"]

@@ -239,4 +239,28 @@ struct bpfgen_collector {
 };
 _Static_assert(sizeof(struct bpfgen_collector) == 48, "bpfgen_collector layout");
 
+/* A next hop's lookup: the translated packet's addresses and the interface the lookup is made for (the packet's, in or out: egress). */
+struct bpfgen_nh_key {
+	bpfgen_ip4_t saddr;
+	bpfgen_ip4_t daddr;
+	__u32 ifindex;
+	__u8 egress;
+	__u8 pad1;
+	__u16 pad2;
+};
+_Static_assert(sizeof(struct bpfgen_nh_key) == 16, "bpfgen_nh_key layout");
+
+/* The kernel's answer to a next hop's lookup, as conntrack entries cache it. */
+struct bpfgen_nh_entry {
+	__u32 checked; /* when it was looked up (datapath seconds): good for the second after */
+	__u32 ifindex;
+	__u32 l2_dst;
+	__u32 l2_mid;
+	__u32 l2_src;
+	__u8 nh; /* NH_REDIRECT or NH_NEIGH */
+	__u8 pad1;
+	__u16 pad2;
+};
+_Static_assert(sizeof(struct bpfgen_nh_entry) == 24, "bpfgen_nh_entry layout");
+
 #endif /* BPFGEN_LAYOUT_H */

@@ -357,37 +357,80 @@ static __always_inline __u32 tcp_ts_shift(struct __sk_buff *skb, const struct pk
  * NH_NEIGH with the interface and the gateway. 0, or -1 after counting a drop: every
  * other answer is one (from ingress the stack would discard a packet whose source is now
  * this node, a martian; from egress it would leave with the link address of the
- * frontend). tot_len stays 0 so that the kernel's MTU check knows GSO packets. (A function
- * of its own: one frame for its lookup, which runs once a second per flow.)
+ * frontend). tot_len stays 0 so that the kernel's MTU check knows GSO packets.
+ * The kernel's answer is kept in nh_v4 by addresses and interface for the second after
+ * the lookup (the ports are not the route's, as in Cilium's lookups): every flow to that
+ * backend (or client) in that second takes it from there, and e is checked again when
+ * that answer is due (e->checked is the answer's time). (A function of its own: one frame
+ * for its lookup.)
  */
+static __always_inline void nh_key(struct bpfgen_nh_key *k, struct __sk_buff *skb, const struct bpfgen_tuple *t,
+				   int egress)
+{
+	k->saddr = t->saddr;
+	k->daddr = t->daddr;
+	k->ifindex = skb->ifindex;
+	k->egress = egress;
+	k->pad1 = 0;
+	k->pad2 = 0;
+}
+
 static __noinline int route(struct __sk_buff *skb, const struct bpfgen_tuple *t, int egress,
 			    struct bpfgen_ct_entry *e, __u32 now)
 {
-	struct bpf_fib_lookup fib = {};
+	union { /* (the lookup and the answer kept share one frame: under the stack's limit) */
+		struct bpf_fib_lookup fib;
+		struct {
+			struct bpfgen_nh_key key;
+			struct bpfgen_nh_entry hop;
+		} kept;
+	} u = {};
+	struct bpfgen_nh_entry *known;
 	long rc;
 
-	fib.family = AF_INET;
-	fib.l4_protocol = t->proto;
-	fib.sport = t->sport;
-	fib.dport = t->dport;
-	fib.ipv4_src = t->saddr;
-	fib.ipv4_dst = t->daddr;
-	fib.ifindex = skb->ifindex;
-	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), egress ? BPF_FIB_LOOKUP_OUTPUT : 0);
+	nh_key(&u.kept.key, skb, t, egress);
+	known = bpf_map_lookup_elem(&nh_v4, &u.kept.key);
+	if (known && known->checked <= now && now <= known->checked + 1) {
+		e->l2_dst = known->l2_dst;
+		e->l2_mid = known->l2_mid;
+		e->l2_src = known->l2_src;
+		e->nh = known->nh;
+		e->ifindex = known->ifindex;
+		e->checked = known->checked;
+		return 0;
+	}
+	__builtin_memset(&u.fib, 0, sizeof(u.fib));
+	u.fib.family = AF_INET;
+	u.fib.l4_protocol = t->proto;
+	u.fib.ipv4_src = t->saddr;
+	u.fib.ipv4_dst = t->daddr;
+	u.fib.ifindex = skb->ifindex;
+	rc = bpf_fib_lookup(skb, &u.fib, sizeof(u.fib), egress ? BPF_FIB_LOOKUP_OUTPUT : 0);
 	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
-		__builtin_memcpy(&e->l2_dst, fib.dmac, ETH_ALEN);
-		__builtin_memcpy((__u8 *)&e->l2_dst + ETH_ALEN, fib.smac, ETH_ALEN);
+		__builtin_memcpy(&e->l2_dst, u.fib.dmac, ETH_ALEN);
+		__builtin_memcpy((__u8 *)&e->l2_dst + ETH_ALEN, u.fib.smac, ETH_ALEN);
 		e->nh = NH_REDIRECT;
 	} else if (rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
-		e->l2_dst = fib.ipv4_dst; /* the gateway, where the route has one */
+		e->l2_dst = u.fib.ipv4_dst; /* the gateway, where the route has one */
 		e->nh = NH_NEIGH;
 	} else {
-		/* No next hop (no route, forwarding off, too big with DF): no ICMP is sent back. */
+		/* No next hop (no route, forwarding off, too big with DF): no ICMP is sent back
+		 * (and nothing kept: the next flow asks again). */
 		drop(DROP_FIB_FAILED);
 		return -1;
 	}
-	e->ifindex = fib.ifindex;
+	e->ifindex = u.fib.ifindex;
 	e->checked = now;
+	nh_key(&u.kept.key, skb, t, egress);
+	u.kept.hop.checked = now;
+	u.kept.hop.ifindex = e->ifindex;
+	u.kept.hop.l2_dst = e->l2_dst;
+	u.kept.hop.l2_mid = e->l2_mid;
+	u.kept.hop.l2_src = e->l2_src;
+	u.kept.hop.nh = e->nh;
+	u.kept.hop.pad1 = 0;
+	u.kept.hop.pad2 = 0;
+	bpf_map_update_elem(&nh_v4, &u.kept.key, &u.kept.hop, BPF_ANY);
 	return 0;
 }
 

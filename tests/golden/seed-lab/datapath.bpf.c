@@ -108,6 +108,15 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } snat_v4 SEC(".maps");
 
+/* next hops by addresses and interface, each looked up again after a second: a new flow to a backend (or a client) seen in that second needs no fib lookup (max_entries: the default, set from the cluster's capacity at load) */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct bpfgen_nh_key);
+	__type(value, struct bpfgen_nh_entry);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} nh_v4 SEC(".maps");
+
 /* ClientIP session affinity: a client's backend (max_entries: the default, set from the cluster's capacity at load) */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
