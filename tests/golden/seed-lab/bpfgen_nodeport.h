@@ -351,19 +351,7 @@ static __always_inline __u32 tcp_ts_shift(struct __sk_buff *skb, const struct pk
 
 /* ---- routing: where a translated packet goes ---- */
 
-/*
- * Looks up the next hop of the translated tuple t and caches it in the conntrack entry e
- * (in place in the map, or a new entry): NH_REDIRECT with the interface and both MACs,
- * NH_NEIGH with the interface and the gateway. 0, or -1 after counting a drop: every
- * other answer is one (from ingress the stack would discard a packet whose source is now
- * this node, a martian; from egress it would leave with the link address of the
- * frontend). tot_len stays 0 so that the kernel's MTU check knows GSO packets.
- * The kernel's answer is kept in nh_v4 by addresses and interface for the second after
- * the lookup (the ports are not the route's, as in Cilium's lookups): every flow to that
- * backend (or client) in that second takes it from there, and e is checked again when
- * that answer is due (e->checked is the answer's time). (A function of its own: one frame
- * for its lookup.)
- */
+/* The key of nh_v4: the query of route's lookup. */
 static __always_inline void nh_key(struct bpfgen_nh_key *k, struct __sk_buff *skb, const struct bpfgen_tuple *t,
 				   int egress)
 {
@@ -375,6 +363,19 @@ static __always_inline void nh_key(struct bpfgen_nh_key *k, struct __sk_buff *sk
 	k->pad2 = 0;
 }
 
+/*
+ * Looks up the next hop of the translated tuple t and caches it in the conntrack entry e
+ * (in place in the map, or a new entry): NH_REDIRECT with the interface and both MACs,
+ * NH_NEIGH with the interface and the gateway. 0, or -1 after counting a drop: every
+ * other answer is one (from ingress the stack would discard a packet whose source is now
+ * this node, a martian; from egress it would leave with the link address of the
+ * frontend). tot_len stays 0 so that the kernel's MTU check knows GSO packets.
+ * The kernel's answer is kept in nh_v4 by addresses and interface for the second after
+ * the lookup (the query carries no protocol or ports, as Cilium's do not: the answer is
+ * that of its key alone): every flow to that backend (or client) in that second takes it
+ * from there, and e is checked again when that answer is due (e->checked is the
+ * answer's time). (A function of its own: one frame for its lookup.)
+ */
 static __noinline int route(struct __sk_buff *skb, const struct bpfgen_tuple *t, int egress,
 			    struct bpfgen_ct_entry *e, __u32 now)
 {
@@ -401,7 +402,6 @@ static __noinline int route(struct __sk_buff *skb, const struct bpfgen_tuple *t,
 	}
 	__builtin_memset(&u.fib, 0, sizeof(u.fib));
 	u.fib.family = AF_INET;
-	u.fib.l4_protocol = t->proto;
 	u.fib.ipv4_src = t->saddr;
 	u.fib.ipv4_dst = t->daddr;
 	u.fib.ifindex = skb->ifindex;
