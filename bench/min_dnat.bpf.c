@@ -5,9 +5,9 @@
  * three checksum updates). No SNAT, no forwarding, no timeouts, no counters: the least
  * a tc load balancer does per packet. Its maps are filled by the bench.
  * min_dnat_new is the same for a packet of no known flow: the least a stateful one does
- * for a new flow, the frontend's backend taken and the flow's two entries (the packet's
- * and its replies') made with no-exist semantics in a table of the size of bpfgen's
- * half-open one.
+ * for a new flow, the frontend's one backend taken (no selection) and the flow's two
+ * entries (the packet's and its replies') made with no-exist semantics in a table of its
+ * own of the size of bpfgen's half-open one; no routing, no forwarding, no SNAT port.
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -58,10 +58,18 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 131072);
+	__uint(max_entries, 65536);
 	__type(key, struct ct_key);
 	__type(value, struct ct_value);
 } min_ct SEC(".maps");
+
+/* min_dnat_new's flows, apart: the size of bpfgen's half-open table (65,536 flows) */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 131072);
+	__type(key, struct ct_key);
+	__type(value, struct ct_value);
+} min_ct_new SEC(".maps");
 
 #define IP_CSUM_OFF (ETH_HLEN + offsetof(struct iphdr, check))
 #define IP_DST_OFF (ETH_HLEN + offsetof(struct iphdr, daddr))
@@ -99,7 +107,7 @@ static __always_inline int dnat(struct __sk_buff *skb, int create)
 	ck.sport = th->source;
 	ck.dport = th->dest;
 	ck.proto = IPPROTO_TCP;
-	ct = bpf_map_lookup_elem(&min_ct, &ck);
+	ct = bpf_map_lookup_elem(create ? (void *)&min_ct_new : (void *)&min_ct, &ck);
 	if (!ct) {
 		if (!create)
 			return TC_ACT_OK;
@@ -110,8 +118,8 @@ static __always_inline int dnat(struct __sk_buff *skb, int create)
 		rk.sport = svc->backend_port;
 		rk.dport = th->source;
 		rk.proto = IPPROTO_TCP;
-		if (bpf_map_update_elem(&min_ct, &rk, &fresh, BPF_NOEXIST) ||
-		    bpf_map_update_elem(&min_ct, &ck, &fresh, BPF_NOEXIST))
+		if (bpf_map_update_elem(&min_ct_new, &rk, &fresh, BPF_NOEXIST) ||
+		    bpf_map_update_elem(&min_ct_new, &ck, &fresh, BPF_NOEXIST))
 			return TC_ACT_SHOT;
 		new_addr = fresh.backend_addr;
 		new_port = fresh.backend_port;

@@ -214,7 +214,8 @@ CT_ENTRY = _s(
     ("xl_saddr", "ip4", "the whole translation of packets that find this entry: new source,"),
     ("xl_daddr", "ip4", "destination,"), ("xl_sport", "port"), ("xl_dport", "port", "and ports"),
     ("ifindex", "u32", "cached next hop: the interface (NH_REDIRECT, NH_NEIGH)"),
-    ("checked", "u32", "when the next hop and the backend were last checked (datapath seconds; 0: never)"),
+    ("checked", "u32", "when the next hop was looked up (the time of nh_v4's answer) and the backend checked"
+     " (datapath seconds; 0: never)"),
     ("l2_dst", "u32", "cached next hop: destination MAC bytes 0-3 (NH_NEIGH: the gateway's address)"),
     ("l2_mid", "u32", "destination MAC bytes 4-5, source MAC bytes 0-1"),
     ("l2_src", "u32", "source MAC bytes 2-5"),
@@ -256,7 +257,7 @@ NH_KEY = _s(
 NH_ENTRY = _s(
     "bpfgen_nh_entry", "The kernel's answer to a next hop's lookup, as conntrack entries cache it.",
     ("checked", "u32", "when it was looked up (datapath seconds): good for the second after"),
-    ("ifindex", "u32"), ("l2_dst", "u32"), ("l2_mid", "u32"), ("l2_src", "u32"),
+    ("daddr", "ip4", "the key's destination (a copy is checked against it)"), ("ifindex", "u32"), ("l2_dst", "u32"), ("l2_mid", "u32"), ("l2_src", "u32"),
     ("nh", "u8", "NH_REDIRECT or NH_NEIGH"), ("pad1", "u8"), ("pad2", "u16"),
 )
 LOCAL_PORT = _s("bpfgen_local_port", "Until when (datapath seconds) a flow of the node or its pods to a ClusterIP may"

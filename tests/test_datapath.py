@@ -174,8 +174,8 @@ class Datapath:
         return dict(self.maps[name].items())
 
     def forget_flows(self) -> None:
-        """Empty conntrack and SNAT (a fresh node with the same services)."""
-        for name in ("ct_v4", "ct_half_v4", "ct_udp_v4", "snat_v4"):
+        """Empty conntrack, SNAT and the kept next hops (a fresh node with the same services)."""
+        for name in ("ct_v4", "ct_half_v4", "ct_udp_v4", "snat_v4", "nh_v4"):
             for key in list(self.maps[name].keys()):
                 self.maps[name].delete(key)
 
@@ -531,12 +531,20 @@ def test_a_new_flow_takes_the_next_hop_looked_up_in_the_last_second_and_then_loo
     netns.ip("neigh", "replace", NODE1, "lladdr", new_mac.hex(":"), "dev", "eth0", "nud", "permanent")
     assert new_mac.hex(":") in netns.ip("neigh", "show", NODE1)
     assert_forwarded_to(node0.from_netdev(syn(40001)), old_mac)  # the kept answer
+    entry = node0.ct((CLIENT, 40001, NODE0, NODEPORT), "CT_SERVICE")
+    assert {f: entry[f] for f in ("checked", "ifindex", "nh", "l2_dst", "l2_mid", "l2_src")} == \
+        {f: kept[f] for f in ("checked", "ifindex", "nh", "l2_dst", "l2_mid", "l2_src")}
 
-    node0.maps["nh_v4"].update(nh_key, layout.NH_ENTRY.pack(**{**kept, "checked": now_sec() - 2}))  # due
+    # (3 s back: the datapath's coarse clock may lag the test's by a tick)
+    node0.maps["nh_v4"].update(nh_key, layout.NH_ENTRY.pack(**{**kept, "checked": now_sec() - 3}))  # due
     assert_forwarded_to(node0.from_netdev(syn(40002)), new_mac)
     kept = layout.NH_ENTRY.unpack(node0.maps["nh_v4"].lookup(nh_key))
-    assert kept["checked"] >= now_sec() - 1
+    assert kept["checked"] >= now_sec() - 1 and str(kept["daddr"]) == BACKEND
     assert len(node0.entries("nh_v4")) == 1  # one backend, one answer for all its flows
+
+    # a kept answer of another key (an LRU map's element handed on while copied) is not taken
+    node0.maps["nh_v4"].update(nh_key, layout.NH_ENTRY.pack(**{**kept, "daddr": "10.0.1.99", "l2_dst": 0}))
+    assert_forwarded_to(node0.from_netdev(syn(40003)), new_mac)
 
 
 # ================================================================ 4. reply of a SNATed flow

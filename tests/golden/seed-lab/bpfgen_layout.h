@@ -133,7 +133,7 @@ struct bpfgen_ct_entry {
 	bpfgen_port_t xl_sport;
 	bpfgen_port_t xl_dport; /* and ports */
 	__u32 ifindex; /* cached next hop: the interface (NH_REDIRECT, NH_NEIGH) */
-	__u32 checked; /* when the next hop and the backend were last checked (datapath seconds; 0: never) */
+	__u32 checked; /* when the next hop was looked up (the time of nh_v4's answer) and the backend checked (datapath seconds; 0: never) */
 	__u32 l2_dst; /* cached next hop: destination MAC bytes 0-3 (NH_NEIGH: the gateway's address) */
 	__u32 l2_mid; /* destination MAC bytes 4-5, source MAC bytes 0-1 */
 	__u32 l2_src; /* source MAC bytes 2-5 */
@@ -253,6 +253,7 @@ _Static_assert(sizeof(struct bpfgen_nh_key) == 16, "bpfgen_nh_key layout");
 /* The kernel's answer to a next hop's lookup, as conntrack entries cache it. */
 struct bpfgen_nh_entry {
 	__u32 checked; /* when it was looked up (datapath seconds): good for the second after */
+	bpfgen_ip4_t daddr; /* the key's destination (a copy is checked against it) */
 	__u32 ifindex;
 	__u32 l2_dst;
 	__u32 l2_mid;
@@ -261,6 +262,6 @@ struct bpfgen_nh_entry {
 	__u8 pad1;
 	__u16 pad2;
 };
-_Static_assert(sizeof(struct bpfgen_nh_entry) == 24, "bpfgen_nh_entry layout");
+_Static_assert(sizeof(struct bpfgen_nh_entry) == 28, "bpfgen_nh_entry layout");
 
 #endif /* BPFGEN_LAYOUT_H */

@@ -371,10 +371,12 @@ static __always_inline void nh_key(struct bpfgen_nh_key *k, struct __sk_buff *sk
  * this node, a martian; from egress it would leave with the link address of the
  * frontend). tot_len stays 0 so that the kernel's MTU check knows GSO packets.
  * The kernel's answer is kept in nh_v4 by addresses and interface for the second after
- * the lookup (the query carries no protocol or ports, as Cilium's do not: the answer is
- * that of its key alone): every flow to that backend (or client) in that second takes it
- * from there, and e is checked again when that answer is due (e->checked is the
- * answer's time). (A function of its own: one frame for its lookup.)
+ * the lookup (the query carries no protocol or ports, as Cilium's do not, so policy
+ * routing by port or protocol and L4 multipath hashing are not applied): every flow to
+ * that backend (or client) in that second takes it from there, without the MTU check of
+ * its first packet's length (which its later packets never had either), and e is checked
+ * again when that answer is due (e->checked is the answer's time). (A function of its
+ * own: one frame for its lookup.)
  */
 static __noinline int route(struct __sk_buff *skb, const struct bpfgen_tuple *t, int egress,
 			    struct bpfgen_ct_entry *e, __u32 now)
@@ -391,14 +393,18 @@ static __noinline int route(struct __sk_buff *skb, const struct bpfgen_tuple *t,
 
 	nh_key(&u.kept.key, skb, t, egress);
 	known = bpf_map_lookup_elem(&nh_v4, &u.kept.key);
-	if (known && known->checked <= now && now <= known->checked + 1) {
+	if (known && known->daddr == t->daddr && known->checked <= now && now <= known->checked + 1) {
 		e->l2_dst = known->l2_dst;
 		e->l2_mid = known->l2_mid;
 		e->l2_src = known->l2_src;
 		e->nh = known->nh;
 		e->ifindex = known->ifindex;
 		e->checked = known->checked;
-		return 0;
+		/* still its key's once copied: an LRU map may hand a full map's element to
+		 * another key meanwhile (else e is looked up below) */
+		__asm__ __volatile__("" ::: "memory");
+		if (*(volatile __be32 *)&known->daddr == t->daddr)
+			return 0;
 	}
 	__builtin_memset(&u.fib, 0, sizeof(u.fib));
 	u.fib.family = AF_INET;
@@ -412,6 +418,8 @@ static __noinline int route(struct __sk_buff *skb, const struct bpfgen_tuple *t,
 		e->nh = NH_REDIRECT;
 	} else if (rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
 		e->l2_dst = u.fib.ipv4_dst; /* the gateway, where the route has one */
+		e->l2_mid = 0;
+		e->l2_src = 0;
 		e->nh = NH_NEIGH;
 	} else {
 		/* No next hop (no route, forwarding off, too big with DF): no ICMP is sent back
@@ -419,10 +427,12 @@ static __noinline int route(struct __sk_buff *skb, const struct bpfgen_tuple *t,
 		drop(DROP_FIB_FAILED);
 		return -1;
 	}
+	now = now_sec(); /* (read again rather than kept across the lookup: a smaller frame) */
 	e->ifindex = u.fib.ifindex;
 	e->checked = now;
 	nh_key(&u.kept.key, skb, t, egress);
 	u.kept.hop.checked = now;
+	u.kept.hop.daddr = t->daddr;
 	u.kept.hop.ifindex = e->ifindex;
 	u.kept.hop.l2_dst = e->l2_dst;
 	u.kept.hop.l2_mid = e->l2_mid;
