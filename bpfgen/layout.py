@@ -250,8 +250,8 @@ COLLECTOR = _s("bpfgen_collector", "ct_v4's collector: its timer, and the work i
                " runs in process context, where packets preempt it).", ("timer", "timer"), ("work", "wq"),
                ("entries", "u32", "what the last sweep left in ct_v4"), ("pad", "u32"), ("pad2", "u64"))
 NH_KEY = _s(
-    "bpfgen_nh_key", "A next hop's lookup: the translated packet's addresses and the interface the lookup is made for"
-    " (the packet's, in or out: egress).",
+    "bpfgen_nh_key", "A next hop's lookup towards a backend: the translated packet's addresses and the interface the"
+    " lookup is made for (the packet's, in or out: egress).",
     ("saddr", "ip4"), ("daddr", "ip4"), ("ifindex", "u32"), ("egress", "u8"), ("pad1", "u8"), ("pad2", "u16"),
 )
 NH_ENTRY = _s(
@@ -394,8 +394,8 @@ MAPS = (
            " ct_v4 when they are): a SYN flood evicts only these", lambda c: 2 * c["half_open_flows"]),
     MapDef("snat_v4", "LRU_HASH", TUPLE, NAT_ENTRY, "SNAT port claims (NAT_IN; like cilium_snat_v4_external): one"
            " per SNATed flow", lambda c: c["flows"] + c["udp_flows"] + c["half_open_flows"]),
-    MapDef("nh_v4", "LRU_HASH", NH_KEY, NH_ENTRY, "next hops by addresses and interface, each looked up again"
-           " after a second: a new flow to a backend (or a client) seen in that second needs no fib lookup",
+    MapDef("nh_v4", "LRU_HASH", NH_KEY, NH_ENTRY, "next hops towards backends by addresses and interface, each"
+           " looked up again after a second: a new flow to a backend seen in that second needs no fib lookup",
            lambda c: c["next_hops"]),
     MapDef("affinity_v4", "LRU_HASH", AFFINITY_KEY, AFFINITY_ENTRY, "ClientIP session affinity: a client's backend",
            lambda c: c["affinity_clients"]),

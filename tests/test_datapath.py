@@ -516,7 +516,8 @@ def test_unroutable_backend_is_a_counted_drop(node0, netns):
 
 def test_a_new_flow_takes_the_next_hop_looked_up_in_the_last_second_and_then_looks_again(node0, netns):
     """The first flow to a backend looks its next hop up and keeps the answer in nh_v4 by
-    addresses and interface; a new flow in the second after takes it from there (the
+    addresses and interface (a reply's, towards the client, is not kept); a new flow in
+    the second after takes it from there (the
     neighbour's new MAC, set meanwhile, is not seen yet); once the answer is due, the next
     new flow looks again and gets the MAC the kernel now has (ip neigh: the oracle)."""
     nh_key = layout.NH_KEY.pack(saddr=NODE0, daddr=BACKEND, ifindex=node0.ifindex, egress=0)
@@ -540,7 +541,10 @@ def test_a_new_flow_takes_the_next_hop_looked_up_in_the_last_second_and_then_loo
     assert_forwarded_to(node0.from_netdev(syn(40002)), new_mac)
     kept = layout.NH_ENTRY.unpack(node0.maps["nh_v4"].lookup(nh_key))
     assert kept["checked"] >= now_sec() - 1 and str(kept["daddr"]) == BACKEND
-    assert len(node0.entries("nh_v4")) == 1  # one backend, one answer for all its flows
+    # a reply's lookup (towards the client) is not kept: one answer, the backend's, for all
+    reply = node0.from_netdev(pk.tcp(BACKEND, BACKEND_PORT, NODE0, 40002, pk.SYN | pk.ACK))
+    assert_forwarded_to(reply, CLIENT_MAC)
+    assert len(node0.entries("nh_v4")) == 1
 
     # a kept answer of another key (an LRU map's element handed on while copied) is not taken
     node0.maps["nh_v4"].update(nh_key, layout.NH_ENTRY.pack(**{**kept, "daddr": "10.0.1.99", "l2_dst": 0}))

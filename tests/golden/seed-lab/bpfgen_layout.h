@@ -239,7 +239,7 @@ struct bpfgen_collector {
 };
 _Static_assert(sizeof(struct bpfgen_collector) == 48, "bpfgen_collector layout");
 
-/* A next hop's lookup: the translated packet's addresses and the interface the lookup is made for (the packet's, in or out: egress). */
+/* A next hop's lookup towards a backend: the translated packet's addresses and the interface the lookup is made for (the packet's, in or out: egress). */
 struct bpfgen_nh_key {
 	bpfgen_ip4_t saddr;
 	bpfgen_ip4_t daddr;

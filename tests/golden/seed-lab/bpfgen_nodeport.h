@@ -364,19 +364,64 @@ static __always_inline void nh_key(struct bpfgen_nh_key *k, struct __sk_buff *sk
 }
 
 /*
- * Looks up the next hop of the translated tuple t and caches it in the conntrack entry e
- * (in place in the map, or a new entry): NH_REDIRECT with the interface and both MACs,
- * NH_NEIGH with the interface and the gateway. 0, or -1 after counting a drop: every
- * other answer is one (from ingress the stack would discard a packet whose source is now
- * this node, a martian; from egress it would leave with the link address of the
- * frontend). tot_len stays 0 so that the kernel's MTU check knows GSO packets.
- * The kernel's answer is kept in nh_v4 by addresses and interface for the second after
- * the lookup (the query carries no protocol or ports, as Cilium's do not, so policy
- * routing by port or protocol and L4 multipath hashing are not applied): every flow to
- * that backend (or client) in that second takes it from there, without the MTU check of
- * its first packet's length (which its later packets never had either), and e is checked
- * again when that answer is due (e->checked is the answer's time). (A function of its
- * own: one frame for its lookup.)
+ * Looks up the next hop of the translated tuple t in fib (zeroed here) and caches it in
+ * the conntrack entry e (in place in the map, or a new entry): NH_REDIRECT with the
+ * interface and both MACs, NH_NEIGH with the interface and the gateway; e->checked is
+ * the time of the answer. 0, or -1 after counting a drop: every other answer is one (from
+ * ingress the stack would discard a packet whose source is now this node, a martian; from
+ * egress it would leave with the link address of the frontend). tot_len stays 0 so that
+ * the kernel's MTU check knows GSO packets. The query carries no protocol or ports (as
+ * Cilium's do not: policy routing by port or protocol and L4 multipath hashing are not
+ * applied), so that its answer is its addresses' and interface's alone (route).
+ */
+static __always_inline int fib_answer(struct __sk_buff *skb, struct bpf_fib_lookup *fib, const struct bpfgen_tuple *t,
+				      int egress, struct bpfgen_ct_entry *e)
+{
+	long rc;
+
+	__builtin_memset(fib, 0, sizeof(*fib));
+	fib->family = AF_INET;
+	fib->ipv4_src = t->saddr;
+	fib->ipv4_dst = t->daddr;
+	fib->ifindex = skb->ifindex;
+	rc = bpf_fib_lookup(skb, fib, sizeof(*fib), egress ? BPF_FIB_LOOKUP_OUTPUT : 0);
+	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
+		__builtin_memcpy(&e->l2_dst, fib->dmac, ETH_ALEN);
+		__builtin_memcpy((__u8 *)&e->l2_dst + ETH_ALEN, fib->smac, ETH_ALEN);
+		e->nh = NH_REDIRECT;
+	} else if (rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
+		e->l2_dst = fib->ipv4_dst; /* the gateway, where the route has one */
+		e->l2_mid = 0;
+		e->l2_src = 0;
+		e->nh = NH_NEIGH;
+	} else {
+		/* No next hop (no route, forwarding off, too big with DF): no ICMP is sent back
+		 * (and nothing kept: the next flow asks again). */
+		drop(DROP_FIB_FAILED);
+		return -1;
+	}
+	e->ifindex = fib->ifindex;
+	e->checked = now_sec(); /* (read here, not kept across the lookup: a smaller frame) */
+	return 0;
+}
+
+/* The next hop of a reply (towards a client: as many answers as clients, none kept).
+ * (Functions of their own: one frame for a lookup; this one global, verified once.) */
+__noinline int route_reply(struct __sk_buff *skb, const struct bpfgen_tuple *t, int egress, struct bpfgen_ct_entry *e)
+{
+	struct bpf_fib_lookup fib;
+
+	if (!t || !e)
+		return -1;
+	return fib_answer(skb, &fib, t, egress, e);
+}
+
+/*
+ * The next hop of a flow's packets towards its backend: the kernel's answer is kept in
+ * nh_v4 by addresses and interface for the second after the lookup, and every flow to
+ * that backend in that second takes it from there, without the MTU check of its first
+ * packet's length (which its later packets never had either); e is checked again when
+ * that answer is due (e->checked is the answer's time).
  */
 static __noinline int route(struct __sk_buff *skb, const struct bpfgen_tuple *t, int egress,
 			    struct bpfgen_ct_entry *e, __u32 now)
@@ -389,7 +434,6 @@ static __noinline int route(struct __sk_buff *skb, const struct bpfgen_tuple *t,
 		} kept;
 	} u = {};
 	struct bpfgen_nh_entry *known;
-	long rc;
 
 	nh_key(&u.kept.key, skb, t, egress);
 	known = bpf_map_lookup_elem(&nh_v4, &u.kept.key);
@@ -406,32 +450,10 @@ static __noinline int route(struct __sk_buff *skb, const struct bpfgen_tuple *t,
 		if (*(volatile __be32 *)&known->daddr == t->daddr)
 			return 0;
 	}
-	__builtin_memset(&u.fib, 0, sizeof(u.fib));
-	u.fib.family = AF_INET;
-	u.fib.ipv4_src = t->saddr;
-	u.fib.ipv4_dst = t->daddr;
-	u.fib.ifindex = skb->ifindex;
-	rc = bpf_fib_lookup(skb, &u.fib, sizeof(u.fib), egress ? BPF_FIB_LOOKUP_OUTPUT : 0);
-	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
-		__builtin_memcpy(&e->l2_dst, u.fib.dmac, ETH_ALEN);
-		__builtin_memcpy((__u8 *)&e->l2_dst + ETH_ALEN, u.fib.smac, ETH_ALEN);
-		e->nh = NH_REDIRECT;
-	} else if (rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
-		e->l2_dst = u.fib.ipv4_dst; /* the gateway, where the route has one */
-		e->l2_mid = 0;
-		e->l2_src = 0;
-		e->nh = NH_NEIGH;
-	} else {
-		/* No next hop (no route, forwarding off, too big with DF): no ICMP is sent back
-		 * (and nothing kept: the next flow asks again). */
-		drop(DROP_FIB_FAILED);
+	if (fib_answer(skb, &u.fib, t, egress, e) < 0)
 		return -1;
-	}
-	now = now_sec(); /* (read again rather than kept across the lookup: a smaller frame) */
-	e->ifindex = u.fib.ifindex;
-	e->checked = now;
 	nh_key(&u.kept.key, skb, t, egress);
-	u.kept.hop.checked = now;
+	u.kept.hop.checked = e->checked;
 	u.kept.hop.daddr = t->daddr;
 	u.kept.hop.ifindex = e->ifindex;
 	u.kept.hop.l2_dst = e->l2_dst;
@@ -1513,7 +1535,8 @@ static __always_inline int ct_fast(struct __sk_buff *skb, struct pkt *p, const s
 			partner.sport = ct->xl_sport;
 			partner.dport = ct->xl_dport;
 			/* (a hairpin flow's forward entry, SNATed on egress, as it was first routed) */
-			if (route(skb, &partner, egress && !(!reply && (ct->flags & CT_SNAT)), ct, now) < 0)
+			if ((reply ? route_reply(skb, &partner, egress, ct)
+				   : route(skb, &partner, egress && !(ct->flags & CT_SNAT), ct, now)) < 0)
 				return TC_ACT_SHOT;
 		}
 	}

@@ -108,7 +108,7 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } snat_v4 SEC(".maps");
 
-/* next hops by addresses and interface, each looked up again after a second: a new flow to a backend (or a client) seen in that second needs no fib lookup (max_entries: the default, set from the cluster's capacity at load) */
+/* next hops towards backends by addresses and interface, each looked up again after a second: a new flow to a backend seen in that second needs no fib lookup (max_entries: the default, set from the cluster's capacity at load) */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 65536);
