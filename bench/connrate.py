@@ -18,8 +18,9 @@ waits for the client's FIN), with their failed and slowest connects.
 
 A third arm, half as long, reaches a second address of the pod routed through node0 both
 ways by plain kernel forwarding (no NAT): the cost of the hops the NodePort path adds,
-apart from bpfgen's own. Prints connections/s of each arm, the ratio NAT / no NAT (the target's), failed connects (none answered
-within 3 s, or an error) and the slowest connect. Targets: >= 0.9x, zero failed, no
+apart from bpfgen's own. Prints connections/s of each arm, the ratio NAT / no NAT (the
+target's), failed connects (none answered within 3 s, or an error) and the slowest
+connect. Targets: >= 0.9x, zero failed, no
 connect slower than 0.5 s. Needs root; everything lives in the lab's namespaces.
 """
 

@@ -209,7 +209,8 @@ def main() -> int:
     # (not a target of issue 8: how much of the first packet's cost any stateful NAT has)
     new = [(r["first packet of a flow"] - r["empty tc program"])
            / (r["minimal DNAT, first packet (two new entries)"] - r["empty tc program"]) for r in rounds]
-    print(f"{'first packet / minimal DNAT first packet':<46}" + " " * 9 * len(rounds) + f"{min(new):.2f}-{max(new):.2f}x")
+    print(f"{'first packet / minimal DNAT first packet':<46}" + " " * 9 * len(rounds)
+          + f"{min(new):.2f}-{max(new):.2f}x")
     return 0
 
 

@@ -257,7 +257,8 @@ NH_KEY = _s(
 NH_ENTRY = _s(
     "bpfgen_nh_entry", "The kernel's answer to a next hop's lookup, as conntrack entries cache it.",
     ("checked", "u32", "when it was looked up (datapath seconds): good for the second after"),
-    ("daddr", "ip4", "the key's destination (a copy is checked against it)"), ("ifindex", "u32"), ("l2_dst", "u32"), ("l2_mid", "u32"), ("l2_src", "u32"),
+    ("daddr", "ip4", "the key's destination (a copy is checked against it)"), ("ifindex", "u32"),
+    ("l2_dst", "u32"), ("l2_mid", "u32"), ("l2_src", "u32"),
     ("nh", "u8", "NH_REDIRECT or NH_NEIGH"), ("pad1", "u8"), ("pad2", "u16"),
 )
 LOCAL_PORT = _s("bpfgen_local_port", "Until when (datapath seconds) a flow of the node or its pods to a ClusterIP may"

@@ -276,8 +276,9 @@ class Capacity(_Model):
         default=131072, description="UDP flows a node tracks at once, apart from the TCP ones.")
     next_hops: _count("nextHops", 1, MAX_FLOWS) = Field(
         default=65536,
-        description="Next hops towards backends a node keeps from its route lookups (one per source, destination and "
-                    "interface, each good for a second), so that a new flow to a backend seen in that second needs none.")
+        description="Next hops towards backends a node keeps from its route lookups (one per source, destination "
+                    "and interface, each good for a second), so that a new flow to a backend seen in that second "
+                    "needs none.")
     affinity_clients: _count("affinityClients", 1, MAX_FLOWS) = Field(
         default=65536, description="Client addresses whose ClientIP session affinity a node remembers at once.")
     source_ranges: _count("sourceRanges", 1, MAX_FRONTENDS) = Field(

@@ -517,10 +517,11 @@ def test_unroutable_backend_is_a_counted_drop(node0, netns):
 def test_a_new_flow_takes_the_next_hop_looked_up_in_the_last_second_and_then_looks_again(node0, netns):
     """The first flow to a backend looks its next hop up and keeps the answer in nh_v4 by
     addresses and interface (a reply's, towards the client, is not kept); a new flow in
-    the second after takes it from there (the
-    neighbour's new MAC, set meanwhile, is not seen yet); once the answer is due, the next
-    new flow looks again and gets the MAC the kernel now has (ip neigh: the oracle)."""
+    the second after takes it from there (the neighbour's new MAC, set meanwhile, is not
+    seen yet); once the answer is due, the next new flow looks again and gets the MAC the
+    kernel now has (ip neigh: the oracle)."""
     nh_key = layout.NH_KEY.pack(saddr=NODE0, daddr=BACKEND, ifindex=node0.ifindex, egress=0)
+    hop_fields = ("checked", "ifindex", "nh", "l2_dst", "l2_mid", "l2_src")
     old_mac, new_mac = PEER_MACS[NODE1], bytes.fromhex("02000000aa77")
 
     assert_forwarded_to(node0.from_netdev(syn(40000)), old_mac)
@@ -533,8 +534,7 @@ def test_a_new_flow_takes_the_next_hop_looked_up_in_the_last_second_and_then_loo
     assert new_mac.hex(":") in netns.ip("neigh", "show", NODE1)
     assert_forwarded_to(node0.from_netdev(syn(40001)), old_mac)  # the kept answer
     entry = node0.ct((CLIENT, 40001, NODE0, NODEPORT), "CT_SERVICE")
-    assert {f: entry[f] for f in ("checked", "ifindex", "nh", "l2_dst", "l2_mid", "l2_src")} == \
-        {f: kept[f] for f in ("checked", "ifindex", "nh", "l2_dst", "l2_mid", "l2_src")}
+    assert {f: entry[f] for f in hop_fields} == {f: kept[f] for f in hop_fields}
 
     # (3 s back: the datapath's coarse clock may lag the test's by a tick)
     node0.maps["nh_v4"].update(nh_key, layout.NH_ENTRY.pack(**{**kept, "checked": now_sec() - 3}))  # due

@@ -416,6 +416,17 @@ __noinline int route_reply(struct __sk_buff *skb, const struct bpfgen_tuple *t, 
 	return fib_answer(skb, &fib, t, egress, e);
 }
 
+/* A next hop's fields, from a conntrack entry or nh_v4's answer to the other. */
+#define COPY_NEXT_HOP(to, from)                  \
+	do {                                     \
+		(to)->l2_dst = (from)->l2_dst;   \
+		(to)->l2_mid = (from)->l2_mid;   \
+		(to)->l2_src = (from)->l2_src;   \
+		(to)->nh = (from)->nh;           \
+		(to)->ifindex = (from)->ifindex; \
+		(to)->checked = (from)->checked; \
+	} while (0)
+
 /*
  * The next hop of a flow's packets towards its backend: the kernel's answer is kept in
  * nh_v4 by addresses and interface for the second after the lookup, and every flow to
@@ -426,24 +437,20 @@ __noinline int route_reply(struct __sk_buff *skb, const struct bpfgen_tuple *t, 
 static __noinline int route(struct __sk_buff *skb, const struct bpfgen_tuple *t, int egress,
 			    struct bpfgen_ct_entry *e, __u32 now)
 {
-	union { /* (the lookup and the answer kept share one frame: under the stack's limit) */
+	union { /* (the lookup and the answer kept share one frame: under the stack's limit;
+		 * every byte of key and hop is written before use, so none is zeroed first) */
 		struct bpf_fib_lookup fib;
 		struct {
 			struct bpfgen_nh_key key;
 			struct bpfgen_nh_entry hop;
 		} kept;
-	} u = {};
+	} u;
 	struct bpfgen_nh_entry *known;
 
 	nh_key(&u.kept.key, skb, t, egress);
 	known = bpf_map_lookup_elem(&nh_v4, &u.kept.key);
 	if (known && known->daddr == t->daddr && known->checked <= now && now <= known->checked + 1) {
-		e->l2_dst = known->l2_dst;
-		e->l2_mid = known->l2_mid;
-		e->l2_src = known->l2_src;
-		e->nh = known->nh;
-		e->ifindex = known->ifindex;
-		e->checked = known->checked;
+		COPY_NEXT_HOP(e, known);
 		/* still its key's once copied: an LRU map may hand a full map's element to
 		 * another key meanwhile (else e is looked up below) */
 		__asm__ __volatile__("" ::: "memory");
@@ -452,14 +459,9 @@ static __noinline int route(struct __sk_buff *skb, const struct bpfgen_tuple *t,
 	}
 	if (fib_answer(skb, &u.fib, t, egress, e) < 0)
 		return -1;
-	nh_key(&u.kept.key, skb, t, egress);
-	u.kept.hop.checked = e->checked;
+	nh_key(&u.kept.key, skb, t, egress); /* (again: the lookup wrote over it) */
+	COPY_NEXT_HOP(&u.kept.hop, e);
 	u.kept.hop.daddr = t->daddr;
-	u.kept.hop.ifindex = e->ifindex;
-	u.kept.hop.l2_dst = e->l2_dst;
-	u.kept.hop.l2_mid = e->l2_mid;
-	u.kept.hop.l2_src = e->l2_src;
-	u.kept.hop.nh = e->nh;
 	u.kept.hop.pad1 = 0;
 	u.kept.hop.pad2 = 0;
 	bpf_map_update_elem(&nh_v4, &u.kept.key, &u.kept.hop, BPF_ANY);
