@@ -35,7 +35,7 @@ from bpfgen.build import Build, compile_spec
 from bpfgen.loader import COLLECTOR_PROGRAM, SERVICE_MAPS, arm_collector, open_datapath, sync_service_maps
 from bpfgen.plan import Plan
 from bpfgen.netns import current_netns, enter_netns, ifindex as if_index
-from bpfgen.render import TIMEOUTS
+from bpfgen.render import SETTLE_TICKS, TIMEOUTS
 from bpfgen.spec import Spec, load_spec
 
 import packets as pk  # tests/packets.py (tests/ is on sys.path: rootdir conftest)
@@ -822,10 +822,10 @@ def test_rst_closes_both_entries(datapath, node, sender):
         assert entry["expires"] <= now_sec() + TIMEOUT["CT_CLOSE_TIMEOUT"] + 1, direction
 
 
-# A port whose flow's backend side is over (CT_BACKEND_DONE) is free two ticks of the coarse
-# clock (2^20 ns each, plus the clock's own granularity) after: a backend may still hold the
-# final ACK in its socket backlog.
-DONE_TICKS = 0.01
+# A port whose flow's backend side is over (CT_BACKEND_DONE) is free SETTLE_TICKS ticks of the
+# coarse clock (2^20 ns each, plus the clock's own granularity) after: the backend may not
+# have the flow's last packet yet.
+DONE_TICKS = (SETTLE_TICKS + 1) * 2**20 / 1e9 + 0.01
 
 
 def _close(dp: Datapath, service: tuple[str, int, str, int], snat: int, first: str = "client",
@@ -1085,7 +1085,7 @@ def test_snat_port_after_the_client_closed_first_waits_for_its_final_ack(node0):
     # not in the same moment (the backend may hold the final ACK in its socket backlog)...
     assert node0.from_netdev(pk.tcp("172.26.50.192", snat, NODE0, NODEPORT, pk.SYN)).pkt.sport != snat
     time.sleep(DONE_TICKS)
-    # ...but a few milliseconds after
+    # ...but some milliseconds after
     assert node0.from_netdev(pk.tcp("172.26.50.191", snat, NODE0, NODEPORT, pk.SYN)).pkt.sport == snat
 
 

@@ -740,10 +740,11 @@ static __always_inline int ct_port_released(const struct bpfgen_ct_entry *ct, __
 {
 	/* whether the backend holds TIME_WAIT: it sent the first of both FINs */
 	int tw = (ct->flags & CT_BACKEND_CLOSED_FIRST) && (ct->flags & CT_FIN_BOTH) == CT_FIN_BOTH;
-	/* not in the very tick of the clock the backend's side went by: a backend busy in
-	 * the socket holds that packet in its backlog, where a SYN right behind it is lost
-	 * when the packet closes the socket (seen: a 1 s stall) */
-	int settled = (ct->flags & CT_BACKEND_DONE) && (!live || (__u16)(now_tick() - ct->done_tick) >= 2);
+	/* not within CT_SETTLE_TICKS of the backend's side going by here: its last packet may
+	 * not have reached the backend yet (behind another CPU's backlog, or in the backlog of
+	 * a busy socket), and a SYN that overtakes it is lost on the old socket (a 1 s stall) */
+	int settled = (ct->flags & CT_BACKEND_DONE) &&
+		      (!live || (__u16)(now_tick() - ct->done_tick) >= CT_SETTLE_TICKS);
 
 	if (!live && (ct->flags & CT_MIDSTREAM))
 		return 1;

@@ -33,6 +33,7 @@ const volatile struct bpfgen_config CONFIG SEC(".rodata.config") = {};
 #define SNAT_PORT_MAX (CONFIG.snat_port_max)
 #define SNAT_PORT_COUNT ((__u32)SNAT_PORT_MAX - SNAT_PORT_MIN + 1)
 #define SNAT_RETRIES 32
+#define CT_SETTLE_TICKS 32 /* (units of 2^20 ns) */
 
 /* Conntrack timeouts, seconds. */
 #define CT_SYN_TIMEOUT 60
