@@ -168,6 +168,7 @@ def main() -> int:
 
             def turn(name: str) -> Callable[[int], bytes]:
                 return lambda i: fixed[name][i % len(fixed[name])]
+
             fresh_flow = iter(range(1 << 30))
 
             def new_flow(_: int) -> bytes:
