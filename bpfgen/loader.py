@@ -94,29 +94,45 @@ def apply_changes(maps: dict[str, bpf.MapFd], changes: Changes) -> None:
 _NOT_SERVING = layout.FLAGS["BACKEND_NOT_SERVING"]
 
 
+def removed_backends(changes: Changes) -> set[int]:
+    """The backend ids a change removed."""
+    return {layout.ID_KEY.unpack(k) for name, keys in changes.deletes if name == "backend_v4" for k in keys}
+
+
 def gone_backends(changes: Changes) -> set[int]:
     """The backend ids a change removed or made not serving."""
-    ids: set[int] = set()
+    ids = removed_backends(changes)
     for name, keys, values in changes.writes:
         if name == "backend_v4":
             ids |= {layout.ID_KEY.unpack(k) for k, v in zip(keys, values)
                     if layout.BACKEND.unpack(v)["flags"] & _NOT_SERVING}
-    for name, keys in changes.deletes:
-        if name == "backend_v4":
-            ids |= {layout.ID_KEY.unpack(k) for k in keys}
     return ids
 
 
-def clear_udp_flows(pins: Path, changes: Changes) -> int:
-    """Deletes the conntrack entries of UDP flows to the backends a change removed or made
-    not serving (as kube-proxy flushes them), so that the next datagram picks a live one
-    (the datapath would move such a flow within a second anyway). Returns how many."""
+def _clear_flows_of(ct: bpf.MapFd, backends: set[int]) -> int:
+    stale = [k for k, v in ct.lookup_batch() if _CT_REFS.unpack_from(v)[1] in backends]
+    return sum(ct.delete(k) for k in stale)
+
+
+def clear_flows(pins: Path, changes: Changes) -> tuple[int, int]:
+    """Deletes the conntrack entries (both directions) of the flows a change leaves without
+    their backend, so that they end at their next packet rather than at the datapath's
+    once-a-second check: UDP flows to the backends it removed or made not serving (as
+    kube-proxy flushes them; the next datagram picks a live one), TCP flows to those it
+    removed (the next segment, of no known flow, reaches a live backend, which resets it;
+    flows to a terminating backend go on). Returns how many entries of UDP and of TCP."""
     gone = gone_backends(changes)
     if not gone:
-        return 0
+        return 0, 0
+    removed = removed_backends(changes)
     with bpf.MapFd.from_pin(pins / "ct_udp_v4") as ct:
-        stale = [k for k, v in ct.lookup_batch() if _CT_REFS.unpack_from(v)[1] in gone]
-        return sum(ct.delete(k) for k in stale)
+        udp = _clear_flows_of(ct, gone)
+    tcp = 0
+    if removed:
+        for name in ("ct_v4", "ct_half_v4"):
+            with bpf.MapFd.from_pin(pins / name) as ct:
+                tcp += _clear_flows_of(ct, removed)
+    return udp, tcp
 
 
 def sync_service_maps(maps: dict[str, bpf.MapFd], plan: Plan, node: planning.NodeInfo,
@@ -278,12 +294,15 @@ def _load_node(b: Build, plan: Plan, n: planning.NodeInfo, iface: str, ifindex: 
             map_ids=record_ids, plan_sha256=hashlib.sha256(plan_bytes).hexdigest(),
             reserved_ports=format_ports(reserved), collector_id=collector_id,
         ).save(plan_bytes)
-        cleared = clear_udp_flows(pins, changes)
+        cleared_udp, cleared_tcp = clear_flows(pins, changes)
         result = LoadResult(n.name, iface, str(pins), previous is not None, programs,
                             changes.written, changes.deleted, programs_kept=same_datapath)
-        if cleared:
-            result.messages.append(f"cleared {cleared} conntrack entries of UDP flows to endpoints that serve no more "
-                                   f"(node {n.name})")
+        if cleared_udp:
+            result.messages.append(f"cleared {cleared_udp} conntrack entries of UDP flows to endpoints that serve no "
+                                   f"more (node {n.name})")
+        if cleared_tcp:
+            result.messages.append(f"cleared {cleared_tcp} conntrack entries of TCP flows to removed endpoints: their "
+                                   f"next segments are reset (node {n.name})")
         if warning:
             result.messages.append(f"{warning} (node {n.name})")
         if previous is not None:
