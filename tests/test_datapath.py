@@ -1076,7 +1076,7 @@ def test_snat_port_after_the_backend_closed_first(node0):
 
 def test_snat_port_after_the_client_closed_first_waits_for_its_final_ack(node0):
     """Before the client's final ACK the backend is in LAST_ACK (it would answer a new SYN
-    for the tuple with a challenge ACK): the port is not taken; after it, at once."""
+    for the tuple with a challenge ACK): the port is not taken; SETTLE_TICKS after it, it is."""
     service, snat = _established(node0)
     _close(node0, service, snat, first="client", final_ack=False)
     assert node0.from_netdev(pk.tcp(OTHER_CLIENT, 40000, NODE0, NODEPORT, pk.SYN)).pkt.sport != 40000
