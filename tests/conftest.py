@@ -206,3 +206,13 @@ def lab_up(spec: Path, tmp: Path, letter: str, prepare: Callable = load_every_no
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def tuple_key(flow: tuple[str, int, str, int], direction: str, proto: int = 6) -> bytes:
+    """A conntrack or SNAT key: flow (saddr, sport, daddr, dport), direction a tuple.dir
+    name (CT_SERVICE, CT_OUT, ..., NAT_IN), proto TCP unless given."""
+    from bpfgen import layout
+
+    saddr, sport, daddr, dport = flow
+    return layout.TUPLE.pack(saddr=saddr, daddr=daddr, sport=sport, dport=dport, proto=proto,
+                             dir=layout.FLAGS[direction])

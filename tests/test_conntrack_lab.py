@@ -31,7 +31,7 @@ from bpfgen.labnet import read_line
 from bpfgen.loader import load
 from bpfgen.netns import enter_netns
 
-from conftest import lab_up  # noqa: E402
+from conftest import lab_up, tuple_key  # noqa: E402
 from packets import csum  # noqa: E402  (tests/packets.py)
 
 pytestmark = pytest.mark.kernel
@@ -255,15 +255,11 @@ def _ct_entries(node: str) -> int:
 
 def _service_entry(node: str, s: socket.socket) -> bytes | None:
     """The CT_SERVICE entry in node's ct_v4 of the client's connection s to node's NodePort."""
-    from bpfgen import layout
     from bpfgen import libbpf as bpf
     from bpfgen.state import pin_dir
 
-    client, port = s.getsockname()[:2]
-    key = layout.TUPLE.pack(saddr=client, daddr=s.getpeername()[0], sport=port, dport=s.getpeername()[1],
-                            proto=6, dir=layout.FLAGS["CT_SERVICE"])
     with bpf.MapFd.from_pin(pin_dir(node) / "ct_v4") as m:
-        return m.lookup(key)
+        return m.lookup(tuple_key((*s.getsockname()[:2], *s.getpeername()[:2]), "CT_SERVICE"))
 
 
 def _frontend_packets(node: str) -> int:

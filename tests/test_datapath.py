@@ -39,6 +39,7 @@ from bpfgen.render import SETTLE_TICKS, TIMEOUTS
 from bpfgen.spec import Spec, load_spec
 
 import packets as pk  # tests/packets.py (tests/ is on sys.path: rootdir conftest)
+from conftest import tuple_key
 
 pytestmark = pytest.mark.kernel
 
@@ -198,11 +199,6 @@ def age_check(dp: Datapath, flow: tuple[str, int, str, int], direction: str, pro
     """Make the entry's backend and next hop due for their once-a-second check."""
     entry = dp.ct(flow, direction, proto)
     dp.put_ct(flow, direction, proto, **{**entry, "checked": 1})
-
-
-def tuple_key(flow: tuple[str, int, str, int], direction: str, proto: int = TCP) -> bytes:
-    saddr, sport, daddr, dport = flow
-    return layout.TUPLE.pack(saddr=saddr, daddr=daddr, sport=sport, dport=dport, proto=proto, dir=FLAGS[direction])
 
 
 # ---------------------------------------------------------------- fixtures
