@@ -133,6 +133,28 @@ class Struct:
 
         return pack
 
+    def reader(self, *names: str, size: int | None = None) -> _struct.Struct:
+        """A struct.Struct that reads only the named fields, in field order, out of one
+        packed value of size bytes (default: the struct's own), the rest skipped: integers
+        in host order, ip4 and port fields as their packed (network-order) bytes. With
+        iter_unpack, a scan of a big map's values in one pass."""
+        wanted = set(names) - {f.name for f in self.fields}
+        if wanted:
+            raise KeyError(f"struct {self.name} has no field {sorted(wanted)[0]}")
+        size = self.size if size is None else size
+        if size < self.size:
+            raise ValueError(f"struct {self.name}: {size} bytes, need {self.size}")
+        fmt, offset, at = "<", 0, 0
+        for f in self.fields:
+            if f.name in names:
+                if f.type in ("timer", "wq"):
+                    raise ValueError(f"struct {self.name}: field {f.name} ({f.type}) is opaque")
+                code = f"{f.size}s" if f.type in ("ip4", "port") else f.format.removeprefix("<")
+                fmt += f"{offset - at}x" * (offset > at) + code
+                at = offset + f.size
+            offset += f.size
+        return _struct.Struct(fmt + f"{size - at}x" * (size > at))
+
     def unpack(self, data: bytes) -> dict[str, object]:
         """The inverse of pack: ip4 as IPv4Address, port in host order."""
         if len(data) < self.size:

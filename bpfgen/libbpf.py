@@ -888,11 +888,19 @@ class MapFd(Fd):
 
     def lookup_batch(self, chunk: int = LOOKUP_BATCH) -> list[tuple[bytes, bytes]]:
         """Every (key, value) with bpf_map_lookup_batch, falling back to items()."""
+        ks, vs = self.key_size, self.value_buf_size
+        return [(keys[i * ks:(i + 1) * ks], values[i * vs:(i + 1) * vs])
+                for keys, values in self.scan(chunk) for i in range(len(keys) // ks)]
+
+    def scan(self, chunk: int = LOOKUP_BATCH) -> Iterator[tuple[bytes, bytes]]:
+        """Every element, a batch at a time: (keys, values), each batch's keys and values
+        packed end to end (key_size and value_buf_size bytes each), for scans of big maps
+        that read a few fields of each value (struct.iter_unpack) without a bytes object per
+        element. Falls back to items() where the map does not batch."""
         batch_size = max(self.key_size, 8)
         in_batch: Any = None
         out_batch = ctypes.create_string_buffer(batch_size)
         opts = _opts(BpfMapBatchOpts)
-        result: list[tuple[bytes, bytes]] = []
         allow = frozenset({errno_mod.ENOENT, errno_mod.ENOSPC, errno_mod.EINVAL, ENOTSUPP, errno_mod.EOPNOTSUPP})
         while True:
             kbuf = ctypes.create_string_buffer(chunk * self.key_size)
@@ -914,19 +922,15 @@ class MapFd(Fd):
                 chunk *= 2  # a hash bucket holds more elements than one chunk
                 continue
             if ret < 0 and ret != -errno_mod.ENOENT and ret != -errno_mod.ENOSPC:
-                if in_batch is None:
-                    return list(self.items())  # batching not supported for this map
+                if in_batch is None:  # batching not supported for this map
+                    pairs = list(self.items())
+                    yield b"".join(k for k, _ in pairs), b"".join(v for _, v in pairs)
+                    return
                 raise LibbpfError(self._op("bpf_map_lookup_batch"), -ret)
-            keys_raw, values_raw = kbuf.raw, vbuf.raw
-            for i in range(count.value):
-                result.append(
-                    (
-                        keys_raw[i * self.key_size : (i + 1) * self.key_size],
-                        values_raw[i * self.value_buf_size : (i + 1) * self.value_buf_size],
-                    )
-                )
+            if count.value:
+                yield kbuf.raw[: count.value * self.key_size], vbuf.raw[: count.value * self.value_buf_size]
             if ret == -errno_mod.ENOENT:
-                return result
+                return
             in_batch = ctypes.create_string_buffer(out_batch.raw, batch_size)
 
 

@@ -31,6 +31,7 @@ from .errors import BpfgenError, UsageError
 from .host import interface_addresses, port_ranges, release_ports, reserve_ports, format_ports
 from .netns import enter_netns, ifindex as if_index
 from .plan import SERVICE_MAPS, Changes, Plan
+from .render import TIMEOUTS
 from .state import (
     NodeRecord,
     UnreadableRecord,
@@ -65,22 +66,25 @@ def read_maps(maps: dict[str, bpf.MapFd]) -> planning.Contents:
     return {name: dict(maps[name].lookup_batch()) for name in SERVICE_MAPS}
 
 
-_CT_REFS = struct.Struct("<III")  # bpfgen_ct_entry: expires, backend_id, rev_nat_id
-
-
 CONNTRACK_MAPS = ("ct_v4", "ct_half_v4", "ct_udp_v4")  # established TCP flows, those still opening, UDP
 
 
+def _ct_reader(ct: bpf.MapFd, *names: str) -> struct.Struct:
+    return layout.CT_ENTRY.reader(*names, size=ct.value_buf_size)
+
+
 def conntrack_refs(cts: list[bpf.MapFd]) -> tuple[set[int], set[int]]:
-    """Backend ids and reverse-NAT ids that live conntrack entries refer to."""
+    """Backend ids and reverse-NAT ids that live conntrack entries refer to (a scan of
+    every entry: a batch at a time, three fields read of each)."""
     now = layout.datapath_now()
     backends, revnats = set(), set()
     for ct in cts:
-        for _, v in ct.lookup_batch():
-            expires, backend_id, rev_nat_id = _CT_REFS.unpack_from(v)
-            if expires >= now:  # dead entries not yet evicted or collected hold nothing
-                backends.add(backend_id)
-                revnats.add(rev_nat_id)
+        refs = _ct_reader(ct, "expires", "backend_id", "rev_nat_id")
+        for _, values in ct.scan():
+            # (dead entries not yet evicted or collected hold nothing)
+            live = [(b, r) for expires, b, r in refs.iter_unpack(values) if expires >= now]
+            backends.update(b for b, _ in live)
+            revnats.update(r for _, r in live)
     return backends, revnats
 
 
@@ -95,7 +99,8 @@ _NOT_SERVING = layout.FLAGS["BACKEND_NOT_SERVING"]
 
 
 def removed_backends(changes: Changes) -> set[int]:
-    """The backend ids a change removed."""
+    """The backend ids a change removed. (A new backend never takes an id live conntrack
+    entries hold, so the flows of one replaced are those of an id removed.)"""
     return {layout.ID_KEY.unpack(k) for name, keys in changes.deletes if name == "backend_v4" for k in keys}
 
 
@@ -112,21 +117,56 @@ def gone_backends(changes: Changes) -> set[int]:
 _FORWARD_DIRS = {layout.FLAGS["CT_SERVICE"], layout.FLAGS["CT_SERVICE_EGRESS"]}
 
 
+_CLOSE_TIMEOUT = dict(TIMEOUTS)["CT_CLOSE_TIMEOUT"]
+
+
+def _close_reply_entry(ct: bpf.MapFd, key: bytes, value: bytes, now: int) -> None:
+    """The reply entry of the TCP connection whose forward entry (key, value) was cleared,
+    made closing, as a RST would: it lives on only while the old backend still sends
+    (each of its packets gives it the close timeout again), and then its SNAT port is free
+    and the backend's next packet, of no flow, meets the node's stack, which resets it.
+    Else it would hold its port, and room in ct_v4, for the established timeout (6 h): a
+    node whose backends leave with connections open would fill ct_v4 with them. (A
+    removed backend is almost always gone, its sockets with it.)"""
+    fwd, t = layout.CT_ENTRY.unpack(value), layout.TUPLE.unpack(key)
+    partner = layout.TUPLE.pack(saddr=fwd["xl_saddr"], daddr=fwd["xl_daddr"], sport=fwd["xl_sport"],
+                                dport=fwd["xl_dport"], proto=t["proto"], dir=layout.FLAGS["CT_OUT"])
+    raw = ct.lookup(partner)
+    if raw is None:
+        return
+    reply = layout.CT_ENTRY.unpack(raw)
+    if any(reply[f] != fwd[f] for f in ("backend_id", "snat_port", "nat_cookie")):
+        return  # (another flow's, as the datapath's same_flow tells)
+    reply["flags"] |= layout.FLAGS["CT_CLOSING"]
+    reply["expires"] = min(reply["expires"], now + _CLOSE_TIMEOUT)
+    try:
+        ct.update(partner, layout.CT_ENTRY.pack(**reply), bpf.BPF_EXIST)
+    except bpf.LibbpfError:
+        pass  # gone meanwhile (collected, or the datapath moved it)
+
+
 def _clear_flows_of(ct: bpf.MapFd, backends: set[int], forward_only: bool = False) -> int:
-    """Deletes ct's live entries of flows to backends (forward_only: only the entries their
-    packets towards the backend find); each is read again just before, so that an entry a
-    new flow wrote at the key meanwhile stays."""
+    """Deletes ct's live entries of flows to backends (forward_only, for TCP: only the
+    entries their packets towards the backend find, and their reply entries are made
+    closing), scanning it a batch at a time; each is read again just before, so that an
+    entry a new flow wrote at the key meanwhile stays."""
     now = layout.datapath_now()
+    refs = _ct_reader(ct, "expires", "backend_id")
+    direction = layout.TUPLE.reader("dir", size=ct.key_size)
+    ks = ct.key_size
     cleared = 0
-    for k, v in ct.lookup_batch():
-        expires, backend_id, _ = _CT_REFS.unpack_from(v)
-        if backend_id not in backends or expires < now:
-            continue
-        if forward_only and layout.TUPLE.unpack(k)["dir"] not in _FORWARD_DIRS:
-            continue
-        again = ct.lookup(k)
-        if again is not None and _CT_REFS.unpack_from(again)[1] == backend_id and ct.delete(k):
-            cleared += 1
+    for keys, values in ct.scan():
+        for i, (expires, backend_id) in enumerate(refs.iter_unpack(values)):
+            if backend_id not in backends or expires < now:
+                continue
+            if forward_only and direction.unpack_from(keys, i * ks)[0] not in _FORWARD_DIRS:
+                continue
+            k = keys[i * ks:(i + 1) * ks]
+            again = ct.lookup(k)
+            if again is not None and refs.unpack(again)[1] == backend_id and ct.delete(k):
+                cleared += 1
+                if forward_only:
+                    _close_reply_entry(ct, k, again, now)
     return cleared
 
 
@@ -137,8 +177,8 @@ def clear_flows(pins: Path, changes: Changes) -> tuple[int, int]:
     live one). TCP connections to the backends it removed (kube-proxy leaves those; the
     issue asks for a reset, not a hang) lose the entry of their packets towards the backend:
     the next segment, of no known flow, reaches a live backend, which resets it. Their
-    reply entries stay, so that their SNAT ports stay taken while the old backend may still
-    hold the connection (it never saw a reset); flows to a terminating backend go on.
+    reply entries stay, closing, so that their SNAT ports stay taken while the old backend
+    still sends; flows to a terminating backend go on.
     Returns how many UDP entries and TCP connections."""
     gone = gone_backends(changes)
     if not gone:
@@ -289,13 +329,13 @@ def _load_node(b: Build, plan: Plan, n: planning.NodeInfo, iface: str, ifindex: 
                      and all((pins / name).exists() for name in sizes) and _attached(previous, ifindex, netns))
     undo = _Undo()
     try:
-        collector = None
+        collector, migrated = None, set()
         if same_datapath:
             changes = _update_data(pins, plan, n, previous, undo)
             programs, created_qdisc = previous.programs, previous.created_qdisc
         else:
-            changes, programs, created_qdisc, collector = _load_object(b, pins, plan, n, config, sizes, ifindex,
-                                                                       netns, undo)
+            changes, programs, created_qdisc, collector, migrated = _load_object(b, pins, plan, n, config, sizes,
+                                                                                 ifindex, netns, undo)
             created_qdisc = created_qdisc or bool(previous and previous.created_qdisc)
         collector_id = previous.collector_id if previous else 0
         if collector is not None:
@@ -331,7 +371,9 @@ def _load_node(b: Build, plan: Plan, n: planning.NodeInfo, iface: str, ifindex: 
         if warning:
             result.messages.append(f"{warning} (node {n.name})")
         if previous is not None:
-            gone = [name for name in ("ct_v4", "snat_v4") if previous.map_ids.get(name) not in (None, record_ids.get(name))]
+            # (a map migrated into a resized one has a new id, and its entries)
+            gone = [name for name in ("ct_v4", "snat_v4") if name not in migrated and
+                    previous.map_ids.get(name) not in (None, record_ids.get(name))]
             if gone:
                 result.messages.append(f"note: {' and '.join(gone)} of node {n.name} were created afresh (the pinned "
                                        "maps of the last load were gone): connections tracked before are lost")
@@ -454,7 +496,10 @@ def _restore(maps: dict[str, bpf.MapFd], before: dict[str, dict[bytes, bytes | N
 
 
 def _load_object(b: Build, pins: Path, plan: Plan, n: planning.NodeInfo, config: bytes, sizes: dict[str, int],
-                 ifindex: int, netns: str | None, undo: _Undo) -> tuple[Changes, dict, bool, bpf.Fd]:
+                 ifindex: int, netns: str | None, undo: _Undo) -> tuple[Changes, dict, bool, bpf.Fd, set[str]]:
+    """A new object loaded over the node's pins (maps whose capacity changed migrated into
+    resized ones) and attached; returns its changes, programs, whether it created the
+    qdisc, its collector program and the names of the maps it migrated."""
     if not pins.is_dir():
         pins.mkdir(parents=True, mode=0o700)
         undo.push(f"pin dir {pins}", lambda: remove_pins(n.name) and None)
@@ -477,7 +522,7 @@ def _load_object(b: Build, pins: Path, plan: Plan, n: planning.NodeInfo, config:
     for old in resized.values():
         old.close()
         (pins / _aside(old.name)).unlink(missing_ok=True)
-    return changes, programs, created_qdisc, collector
+    return changes, programs, created_qdisc, collector, set(resized)
 
 
 ASIDE = "resizing_"  # (bpffs refuses dots in names)
@@ -512,16 +557,21 @@ def _set_aside_resized(pins: Path, sizes: dict[str, int], undo: _Undo) -> dict[s
 
 def _migrate(old: bpf.MapFd, new_map: bpf.BpfMap, size: int) -> None:
     """The entries of a map into its resized successor (an array: the slots that fit)."""
+    ks, vs = old.key_size, old.value_buf_size
     with new_map.map_fd() as new:
-        entries = old.lookup_batch()
-        if old.info.type in bpf.ARRAY_TYPES:
-            entries = [(k, v) for k, v in entries if layout.ID_KEY.unpack(k) < size and any(v)]
-        elif len(entries) > size and old.info.type not in bpf.LRU_TYPES:
-            raise UsageError(f"map {old.name} holds {len(entries)} entries, more than its new size {size}; "
+        # (read whole before anything is written: packed, a batch at a time, not an object
+        # per entry, so that a full conntrack table costs its own size in memory)
+        batches = list(old.scan(UPDATE_BATCH))
+        held = sum(len(keys) // ks for keys, _ in batches)
+        if held > size and old.info.type not in bpf.LRU_TYPES | bpf.ARRAY_TYPES:
+            raise UsageError(f"map {old.name} holds {held} entries, more than its new size {size}; "
                              "raise the capacity setting again")
-        for i in range(0, len(entries), UPDATE_BATCH):
-            chunk = entries[i:i + UPDATE_BATCH]
-            new.update_batch([k for k, _ in chunk], [v for _, v in chunk])
+        while batches:
+            keys, values = batches.pop(0)
+            pairs = [(keys[i * ks:(i + 1) * ks], values[i * vs:(i + 1) * vs]) for i in range(len(keys) // ks)]
+            if old.info.type in bpf.ARRAY_TYPES:
+                pairs = [(k, v) for k, v in pairs if layout.ID_KEY.unpack(k) < size and any(v)]
+            new.update_batch([k for k, _ in pairs], [v for _, v in pairs])
 
 
 COLLECTOR_PROGRAM = "collector_arm"

@@ -253,13 +253,17 @@ def _ct_entries(node: str) -> int:
         return len(m.lookup_batch())
 
 
-def _service_entry(node: str, s: socket.socket) -> bytes | None:
-    """The CT_SERVICE entry in node's ct_v4 of the client's connection s to node's NodePort."""
+def _ct_entry(node: str, key: bytes) -> bytes | None:
     from bpfgen import libbpf as bpf
     from bpfgen.state import pin_dir
 
     with bpf.MapFd.from_pin(pin_dir(node) / "ct_v4") as m:
-        return m.lookup(tuple_key((*s.getsockname()[:2], *s.getpeername()[:2]), "CT_SERVICE"))
+        return m.lookup(key)
+
+
+def _service_entry(node: str, s: socket.socket) -> bytes | None:
+    """The CT_SERVICE entry in node's ct_v4 of the client's connection s to node's NodePort."""
+    return _ct_entry(node, tuple_key((*s.getsockname()[:2], *s.getpeername()[:2]), "CT_SERVICE"))
 
 
 def _frontend_packets(node: str) -> int:
@@ -445,12 +449,21 @@ class TestState:
 
     def test_a_removed_backends_connection_is_reset_and_new_flows_avoid_it(self, lab) -> None:
         """A connection to one of two backends; an update removes that backend: the update
-        clears the flow's conntrack entries, so the next send on the connection gets a reset
-        (not a hang, and not a second later at the datapath's check), and new connections all
-        go to the remaining backend."""
+        clears the flow's conntrack entry towards the backend, so the next send on the
+        connection gets a reset (not a hang, and not a second later at the datapath's
+        check), and new connections all go to the remaining backend. The reply entry (what
+        the pod saw: node0's SNAT port to it) is left closing: it holds the port no longer
+        than the close timeout after the backend's last packet, not the established one."""
+        from bpfgen import layout
+        from bpfgen.render import TIMEOUTS
+
         s, seen = _echo_connection(lab)
         with s:
             gone = seen["local"].rsplit(":", 1)[0]
+            snat_addr, snat_port = seen["peer"].rsplit(":", 1)
+            reply_key = tuple_key((snat_addr, int(snat_port), gone, 80), "CT_OUT")
+            before = layout.CT_ENTRY.unpack(_ct_entry("node0", reply_key))
+            assert not before["flags"] & layout.FLAGS["CT_CLOSING"]
             assert _echoes(s, b"before")
 
             def without(doc):
@@ -460,6 +473,9 @@ class TestState:
                 assert _service_entry("node0", s) is not None
                 results = _load(lab, _spec_variant(lab, SMALL_SPEC, without))
                 assert _service_entry("node0", s) is None  # the update ended it (not the datapath)
+                reply = layout.CT_ENTRY.unpack(_ct_entry("node0", reply_key))
+                assert reply["flags"] & layout.FLAGS["CT_CLOSING"], reply
+                assert reply["expires"] <= layout.datapath_now() + dict(TIMEOUTS)["CT_CLOSE_TIMEOUT"], reply
                 assert any("TCP connections to removed endpoints" in m for m in results["node0"].messages), \
                     results["node0"].messages
                 s.settimeout(1)

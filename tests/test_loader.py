@@ -615,6 +615,7 @@ def test_a_capacity_change_moves_the_live_entries_into_the_resized_maps(builds, 
     maps0 = map_ids(pins)
     stderr = load(netns, builds["incompatible"])  # capacity.flows 2048: ct_v4 of 4096 entries, snat_v4 grows too
     assert f"updated node {NODE} on {IFACE}" in stderr and "programs replaced" in stderr
+    assert "created afresh" not in stderr  # (new maps, but with the old ones' entries)
     maps1 = map_ids(pins)
     assert sorted(p.name for p in pins.iterdir()) == sorted(MAP_NAMES)  # nothing set aside is left
     for name in MAP_NAMES:
@@ -641,6 +642,57 @@ def _collected(pins: Path, key: bytes, timeout: float) -> bool:
             return True
         time.sleep(0.2)
     return False
+
+
+def test_the_conntrack_scans_of_an_update_read_live_entries_across_batches(builds, state, netns: Netns, loaded):
+    """An update reads the ids live conntrack entries hold (so that none is handed out
+    again) and clears the entries of flows to backends it removed, scanning ct_v4 a batch
+    at a time and reading a few fields of each entry: entries in several batches are all
+    seen, dead ones hold nothing and are left to the collector, TCP's reply entries stay
+    (forward_only). bpftool writes the entries and checks what is left."""
+    from bpfgen.loader import _clear_flows_of, conntrack_refs
+
+    pins, now = state["pins"], layout.datapath_now()
+
+    def key(i: int, direction: str) -> bytes:
+        src, dst = (NODE_ADDR, "10.0.1.80") if direction == "CT_OUT" else (ipaddress.IPv4Address(0xC0000000 + i),
+                                                                           NODE_ADDR)
+        return layout.TUPLE.pack(saddr=src, daddr=dst, sport=1024 + i % 60000, dport=80 if direction == "CT_OUT"
+                                 else 30645, proto=6, dir=layout.FLAGS[direction])
+
+    def value(backend: int, rev_nat: int, expires: int, snat_port: int = 0, cookie: int = 0) -> bytes:
+        return layout.CT_ENTRY.pack(expires=expires, backend_id=backend, rev_nat_id=rev_nat, xl_saddr=NODE_ADDR,
+                                    xl_sport=snat_port, xl_daddr="10.0.1.80", xl_dport=80, snat_port=snat_port,
+                                    nat_cookie=cookie, flags=layout.FLAGS["CT_ESTABLISHED"])
+
+    def reply_of(snat_port: int) -> bytes:  # (what the backend's packets to node:snat_port find)
+        return layout.TUPLE.pack(saddr=NODE_ADDR, daddr="10.0.1.80", sport=snat_port, dport=80, proto=6,
+                                 dir=layout.FLAGS["CT_OUT"])
+
+    filler = 3 * L.LOOKUP_BATCH  # of a backend that stays, in several batches
+    cases = {  # name: (key, value, is it cleared)
+        "forward": (key(filler, "CT_SERVICE"), value(41, 51, now + 3600, 40001, 7), True),
+        "its reply": (reply_of(40001), value(41, 51, now + 3600, 40001, 7), False),
+        "forward 2": (key(filler + 1, "CT_SERVICE"), value(41, 51, now + 3600, 40002, 8), True),
+        "another flow's reply": (reply_of(40002), value(41, 51, now + 3600, 40002, 9), False),
+        "reply": (key(filler + 2, "CT_OUT"), value(41, 52, now + 3600), False),
+        "dead": (key(filler + 3, "CT_SERVICE"), value(43, 53, now - 5), False),
+    }
+    with L.MapFd.from_pin(pins / "ct_v4") as ct:
+        ct.update_batch([key(i, "CT_SERVICE") for i in range(filler)], [value(40, 50, now + 3600)] * filler)
+        for k, v, _ in cases.values():
+            run("bpftool", "map", "update", "pinned", str(pins / "ct_v4"), "key", *hexargs(k), "value", *hexargs(v))
+        assert conntrack_refs([ct]) == ({40, 41}, {50, 51, 52})
+        assert _clear_flows_of(ct, {41, 43}, forward_only=True) == 2
+    for name, (k, _, cleared) in cases.items():
+        assert (bpftool_lookup(pins / "ct_v4", k) is None) == cleared, name
+    # the cleared connection's reply entry is closing (its port free after the close
+    # timeout), another flow's at that key is left alone
+    closing = layout.CT_ENTRY.unpack(bpftool_lookup(pins / "ct_v4", reply_of(40001)))
+    assert closing["flags"] == layout.FLAGS["CT_ESTABLISHED"] | layout.FLAGS["CT_CLOSING"]
+    assert now <= closing["expires"] <= layout.datapath_now() + dict(TIMEOUTS)["CT_CLOSE_TIMEOUT"]
+    assert bpftool_lookup(pins / "ct_v4", reply_of(40002)) == cases["another flow's reply"][1]
+    assert bpftool_lookup(pins / "ct_v4", key(filler - 1, "CT_SERVICE")) is not None
 
 
 def test_the_conntrack_collector_runs_on_its_timer_across_a_program_replacement(builds, state, netns: Netns,

@@ -131,6 +131,21 @@ def test_layout_matches_compiled_btf(seed_build) -> None:
             want.append((f.name, offset))
             offset += f.size
         assert got == want, s.name
+        # a reader of a few fields (scans of big maps) finds each where clang put it:
+        # integers in host order, addresses and ports as their packed bytes
+        members = {m.name: m.bit_offset // 8 for m in t.members}
+        readable = [f for f in s.fields if f.type not in ("timer", "wq")]
+        packed = bytearray(s.size + 8)
+        want = {}
+        for i, f in enumerate(readable):
+            raw = (i + 1).to_bytes(f.size, "little")
+            packed[members[f.name]:members[f.name] + f.size] = raw
+            want[f.name] = raw if f.type in ("ip4", "port") else i + 1
+        for f in readable:
+            assert s.reader(f.name, size=s.size + 8).unpack(bytes(packed)) == (want[f.name],), (s.name, f.name)
+        first, last = readable[0].name, readable[-1].name
+        assert s.reader(last, first).unpack(bytes(packed[:s.size])) == tuple(want[n] for n in dict.fromkeys(
+            (first, last))), s.name
 
 
 def test_build_dir_keeps_the_resolved_spec(tmp_path: Path) -> None:
