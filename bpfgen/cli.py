@@ -11,6 +11,7 @@ import functools
 import json
 import sys
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Callable
 
@@ -265,6 +266,31 @@ def _show(rows: Any, output: str, text: Callable[[Any], str]) -> None:
         click.echo(text(rows), nl=False)
 
 
+STREAM_CHUNK = 1000  # rows per write of a streamed table
+
+
+def _stream(rows: Iterable[dict], output: str, text: Callable[[list[dict]], str]) -> None:
+    """A table of one row per entry (text: a line each), written as it is read, so that
+    a busy node's 500,000 conntrack entries are never all held: JSON as emit_json writes
+    a list, the text a chunk of rows at a time."""
+    chunk: list[dict] = []
+    opened = False
+    for row in rows:
+        if output == "json":
+            item = "  " + json.dumps(row, indent=2).replace("\n", "\n  ")
+            click.echo(("," if opened else "[") + "\n" + item, nl=False)
+            opened = True
+            continue
+        chunk.append(row)
+        if len(chunk) == STREAM_CHUNK:
+            click.echo(text(chunk), nl=False)
+            chunk = []
+    if output == "json":
+        click.echo("\n]" if opened else "[]")
+    elif chunk:
+        click.echo(text(chunk), nl=False)
+
+
 @cli.group()
 def maps() -> None:
     """Read a node's pinned maps."""
@@ -277,15 +303,45 @@ def maps() -> None:
 def maps_dump(map_name: str | None, node: str | None, netns: str | None, output: str) -> None:
     """Print MAP (default: every map) decoded by its BTF; JSON in bpftool's shape."""
     from .state import resolve_loaded_node
-    from .text import format_dump
-    from .views import dump
+    from .text import stream_map_dump
+    from .views import dump_maps
 
-    _show(dump(resolve_loaded_node(node, netns), map_name), output, format_dump)
+    # (each map written as its entries are read: a busy node's conntrack is never held whole)
+    shown = False
+    for d in dump_maps(resolve_loaded_node(node, netns), map_name):
+        if output == "json":
+            _stream_map_json(d, first=not shown)
+        else:
+            for chunk in stream_map_dump(d):
+                click.echo(chunk, nl=False)
+        shown = True
+    if output == "json":
+        click.echo("\n]" if shown else "[]")
+    elif not shown:
+        click.echo("")
 
 
-def _table(name: str, group_help: str, list_help: str, rows: str, text: str) -> None:
+def _stream_map_json(d: Any, first: bool) -> None:
+    """One map of `maps dump -o json`, written as emit_json would write the list of maps."""
+    def indented(value: Any, by: str) -> str:
+        return json.dumps(value, indent=2).replace("\n", "\n" + by)
+
+    head = ",\n".join(f"    {json.dumps(k)}: {indented(v, '    ')}" for k, v in d.header.items())
+    click.echo(("[" if first else ",") + "\n  {\n" + head + ',\n    "entries": [', nl=False)
+    opened = False
+    for e in d.entries:
+        click.echo(("," if opened else "") + "\n      " + indented(e, "      "), nl=False)
+        opened = True
+    click.echo("\n    ]" if opened else "]", nl=False)
+    if d.array:
+        click.echo(f',\n    "zero_slots": {d.zero_slots}', nl=False)
+    click.echo("\n  }", nl=False)
+
+
+def _table(name: str, group_help: str, list_help: str, rows: str, text: str, stream: bool = False) -> None:
     """A `bpfgen NAME list` command: an operator's table read from a node's pinned maps
-    (views.<rows> gives the rows, text.<text> their text form)."""
+    (views.<rows> gives the rows, text.<text> their text form; stream: a row per line,
+    written as they are read)."""
 
     @cli.group(name=name, help=group_help)
     def group() -> None:
@@ -298,20 +354,22 @@ def _table(name: str, group_help: str, list_help: str, rows: str, text: str) -> 
         from . import text as texts, views
         from .state import resolve_loaded_node
 
-        _show(getattr(views, rows)(resolve_loaded_node(node, netns)), output, getattr(texts, text))
+        (_stream if stream else _show)(getattr(views, rows)(resolve_loaded_node(node, netns)), output,
+                                       getattr(texts, text))
 
 
 _table("service", "The service table as the kernel holds it.",
        "ID, frontend, type and backends of every frontend, from the node's pinned maps.",
        "service_list", "format_service_list")
 _table("ct", "Conntrack entries.",
-       "The node's conntrack entries (SVC: client -> frontend; OUT: the flow as it leaves for its backend).",
-       "ct_list", "format_ct_list")
+       "The node's conntrack entries (SVC: client -> frontend; OUT: the flow as it leaves for its backend), in "
+       "the kernel's order.",
+       "ct_rows", "format_ct_list", stream=True)
 _table("affinity", "ClientIP session affinity.",
        "The client addresses kept on a backend (group: the frontends of one service port) and the seconds left.",
        "affinity_list", "format_affinity_list")
-_table("nat", "SNAT entries.", "The node's SNAT pairs (OUT: XLATE_SRC, IN: XLATE_DST).",
-       "nat_list", "format_nat_list")
+_table("nat", "SNAT entries.", "The node's SNAT pairs (OUT: XLATE_SRC, IN: XLATE_DST), in the kernel's order.",
+       "nat_rows", "format_nat_list", stream=True)
 
 
 @cli.group()

@@ -3,6 +3,7 @@ summaries, status. The library returns data; the CLI prints it through these."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from . import layout
@@ -54,24 +55,53 @@ def _is_zero(value: Any) -> bool:
     return value == 0
 
 
-def format_dump(maps: list[dict]) -> str:
+def format_map_dump(m: dict, entries: Iterable[dict]) -> str:
+    """One map of a dump (its header m: name and type), its entries read one at a time."""
+    label = KEY_LABELS.get(m["name"])
+    body = []
+    count = 0
+    summed = ""
+    for e in entries:
+        count += 1
+        if "values" in e:
+            summed = ", per-CPU values summed"
+        value = _sum([v["value"] for v in e["values"]]) if "values" in e else e["value"]
+        if m["type"].endswith("array") and _is_zero(value):
+            continue  # arrays hold every index: show the ones in use
+        key = label(e["key"]) if label and isinstance(e["key"], int) else compact(e["key"])
+        body.append(f"  {key} => {compact(value)}\n")
+    note = "" if len(body) == count else f", {count - len(body)} zero entries not shown"
+    return f"{m['name']} ({m['type']}, {count} entries{note}{summed})\n" + "".join(body)
+
+
+STREAM_LINES = 1000
+
+
+def stream_map_dump(d: Any) -> Iterator[str]:
+    """format_map_dump of a views.MapDump, in chunks as its entries are read: an array's
+    whole (it is small, and its header counts the zero slots left out), another map's
+    header with the entries it holds as the dump begins, then its lines (a busy node's
+    conntrack is never held whole; a live table may change meanwhile)."""
+    if d.array:
+        yield format_map_dump(d.header, d.entries)
+        return
+    count = d.count()
+    summed = ", per-CPU values summed" if d.percpu and count else ""
+    yield f"{d.header['name']} ({d.header['type']}, {count} entries{summed})\n"
+    label = KEY_LABELS.get(d.header["name"])
     lines = []
-    for m in maps:
-        label = KEY_LABELS.get(m["name"])
-        shown = 0
-        body = []
-        for e in m["entries"]:
-            value = _sum([v["value"] for v in e["values"]]) if "values" in e else e["value"]
-            if m["type"].endswith("array") and _is_zero(value):
-                continue  # arrays hold every index: show the ones in use
-            key = label(e["key"]) if label and isinstance(e["key"], int) else compact(e["key"])
-            body.append(f"  {key} => {compact(value)}")
-            shown += 1
-        note = "" if shown == len(m["entries"]) else f", {len(m['entries']) - shown} zero entries not shown"
-        summed = ", per-CPU values summed" if any("values" in e for e in m["entries"]) else ""
-        lines.append(f"{m['name']} ({m['type']}, {len(m['entries'])} entries{note}{summed})")
-        lines += body
-    return "\n".join(lines) + "\n"
+    for e in d.entries:
+        value = _sum([v["value"] for v in e["values"]]) if "values" in e else e["value"]
+        key = label(e["key"]) if label and isinstance(e["key"], int) else compact(e["key"])
+        lines.append(f"  {key} => {compact(value)}\n")
+        if len(lines) == STREAM_LINES:
+            yield "".join(lines)
+            lines = []
+    yield "".join(lines)
+
+
+def format_dump(maps: list[dict]) -> str:
+    return "".join(format_map_dump(m, m["entries"]) for m in maps) or "\n"
 
 
 # ---------------------------------------------------------------- operator tables

@@ -4,8 +4,10 @@ operator's tables (services, conntrack, NAT) read from the kernel, not from a sp
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import socket
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
@@ -64,39 +66,60 @@ class _Codec:
         return self._decode(self.value_id, data)
 
 
-def dump_map(m: bpf.MapFd) -> dict:
-    """One map in bpftool's JSON shape: entries of key/value, or key/values per CPU. An
-    array holds every index whether it was written or not: its slots that are zero on
-    every CPU say nothing and are left out (counted in "zero_slots")."""
-    codec = _Codec(m)
-    entries = []
-    array = m.info.type in bpf.ARRAY_TYPES
-    zero_slots = 0
-    for k, v in m.lookup_batch():
-        if array and not any(v):
-            zero_slots += 1
-            continue
-        if m.percpu:
-            values = [{"cpu": cpu, "value": codec.value(raw)} for cpu, raw in enumerate(m.split_percpu(v))]
-            entries.append({"key": codec.key(k), "values": values})
-        else:
-            entries.append({"key": codec.key(k), "value": codec.value(v)})
+@dataclass
+class MapDump:
+    """One map in bpftool's JSON shape: its header, and its entries (key/value, or
+    key/values per CPU) decoded as they are read, a batch at a time, so that a busy
+    node's conntrack is never held whole. An array holds every index whether it was
+    written or not: its slots that are zero on every CPU say nothing and are left out,
+    counted in zero_slots as the entries go by."""
+
+    header: dict
+    array: bool
+    entries: Iterator[dict] = field(default_factory=lambda: iter(()))
+    zero_slots: int = 0
+    percpu: bool = False
+    count: Callable[[], int] = lambda: 0  # the entries there are now (a scan that decodes nothing)
+
+    def as_dict(self) -> dict:
+        entries = list(self.entries)
+        return {**self.header, "entries": entries, **({"zero_slots": self.zero_slots} if self.array else {})}
+
+
+def dump_map(m: bpf.MapFd) -> MapDump:
     info = m.info
-    return {
-        "name": info.name,
-        "type": map_type_name(info.type),
-        "id": info.id,
-        "key_size": info.key_size,
-        "value_size": info.value_size,
-        "max_entries": info.max_entries,
-        "entries": entries,
-        **({"zero_slots": zero_slots} if array else {}),
-    }
+    header = {"name": info.name, "type": map_type_name(info.type), "id": info.id, "key_size": info.key_size,
+              "value_size": info.value_size, "max_entries": info.max_entries}
+    out = MapDump(header, info.type in bpf.ARRAY_TYPES, percpu=m.percpu,
+                  count=lambda: sum(len(keys) // m.key_size for keys, _ in m.scan()))
+    codec = _Codec(m)
+
+    def entries() -> Iterator[dict]:
+        ks, vs = m.key_size, m.value_buf_size
+        for keys, values in m.scan():
+            for i in range(len(keys) // ks):
+                k, v = keys[i * ks:(i + 1) * ks], values[i * vs:(i + 1) * vs]
+                if out.array and not any(v):
+                    out.zero_slots += 1
+                elif m.percpu:
+                    yield {"key": codec.key(k),
+                           "values": [{"cpu": cpu, "value": codec.value(raw)} for cpu, raw in enumerate(m.split_percpu(v))]}
+                else:
+                    yield {"key": codec.key(k), "value": codec.value(v)}
+
+    out.entries = entries()
+    return out
+
+
+def dump_maps(node: str, map_name: str | None = None) -> Iterator[MapDump]:
+    """The node's maps (or the one named), each to be read before the next is given."""
+    with open_maps(node, [map_name] if map_name else None) as maps:
+        for m in maps.values():
+            yield dump_map(m)
 
 
 def dump(node: str, map_name: str | None = None) -> list[dict]:
-    with open_maps(node, [map_name] if map_name else None) as maps:
-        return [dump_map(m) for m in maps.values()]
+    return [d.as_dict() for d in dump_maps(node, map_name)]
 
 
 # ---------------------------------------------------------------- operator tables
@@ -213,45 +236,79 @@ def _tuple(t: dict) -> tuple[str, str, str]:
 CT_TABLES = {"ct_v4": "tcp", "ct_half_v4": "tcp-half-open", "ct_udp_v4": "udp"}
 
 
-def _ct_entries(maps: dict[str, bpf.MapFd]) -> Iterator[tuple[str, dict, dict]]:
+# What the tables read of each entry: scanned a batch at a time, a few fields unpacked
+# (addresses and ports as packed bytes), so that a busy node's 500,000 entries stream
+# through in seconds and little memory rather than as an object per field.
+_CT_KEY = ("saddr", "daddr", "sport", "dport", "proto", "dir")
+_CT_VALUE = ("expires", "backend_id", "rev_nat_id", "flags", "snat_port", "snat_addr", "xl_daddr", "xl_dport")
+
+
+def _ct_entries(maps: dict[str, bpf.MapFd]) -> Iterator[tuple[str, tuple, tuple]]:
+    """(table, key fields of _CT_KEY, value fields of _CT_VALUE) of every entry."""
     for name in CT_TABLES:
-        for k, v in maps[name].lookup_batch():
-            yield name, layout.TUPLE.unpack(k), layout.CT_ENTRY.unpack(v)
+        m = maps[name]
+        keys_at = layout.TUPLE.reader(*_CT_KEY, size=m.key_size)
+        values_at = layout.CT_ENTRY.reader(*_CT_VALUE, size=m.value_buf_size)
+        for keys, values in m.scan():
+            for k, v in zip(keys_at.iter_unpack(keys), values_at.iter_unpack(values)):
+                yield name, k, v
+
+
+def _packed_ep(addr: bytes, port: bytes) -> str:
+    return f"{socket.inet_ntoa(addr)}:{int.from_bytes(port, 'big')}"
+
+
+_FLAG_BITS = tuple((n, layout.FLAGS[bit]) for n, bit in CT_FLAG_NAMES)
+_SNAT = layout.FLAGS["CT_SNAT"]
+
+
+def ct_rows(node: str) -> Iterator[dict]:
+    """The node's conntrack entries, of its three tables (the table says which), in the
+    kernel's order, read as they are given out (a busy node's are never all held)."""
+    now = layout.datapath_now()
+    with open_maps(node, list(CT_TABLES)) as maps:
+        for table, (saddr, daddr, sport, dport, proto, direction), v in _ct_entries(maps):
+            expires, backend_id, rev_nat_id, flags, snat_port, snat_addr, _, _ = v
+            yield {
+                "table": CT_TABLES[table],
+                "proto": PROTO_NAMES.get(proto, str(proto)), "dir": CT_DIRS.get(direction, str(direction)),
+                "src": _packed_ep(saddr, sport), "dst": _packed_ep(daddr, dport),
+                "expires_in": expires - now, "backend_id": backend_id, "rev_nat_id": rev_nat_id,
+                "flags": [n for n, bit in _FLAG_BITS if flags & bit],
+                "snat": _packed_ep(snat_addr, snat_port) if flags & _SNAT else None,
+            }
 
 
 def ct_list(node: str) -> list[dict]:
-    """The node's conntrack entries, of its three tables (the table says which)."""
-    now = layout.datapath_now()
-    rows = []
-    with open_maps(node, list(CT_TABLES)) as maps:
-        for table, t, e in _ct_entries(maps):
-            proto, src, dst = _tuple(t)
-            flags = [n for n, bit in CT_FLAG_NAMES if e["flags"] & layout.FLAGS[bit]]
-            rows.append({
-                "table": CT_TABLES[table],
-                "proto": proto, "dir": CT_DIRS.get(t["dir"], str(t["dir"])), "src": src, "dst": dst,
-                "expires_in": e["expires"] - now, "backend_id": e["backend_id"], "rev_nat_id": e["rev_nat_id"],
-                "flags": flags, "snat": _ep(e["snat_addr"], e["snat_port"]) if e["flags"] & layout.FLAGS["CT_SNAT"] else None,
-            })
-    return sorted(rows, key=lambda r: (r["dir"], r["src"], r["dst"]))
+    """ct_rows, sorted (for a node's few entries: the lab's report)."""
+    return sorted(ct_rows(node), key=lambda r: (r["dir"], r["src"], r["dst"]))
+
+
+def nat_rows(node: str) -> Iterator[dict]:
+    """The node's SNAT pairs: OUT, from the conntrack entries of SNATed flows (client ->
+    backend, from node:port), which hold that translation (the datapath writes no entry of
+    its own for it); IN, the port claims of snat_v4 (backend -> node:port, to the client).
+    In the kernel's order, read as they are given out."""
+    forward = (layout.FLAGS["CT_SERVICE"], layout.FLAGS["CT_SERVICE_EGRESS"])
+    with open_maps(node, ["snat_v4", *CT_TABLES]) as maps:
+        for _, (saddr, _, sport, _, proto, direction), v in _ct_entries(maps):
+            _, _, _, flags, snat_port, snat_addr, xl_daddr, xl_dport = v
+            if direction in forward and flags & _SNAT:
+                yield {"proto": PROTO_NAMES.get(proto, str(proto)), "dir": "OUT",
+                       "src": _packed_ep(saddr, sport), "dst": _packed_ep(xl_daddr, xl_dport),
+                       "xlate": "XLATE_SRC", "to": _packed_ep(snat_addr, snat_port)}
+        m = maps["snat_v4"]
+        keys_at = layout.TUPLE.reader(*_CT_KEY, size=m.key_size)
+        values_at = layout.NAT_ENTRY.reader("addr", "port", size=m.value_buf_size)
+        for keys, values in m.scan():
+            for (saddr, daddr, sport, dport, proto, direction), (addr, port) in zip(keys_at.iter_unpack(keys),
+                                                                                 values_at.iter_unpack(values)):
+                d = NAT_DIRS.get(direction, str(direction))
+                yield {"proto": PROTO_NAMES.get(proto, str(proto)), "dir": d, "src": _packed_ep(saddr, sport),
+                       "dst": _packed_ep(daddr, dport), "xlate": "XLATE_SRC" if d == "OUT" else "XLATE_DST",
+                       "to": _packed_ep(addr, port)}
 
 
 def nat_list(node: str) -> list[dict]:
-    """The node's SNAT pairs: IN, the port claims of snat_v4 (backend -> node:port, to the
-    client); OUT, from the conntrack entries of SNATed flows (client -> backend, from
-    node:port), which hold that translation (the datapath writes no entry of its own for it)."""
-    rows = []
-    with open_maps(node, ["snat_v4", *CT_TABLES]) as maps:
-        for _, t, e in _ct_entries(maps):
-            if t["dir"] in (layout.FLAGS["CT_SERVICE"], layout.FLAGS["CT_SERVICE_EGRESS"]) and \
-                    e["flags"] & layout.FLAGS["CT_SNAT"]:
-                rows.append({"proto": PROTO_NAMES.get(t["proto"], str(t["proto"])), "dir": "OUT",
-                             "src": _ep(t["saddr"], t["sport"]), "dst": _ep(e["xl_daddr"], e["xl_dport"]),
-                             "xlate": "XLATE_SRC", "to": _ep(e["snat_addr"], e["snat_port"])})
-        for k, v in maps["snat_v4"].lookup_batch():
-            t, e = layout.TUPLE.unpack(k), layout.NAT_ENTRY.unpack(v)
-            proto, src, dst = _tuple(t)
-            d = NAT_DIRS.get(t["dir"], str(t["dir"]))
-            rows.append({"proto": proto, "dir": d, "src": src, "dst": dst,
-                         "xlate": "XLATE_SRC" if d == "OUT" else "XLATE_DST", "to": _ep(e["addr"], e["port"])})
-    return sorted(rows, key=lambda r: (r["dir"] != "OUT", r["src"], r["dst"]))
+    """nat_rows, sorted (OUT first)."""
+    return sorted(nat_rows(node), key=lambda r: (r["dir"] != "OUT", r["src"], r["dst"]))

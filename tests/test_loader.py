@@ -695,6 +695,50 @@ def test_the_conntrack_scans_of_an_update_read_live_entries_across_batches(build
     assert bpftool_lookup(pins / "ct_v4", key(filler - 1, "CT_SERVICE")) is not None
 
 
+def test_ct_nat_list_and_maps_dump_stream_every_entry_of_a_busy_table(builds, state, netns: Netns, loaded):
+    """`ct list`, `nat list` and `maps dump` read the tables a batch at a time and write
+    rows as they go (a busy node's 500,000 entries are never all held): entries of several
+    batches all appear, each as written (bpftool writes one of them), JSON as one list,
+    the text a line per entry."""
+    pins, now = state["pins"], layout.datapath_now()
+    snat, established = layout.FLAGS["CT_SNAT"], layout.FLAGS["CT_ESTABLISHED"]
+    count = 2 * L.LOOKUP_BATCH + 5
+
+    def key(i: int) -> bytes:
+        return layout.TUPLE.pack(saddr=ipaddress.IPv4Address(0xC6336400 + i), daddr=NODE_ADDR, sport=1024 + i,
+                                 dport=30645, proto=6, dir=layout.FLAGS["CT_SERVICE"])
+
+    def value(i: int) -> bytes:
+        return layout.CT_ENTRY.pack(expires=now + 3600, backend_id=1 + i % 3, rev_nat_id=2, flags=established | snat,
+                                    snat_addr=NODE_ADDR, snat_port=40000 + i % 20000, xl_daddr="10.0.1.72", xl_dport=80)
+
+    with L.MapFd.from_pin(pins / "ct_v4") as ct:
+        ct.update_batch([key(i) for i in range(count - 1)], [value(i) for i in range(count - 1)])
+    run("bpftool", "map", "update", "pinned", str(pins / "ct_v4"), "key", *hexargs(key(count - 1)),
+        "value", *hexargs(value(count - 1)))
+    rows = json.loads(ok_stdout(bpfgen("ct", "list", "--node", NODE, "-o", "json")))
+    assert len(rows) == count
+    last = ipaddress.IPv4Address(0xC6336400 + count - 1)
+    assert [r for r in rows if r["src"] == f"{last}:{1024 + count - 1}"] == [{
+        "table": "tcp", "proto": "TCP", "dir": "SVC", "src": f"{last}:{1024 + count - 1}", "dst": f"{NODE_ADDR}:30645",
+        "expires_in": rows[0]["expires_in"], "backend_id": 1 + (count - 1) % 3, "rev_nat_id": 2,
+        "flags": ["established", "snat"], "snat": f"{NODE_ADDR}:{40000 + (count - 1) % 20000}"}]
+    assert 3595 <= rows[0]["expires_in"] <= 3600
+    text = ok_stdout(bpfgen("ct", "list", "--node", NODE)).splitlines()
+    assert len(text) == count and f"TCP SVC {last}:{1024 + count - 1} -> {NODE_ADDR}:30645 " in "\n".join(text)
+    nat = json.loads(ok_stdout(bpfgen("nat", "list", "--node", NODE, "-o", "json")))
+    assert sum(r["dir"] == "OUT" for r in nat) == count
+    assert {"proto": "TCP", "dir": "OUT", "src": f"{last}:{1024 + count - 1}", "dst": "10.0.1.72:80",
+            "xlate": "XLATE_SRC", "to": f"{NODE_ADDR}:{40000 + (count - 1) % 20000}"} in nat
+    # and `maps dump`, which decodes by BTF, the same way: the JSON one list of maps
+    [dumped] = json.loads(ok_stdout(bpfgen("maps", "dump", "ct_v4", "--node", NODE, "-o", "json")))
+    assert dumped["name"] == "ct_v4" and len(dumped["entries"]) == count
+    assert {"saddr": str(last), "sport": 1024 + count - 1} in [
+        {f: e["key"][f] for f in ("saddr", "sport")} for e in dumped["entries"]]
+    text = ok_stdout(bpfgen("maps", "dump", "ct_v4", "--node", NODE)).splitlines()
+    assert text[0] == f"ct_v4 (hash, {count} entries)" and len(text) == count + 1
+
+
 def test_the_conntrack_collector_runs_on_its_timer_across_a_program_replacement(builds, state, netns: Netns,
                                                                                loaded):
     """ct_v4 never evicts, so its dead entries are collected: by the timer in the pinned
