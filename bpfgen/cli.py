@@ -273,22 +273,26 @@ def _stream(rows: Iterable[dict], output: str, text: Callable[[list[dict]], str]
     """A table of one row per entry (text: a line each), written as it is read, so that
     a busy node's 500,000 conntrack entries are never all held: JSON as emit_json writes
     a list, the text a chunk of rows at a time."""
-    chunk: list[dict] = []
-    opened = False
-    for row in rows:
-        if output == "json":
-            item = "  " + json.dumps(row, indent=2).replace("\n", "\n  ")
-            click.echo(("," if opened else "[") + "\n" + item, nl=False)
-            opened = True
-            continue
-        chunk.append(row)
-        if len(chunk) == STREAM_CHUNK:
+    chunk: list = []
+    opened = False  # (JSON: the list's "[" written)
+
+    def flush() -> None:
+        nonlocal opened
+        if output != "json":
             click.echo(text(chunk), nl=False)
-            chunk = []
+        elif chunk:
+            click.echo(("," if opened else "[") + "\n" + ",\n".join(chunk), nl=False)
+            opened = True
+        chunk.clear()
+
+    for row in rows:
+        chunk.append("  " + json.dumps(row, indent=2).replace("\n", "\n  ") if output == "json" else row)
+        if len(chunk) == STREAM_CHUNK:
+            flush()
+    if chunk:
+        flush()
     if output == "json":
         click.echo("\n]" if opened else "[]")
-    elif chunk:
-        click.echo(text(chunk), nl=False)
 
 
 @cli.group()
@@ -328,9 +332,14 @@ def _stream_map_json(d: Any, first: bool) -> None:
 
     head = ",\n".join(f"    {json.dumps(k)}: {indented(v, '    ')}" for k, v in d.header.items())
     click.echo(("[" if first else ",") + "\n  {\n" + head + ',\n    "entries": [', nl=False)
-    opened = False
+    opened, chunk = False, []
     for e in d.entries:
-        click.echo(("," if opened else "") + "\n      " + indented(e, "      "), nl=False)
+        chunk.append("\n      " + indented(e, "      "))
+        if len(chunk) == STREAM_CHUNK:
+            click.echo(("," if opened else "") + ",".join(chunk), nl=False)
+            opened, chunk = True, []
+    if chunk:
+        click.echo(("," if opened else "") + ",".join(chunk), nl=False)
         opened = True
     click.echo("\n    ]" if opened else "]", nl=False)
     if d.array:

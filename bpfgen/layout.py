@@ -134,13 +134,15 @@ class Struct:
         return pack
 
     def reader(self, *names: str, size: int | None = None) -> _struct.Struct:
-        """A struct.Struct that reads only the named fields, in field order, out of one
+        """A struct.Struct that reads only the named fields (named in field order) out of one
         packed value of size bytes (default: the struct's own), the rest skipped: integers
         in host order, ip4 and port fields as their packed (network-order) bytes. With
         iter_unpack, a scan of a big map's values in one pass."""
         wanted = set(names) - {f.name for f in self.fields}
         if wanted:
             raise KeyError(f"struct {self.name} has no field {sorted(wanted)[0]}")
+        if list(names) != [f.name for f in self.fields if f.name in names]:
+            raise ValueError(f"struct {self.name}: fields {', '.join(names)} are not in the struct's order, or repeat")
         size = self.size if size is None else size
         if size < self.size:
             raise ValueError(f"struct {self.name}: {size} bytes, need {self.size}")

@@ -127,7 +127,9 @@ def _close_reply_entry(ct: bpf.MapFd, key: bytes, value: bytes, now: int) -> Non
     and the backend's next packet, of no flow, meets the node's stack, which resets it.
     Else it would hold its port, and room in ct_v4, for the established timeout (6 h): a
     node whose backends leave with connections open would fill ct_v4 with them. (A
-    removed backend is almost always gone, its sockets with it.)"""
+    removed backend is almost always gone, its sockets with it.) The entry is read and
+    written back whole: a packet of the flow at that very moment may lose what it wrote
+    (a refresh, or a FIN's flags, whose port then rests the close timeout, not TIME_WAIT's)."""
     fwd, t = layout.CT_ENTRY.unpack(value), layout.TUPLE.unpack(key)
     partner = layout.TUPLE.pack(saddr=fwd["xl_saddr"], daddr=fwd["xl_daddr"], sport=fwd["xl_sport"],
                                 dport=fwd["xl_dport"], proto=t["proto"], dir=layout.FLAGS["CT_OUT"])
@@ -145,11 +147,12 @@ def _close_reply_entry(ct: bpf.MapFd, key: bytes, value: bytes, now: int) -> Non
         pass  # gone meanwhile (collected, or the datapath moved it)
 
 
-def _clear_flows_of(ct: bpf.MapFd, backends: set[int], forward_only: bool = False) -> int:
+def _clear_flows_of(ct: bpf.MapFd, backends: set[int], forward_only: bool = False,
+                    close_replies: bool = False) -> int:
     """Deletes ct's live entries of flows to backends (forward_only, for TCP: only the
-    entries their packets towards the backend find, and their reply entries are made
-    closing), scanning it a batch at a time; each is read again just before, so that an
-    entry a new flow wrote at the key meanwhile stays."""
+    entries their packets towards the backend find; close_replies: their reply entries
+    are made closing), scanning it a batch at a time; each is read again just before, so
+    that an entry a new flow wrote at the key meanwhile stays."""
     now = layout.datapath_now()
     refs = _ct_reader(ct, "expires", "backend_id")
     direction = layout.TUPLE.reader("dir", size=ct.key_size)
@@ -165,7 +168,7 @@ def _clear_flows_of(ct: bpf.MapFd, backends: set[int], forward_only: bool = Fals
             again = ct.lookup(k)
             if again is not None and refs.unpack(again)[1] == backend_id and ct.delete(k):
                 cleared += 1
-                if forward_only:
+                if close_replies:
                     _close_reply_entry(ct, k, again, now)
     return cleared
 
@@ -188,9 +191,11 @@ def clear_flows(pins: Path, changes: Changes) -> tuple[int, int]:
         udp = _clear_flows_of(ct, gone)
     tcp = 0
     if removed:
+        # (a half-open flow's reply entry lives the SYN timeout at most; an update of an
+        # entry of an LRU map takes a free element first, which may evict another flow's)
         for name in ("ct_v4", "ct_half_v4"):
             with bpf.MapFd.from_pin(pins / name) as ct:
-                tcp += _clear_flows_of(ct, removed, forward_only=True)
+                tcp += _clear_flows_of(ct, removed, forward_only=True, close_replies=name == "ct_v4")
     return udp, tcp
 
 

@@ -79,9 +79,10 @@ STREAM_LINES = 1000
 
 def stream_map_dump(d: Any) -> Iterator[str]:
     """format_map_dump of a views.MapDump, in chunks as its entries are read: an array's
-    whole (it is small, and its header counts the zero slots left out), another map's
-    header with the entries it holds as the dump begins, then its lines (a busy node's
-    conntrack is never held whole; a live table may change meanwhile)."""
+    whole (it is small, and its header counts the entries whose values sum to zero, not
+    shown), another map's header with the entries it holds as the dump begins, then its
+    lines (a busy node's conntrack is never held whole; a live table may change meanwhile,
+    so the lines may differ from the count)."""
     if d.array:
         yield format_map_dump(d.header, d.entries)
         return
