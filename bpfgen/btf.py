@@ -208,6 +208,11 @@ class Btf:
     def __init__(self, types: list[BtfType], byteorder: str):
         self.types = types
         self.byteorder = byteorder  # "little" or "big": the byte order of decoded data
+        # (answers of resolve and size, and each struct's members to decode: a dump of a
+        # busy map decodes the same few types hundreds of thousands of times)
+        self._resolved: dict[int, int] = {}
+        self._sizes: dict[int, int] = {}
+        self._decoded_members: dict[int, list[tuple[Member, BtfType]]] = {}
 
     # --- parsing ---
 
@@ -298,6 +303,12 @@ class Btf:
 
     def resolve(self, type_id: int) -> int:
         """Skip typedef/const/volatile/restrict/type_tag; return the underlying type id."""
+        resolved = self._resolved.get(type_id)
+        if resolved is None:
+            resolved = self._resolved[type_id] = self._resolve(type_id)
+        return resolved
+
+    def _resolve(self, type_id: int) -> int:
         seen = 0
         while self.type(type_id).kind in _MODIFIER_KINDS:
             type_id = self.types[type_id].type
@@ -308,6 +319,12 @@ class Btf:
 
     def size(self, type_id: int) -> int:
         """sizeof the type in bytes (pointers are 8)."""
+        size = self._sizes.get(type_id)
+        if size is None:
+            size = self._sizes[type_id] = self._size(type_id)
+        return size
+
+    def _size(self, type_id: int) -> int:
         t = self.type(self.resolve(type_id))
         if t.kind in _SIZED_KINDS:
             return t.size
@@ -444,10 +461,12 @@ class Btf:
 
     def _decode_struct(self, t: BtfType, data: bytes) -> dict[str, Any]:
         result: dict[str, Any] = {}
-        for m in t.members:
-            if not m.name or m.name.startswith(("pad", "__pad")):
-                continue
-            member = self.type(self.resolve(m.type))
+        members = self._decoded_members.get(t.id)
+        if members is None:
+            members = self._decoded_members[t.id] = [
+                (m, self.type(self.resolve(m.type))) for m in t.members
+                if m.name and not m.name.startswith(("pad", "__pad"))]
+        for m, member in members:
             if m.bitfield_size:
                 result[m.name] = self._scalar(
                     member, self._bits(data, m.bit_offset, m.bitfield_size), m.bitfield_size
