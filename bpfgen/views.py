@@ -240,7 +240,7 @@ CT_TABLES = {"ct_v4": "tcp", "ct_half_v4": "tcp-half-open", "ct_udp_v4": "udp"}
 # (addresses and ports as packed bytes), so that a busy node's 500,000 entries stream
 # through in seconds and little memory rather than as an object per field.
 _CT_KEY = ("saddr", "daddr", "sport", "dport", "proto", "dir")
-_CT_VALUE = ("expires", "backend_id", "rev_nat_id", "flags", "snat_port", "snat_addr", "xl_daddr", "xl_dport")
+_CT_VALUE = ("expires", "backend_id", "rev_nat_id", "flags", "snat_port", "xl_saddr", "xl_daddr", "xl_dport")
 
 
 def _ct_entries(maps: dict[str, bpf.MapFd]) -> Iterator[tuple[str, tuple, tuple]]:
@@ -259,7 +259,7 @@ def _packed_ep(addr: bytes, port: bytes) -> str:
 
 
 _FLAG_BITS = tuple((n, layout.FLAGS[bit]) for n, bit in CT_FLAG_NAMES)
-_SNAT = layout.FLAGS["CT_SNAT"]
+_SNAT, _CT_OUT = layout.FLAGS["CT_SNAT"], layout.FLAGS["CT_OUT"]
 
 
 def ct_rows(node: str) -> Iterator[dict]:
@@ -268,7 +268,9 @@ def ct_rows(node: str) -> Iterator[dict]:
     now = layout.datapath_now()
     with open_maps(node, list(CT_TABLES)) as maps:
         for table, (saddr, daddr, sport, dport, proto, direction), v in _ct_entries(maps):
-            expires, backend_id, rev_nat_id, flags, snat_port, snat_addr, _, _ = v
+            expires, backend_id, rev_nat_id, flags, snat_port, xl_saddr, _, _ = v
+            # (the SNAT address: a reply entry's key comes from it, a forward entry translates to it)
+            snat_addr = saddr if direction == _CT_OUT else xl_saddr
             yield {
                 "table": CT_TABLES[table],
                 "proto": PROTO_NAMES.get(proto, str(proto)), "dir": CT_DIRS.get(direction, str(direction)),
@@ -292,11 +294,11 @@ def nat_rows(node: str) -> Iterator[dict]:
     forward = (layout.FLAGS["CT_SERVICE"], layout.FLAGS["CT_SERVICE_EGRESS"])
     with open_maps(node, ["snat_v4", *CT_TABLES]) as maps:
         for _, (saddr, _, sport, _, proto, direction), v in _ct_entries(maps):
-            _, _, _, flags, snat_port, snat_addr, xl_daddr, xl_dport = v
+            _, _, _, flags, snat_port, xl_saddr, xl_daddr, xl_dport = v
             if direction in forward and flags & _SNAT:
                 yield {"proto": PROTO_NAMES.get(proto, str(proto)), "dir": "OUT",
                        "src": _packed_ep(saddr, sport), "dst": _packed_ep(xl_daddr, xl_dport),
-                       "xlate": "XLATE_SRC", "to": _packed_ep(snat_addr, snat_port)}
+                       "xlate": "XLATE_SRC", "to": _packed_ep(xl_saddr, snat_port)}
         m = maps["snat_v4"]
         keys_at = layout.TUPLE.reader(*_CT_KEY, size=m.key_size)
         values_at = layout.NAT_ENTRY.reader("addr", "port", size=m.value_buf_size)

@@ -480,7 +480,7 @@ def test_syn_to_remote_backend_is_dnated_and_snated(node0, client_port):
     assert node0.nat((BACKEND, BACKEND_PORT, NODE0, snat_port), "NAT_IN") == (CLIENT, client_port)
     assert len(node0.entries("snat_v4")) == 1
     svc_entry = node0.ct((CLIENT, client_port, NODE0, NODEPORT), "CT_SERVICE")
-    assert (str(svc_entry["snat_addr"]), svc_entry["snat_port"]) == (NODE0, snat_port)
+    assert (str(svc_entry["xl_saddr"]), svc_entry["snat_port"]) == (NODE0, snat_port)
 
     fid = node0.frontend_id()
     # CT_OUT is keyed by the flow as it leaves: from node0's SNAT port.
@@ -491,7 +491,7 @@ def test_syn_to_remote_backend_is_dnated_and_snated(node0, client_port):
         assert node0.backend(entry["backend_id"]) == (BACKEND, BACKEND_PORT)
         assert entry["rev_nat_id"] == fid
         assert entry["flags"] & FLAGS["CT_SNAT"]
-        assert (str(entry["snat_addr"]), entry["snat_port"]) == (NODE0, snat_port)
+        assert entry["snat_port"] == snat_port and entry["pad2"] == 0  # (the address: the key's, or xl_saddr)
     assert node0.frontend_stats(fid) == (1, len(frame))
 
 
@@ -932,7 +932,7 @@ def _occupy(dp: Datapath, port: int, occupant: tuple[str, int], ct_expires: int 
     if ct_expires is not None:
         dp.put_ct((NODE0, port, BACKEND, BACKEND_PORT), "CT_OUT", expires=ct_expires, backend_id=1,
                   rev_nat_id=dp.frontend_id() if rev_nat_id is None else rev_nat_id,
-                  flags=FLAGS["CT_SNAT"] | flags, snat_addr=NODE0, snat_port=port)
+                  flags=FLAGS["CT_SNAT"] | flags, snat_port=port)
 
 
 def assert_nat_pair(dp: Datapath, client: tuple[str, int], port: int) -> None:
@@ -1622,7 +1622,7 @@ def test_an_evicted_claim_of_a_live_flow_is_given_back_not_taken(node0):
     occupant = (OTHER_CLIENT, 50000)
     node0.put_ct((NODE0, 40000, BACKEND, BACKEND_PORT), "CT_OUT", expires=now_sec() + 100, backend_id=1,
                  rev_nat_id=node0.frontend_id(), flags=FLAGS["CT_SNAT"] | FLAGS["CT_ESTABLISHED"],
-                 snat_addr=NODE0, snat_port=40000, nat_cookie=0x1234567, xl_saddr=NODE0, xl_sport=NODEPORT,
+                 snat_port=40000, nat_cookie=0x1234567, xl_saddr=NODE0, xl_sport=NODEPORT,
                  xl_daddr=occupant[0], xl_dport=occupant[1])
     assert node0.nat((BACKEND, BACKEND_PORT, NODE0, 40000), "NAT_IN") is None
     run = node0.from_netdev(syn(40000))

@@ -144,7 +144,7 @@ def test_maps_dump_shows_a_live_connection(lab) -> None:
             time.sleep(0.05)
         [svc] = [e for e in ct["entries"] if (e["key"]["saddr"], e["key"]["sport"]) == (client_ip, client_port)]
         assert (svc["key"]["daddr"], svc["key"]["dport"], svc["key"]["proto"]) == (NODE0, NODEPORT, "TCP")
-        assert svc["value"]["snat_addr"] == NODE0
+        assert svc["value"]["xl_saddr"] == NODE0
         snat_port = svc["value"]["snat_port"]
         # the flow as it leaves node0, from the SNAT port
         [out] = [e for e in ct["entries"] if (e["key"]["saddr"], e["key"]["sport"]) == (NODE0, snat_port)]

@@ -710,7 +710,8 @@ def test_ct_nat_list_and_maps_dump_stream_every_entry_of_a_busy_table(builds, st
 
     def value(i: int) -> bytes:
         return layout.CT_ENTRY.pack(expires=now + 3600, backend_id=1 + i % 3, rev_nat_id=2, flags=established | snat,
-                                    snat_addr=NODE_ADDR, snat_port=40000 + i % 20000, xl_daddr="10.0.1.72", xl_dport=80)
+                                    xl_saddr=NODE_ADDR, snat_port=40000 + i % 20000, xl_daddr="10.0.1.72",
+                                    xl_dport=80)
 
     with L.MapFd.from_pin(pins / "ct_v4") as ct:
         ct.update_batch([key(i) for i in range(count - 1)], [value(i) for i in range(count - 1)])

@@ -1285,7 +1285,6 @@ static __always_inline int lb_forward(struct __sk_buff *skb, struct pkt *p, cons
 		entry.snat_port = snat_alloc(p, be, svc->id, now, &entry.nat_cookie, snat_addr, &took_over);
 		if (!entry.snat_port)
 			return drop(DROP_SNAT_EXHAUSTED);
-		entry.snat_addr = snat_addr;
 		entry.flags |= CT_SNAT;
 		xlated.sport = entry.snat_port;
 		/* Its TCP timestamps on the node's clock (ms): a later flow on this port then
