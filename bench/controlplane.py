@@ -65,6 +65,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 BPFGEN = REPO / ".venv" / "bin" / "bpfgen"
+sys.path.insert(0, str(REPO))  # (bpfgen's layout and bindings, imported where the cluster's maps are written)
 BPFFS = Path("/sys/fs/bpf")
 
 NODE_NET = ipaddress.ip_network("172.26.0.0/16")   # node addresses: .0.1, .0.2, ...
@@ -422,7 +423,6 @@ class Bench:
 
 def _ct_capacity() -> int:
     """ct_v4's size with the default capacity settings."""
-    sys.path.insert(0, str(REPO))
     from bpfgen.render import default_capacity, map_sizes
 
     return map_sizes(default_capacity())["ct_v4"]
@@ -436,7 +436,6 @@ def fill_conntrack(pins: Path, count: int, backends: int, node_addr: str) -> Non
     NodePort 30000, spread over the backend ids): forward entries alone, enough for the
     update's two scans, which are what this measures (it clears the few of the backend it
     removes)."""
-    sys.path.insert(0, str(REPO))
     from bpfgen import layout
     from bpfgen import libbpf as bpf
 

@@ -269,30 +269,44 @@ def _show(rows: Any, output: str, text: Callable[[Any], str]) -> None:
 STREAM_CHUNK = 1000  # rows per write of a streamed table
 
 
-def _stream(rows: Iterable[dict], output: str, text: Callable[[list[dict]], str]) -> None:
-    """A table of one row per entry (text: a line each), written as it is read, so that
-    a busy node's 500,000 conntrack entries are never all held: JSON as emit_json writes
-    a list, the text a chunk of rows at a time."""
-    chunk: list = []
-    opened = False  # (JSON: the list's "[" written)
+def _echo_json_list(items: Iterable[Any], depth: int = 0) -> None:
+    """A JSON list as emit_json writes it at nesting depth depth (no newline after),
+    STREAM_CHUNK items at a time as they are read."""
+    pad = "  " * (depth + 1)
+    chunk: list[str] = []
+    opened = False  # (its "[" written)
 
     def flush() -> None:
         nonlocal opened
-        if output != "json":
-            click.echo(text(chunk), nl=False)
-        elif chunk:
-            click.echo(("," if opened else "[") + "\n" + ",\n".join(chunk), nl=False)
-            opened = True
+        click.echo(("," if opened else "[") + "\n" + ",\n".join(chunk), nl=False)
+        opened = True
         chunk.clear()
 
-    for row in rows:
-        chunk.append("  " + json.dumps(row, indent=2).replace("\n", "\n  ") if output == "json" else row)
+    for item in items:
+        chunk.append(pad + json.dumps(item, indent=2).replace("\n", "\n" + pad))
         if len(chunk) == STREAM_CHUNK:
             flush()
     if chunk:
         flush()
+    click.echo("\n" + "  " * depth + "]" if opened else "[]", nl=False)
+
+
+def _stream(rows: Iterable[dict], output: str, text: Callable[[list[dict]], str]) -> None:
+    """A table of one row per entry (text: a line each), written as it is read, so that
+    a busy node's 500,000 conntrack entries are never all held: JSON as emit_json writes
+    a list, the text a chunk of rows at a time."""
     if output == "json":
-        click.echo("\n]" if opened else "[]")
+        _echo_json_list(rows)
+        click.echo("")
+        return
+    chunk: list[dict] = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) == STREAM_CHUNK:
+            click.echo(text(chunk), nl=False)
+            chunk = []
+    if chunk:
+        click.echo(text(chunk), nl=False)
 
 
 @cli.group()
@@ -331,17 +345,8 @@ def _stream_map_json(d: Any, first: bool) -> None:
         return json.dumps(value, indent=2).replace("\n", "\n" + by)
 
     head = ",\n".join(f"    {json.dumps(k)}: {indented(v, '    ')}" for k, v in d.header.items())
-    click.echo(("[" if first else ",") + "\n  {\n" + head + ',\n    "entries": [', nl=False)
-    opened, chunk = False, []
-    for e in d.entries:
-        chunk.append("\n      " + indented(e, "      "))
-        if len(chunk) == STREAM_CHUNK:
-            click.echo(("," if opened else "") + ",".join(chunk), nl=False)
-            opened, chunk = True, []
-    if chunk:
-        click.echo(("," if opened else "") + ",".join(chunk), nl=False)
-        opened = True
-    click.echo("\n    ]" if opened else "]", nl=False)
+    click.echo(("[" if first else ",") + "\n  {\n" + head + ',\n    "entries": ', nl=False)
+    _echo_json_list(d.entries, depth=2)
     if d.array:
         click.echo(f',\n    "zero_slots": {d.zero_slots}', nl=False)
     click.echo("\n  }", nl=False)

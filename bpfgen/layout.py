@@ -385,6 +385,9 @@ FLAGS = {
     "NAT_IN": 2,
     "DATAPATH_CLOCK_OFFSET": DATAPATH_CLOCK_OFFSET,
 }
+# The tuple.dir of the conntrack entries a flow's packets towards its backend find (the
+# others are CT_OUT: its replies').
+CT_FORWARD_DIRS = frozenset({FLAGS["CT_SERVICE"], FLAGS["CT_SERVICE_EGRESS"]})
 
 
 BPF_F_NO_PREALLOC = 1

@@ -114,9 +114,6 @@ def gone_backends(changes: Changes) -> set[int]:
     return ids
 
 
-_FORWARD_DIRS = {layout.FLAGS["CT_SERVICE"], layout.FLAGS["CT_SERVICE_EGRESS"]}
-
-
 _CLOSE_TIMEOUT = dict(TIMEOUTS)["CT_CLOSE_TIMEOUT"]
 
 
@@ -162,7 +159,7 @@ def _clear_flows_of(ct: bpf.MapFd, backends: set[int], forward_only: bool = Fals
         for i, (expires, backend_id) in enumerate(refs.iter_unpack(values)):
             if backend_id not in backends or expires < now:
                 continue
-            if forward_only and direction.unpack_from(keys, i * ks)[0] not in _FORWARD_DIRS:
+            if forward_only and direction.unpack_from(keys, i * ks)[0] not in layout.CT_FORWARD_DIRS:
                 continue
             k = keys[i * ks:(i + 1) * ks]
             again = ct.lookup(k)

@@ -55,6 +55,13 @@ def _is_zero(value: Any) -> bool:
     return value == 0
 
 
+def _dump_line(label: Any, e: dict) -> tuple[Any, str]:
+    """An entry of a dump: its value (per-CPU values summed) and its line."""
+    value = _sum([v["value"] for v in e["values"]]) if "values" in e else e["value"]
+    key = label(e["key"]) if label and isinstance(e["key"], int) else compact(e["key"])
+    return value, f"  {key} => {compact(value)}\n"
+
+
 def format_map_dump(m: dict, entries: Iterable[dict]) -> str:
     """One map of a dump (its header m: name and type), its entries read one at a time."""
     label = KEY_LABELS.get(m["name"])
@@ -65,11 +72,10 @@ def format_map_dump(m: dict, entries: Iterable[dict]) -> str:
         count += 1
         if "values" in e:
             summed = ", per-CPU values summed"
-        value = _sum([v["value"] for v in e["values"]]) if "values" in e else e["value"]
+        value, line = _dump_line(label, e)
         if m["type"].endswith("array") and _is_zero(value):
             continue  # arrays hold every index: show the ones in use
-        key = label(e["key"]) if label and isinstance(e["key"], int) else compact(e["key"])
-        body.append(f"  {key} => {compact(value)}\n")
+        body.append(line)
     note = "" if len(body) == count else f", {count - len(body)} zero entries not shown"
     return f"{m['name']} ({m['type']}, {count} entries{note}{summed})\n" + "".join(body)
 
@@ -92,9 +98,7 @@ def stream_map_dump(d: Any) -> Iterator[str]:
     label = KEY_LABELS.get(d.header["name"])
     lines = []
     for e in d.entries:
-        value = _sum([v["value"] for v in e["values"]]) if "values" in e else e["value"]
-        key = label(e["key"]) if label and isinstance(e["key"], int) else compact(e["key"])
-        lines.append(f"  {key} => {compact(value)}\n")
+        lines.append(_dump_line(label, e)[1])
         if len(lines) == STREAM_LINES:
             yield "".join(lines)
             lines = []

@@ -229,10 +229,6 @@ CT_FLAG_NAMES = (("closing", "CT_CLOSING"), ("established", "CT_ESTABLISHED"), (
 NAT_DIRS = {layout.FLAGS["NAT_OUT"]: "OUT", layout.FLAGS["NAT_IN"]: "IN"}
 
 
-def _tuple(t: dict) -> tuple[str, str, str]:
-    return PROTO_NAMES.get(t["proto"], str(t["proto"])), _ep(t["saddr"], t["sport"]), _ep(t["daddr"], t["dport"])
-
-
 CT_TABLES = {"ct_v4": "tcp", "ct_half_v4": "tcp-half-open", "ct_udp_v4": "udp"}
 
 
@@ -243,15 +239,19 @@ _CT_KEY = ("saddr", "daddr", "sport", "dport", "proto", "dir")
 _CT_VALUE = ("expires", "backend_id", "rev_nat_id", "flags", "snat_port", "xl_saddr", "xl_daddr", "xl_dport")
 
 
+def _fields(m: bpf.MapFd, value: layout.Struct, value_fields: tuple[str, ...]) -> Iterator[tuple[tuple, tuple]]:
+    """(key fields of _CT_KEY, the value's value_fields) of every entry of m, keyed by a tuple."""
+    keys_at = layout.TUPLE.reader(*_CT_KEY, size=m.key_size)
+    values_at = value.reader(*value_fields, size=m.value_buf_size)
+    for keys, values in m.scan():
+        yield from zip(keys_at.iter_unpack(keys), values_at.iter_unpack(values))
+
+
 def _ct_entries(maps: dict[str, bpf.MapFd]) -> Iterator[tuple[str, tuple, tuple]]:
     """(table, key fields of _CT_KEY, value fields of _CT_VALUE) of every entry."""
     for name in CT_TABLES:
-        m = maps[name]
-        keys_at = layout.TUPLE.reader(*_CT_KEY, size=m.key_size)
-        values_at = layout.CT_ENTRY.reader(*_CT_VALUE, size=m.value_buf_size)
-        for keys, values in m.scan():
-            for k, v in zip(keys_at.iter_unpack(keys), values_at.iter_unpack(values)):
-                yield name, k, v
+        for k, v in _fields(maps[name], layout.CT_ENTRY, _CT_VALUE):
+            yield name, k, v
 
 
 def _packed_ep(addr: bytes, port: bytes) -> str:
@@ -291,24 +291,19 @@ def nat_rows(node: str) -> Iterator[dict]:
     backend, from node:port), which hold that translation (the datapath writes no entry of
     its own for it); IN, the port claims of snat_v4 (backend -> node:port, to the client).
     In the kernel's order, read as they are given out."""
-    forward = (layout.FLAGS["CT_SERVICE"], layout.FLAGS["CT_SERVICE_EGRESS"])
     with open_maps(node, ["snat_v4", *CT_TABLES]) as maps:
         for _, (saddr, _, sport, _, proto, direction), v in _ct_entries(maps):
             _, _, _, flags, snat_port, xl_saddr, xl_daddr, xl_dport = v
-            if direction in forward and flags & _SNAT:
+            if direction in layout.CT_FORWARD_DIRS and flags & _SNAT:
                 yield {"proto": PROTO_NAMES.get(proto, str(proto)), "dir": "OUT",
                        "src": _packed_ep(saddr, sport), "dst": _packed_ep(xl_daddr, xl_dport),
                        "xlate": "XLATE_SRC", "to": _packed_ep(xl_saddr, snat_port)}
-        m = maps["snat_v4"]
-        keys_at = layout.TUPLE.reader(*_CT_KEY, size=m.key_size)
-        values_at = layout.NAT_ENTRY.reader("addr", "port", size=m.value_buf_size)
-        for keys, values in m.scan():
-            for (saddr, daddr, sport, dport, proto, direction), (addr, port) in zip(keys_at.iter_unpack(keys),
-                                                                                 values_at.iter_unpack(values)):
-                d = NAT_DIRS.get(direction, str(direction))
-                yield {"proto": PROTO_NAMES.get(proto, str(proto)), "dir": d, "src": _packed_ep(saddr, sport),
-                       "dst": _packed_ep(daddr, dport), "xlate": "XLATE_SRC" if d == "OUT" else "XLATE_DST",
-                       "to": _packed_ep(addr, port)}
+        for (saddr, daddr, sport, dport, proto, direction), (addr, port) in _fields(
+                maps["snat_v4"], layout.NAT_ENTRY, ("addr", "port")):
+            d = NAT_DIRS.get(direction, str(direction))
+            yield {"proto": PROTO_NAMES.get(proto, str(proto)), "dir": d, "src": _packed_ep(saddr, sport),
+                   "dst": _packed_ep(daddr, dport), "xlate": "XLATE_SRC" if d == "OUT" else "XLATE_DST",
+                   "to": _packed_ep(addr, port)}
 
 
 def nat_list(node: str) -> list[dict]:
