@@ -13,7 +13,7 @@ read back from the kernel has them set, so decoding a DATASEC is only meaningful
 
 from __future__ import annotations
 
-import ipaddress
+import socket
 import struct
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -135,7 +135,9 @@ IP_PROTOCOLS = {1: "ICMP", 6: "TCP", 17: "UDP", 58: "ICMPv6", 132: "SCTP"}
 
 
 def _ip4(raw: bytes) -> str:
-    return str(ipaddress.IPv4Address(raw[:4]))
+    if len(raw) < 4:
+        raise ValueError(f"{len(raw)} bytes are no IPv4 address")
+    return socket.inet_ntoa(raw[:4])
 
 
 def _network_int(raw: bytes) -> int:
@@ -212,7 +214,8 @@ class Btf:
         # busy map decodes the same few types hundreds of thousands of times)
         self._resolved: dict[int, int] = {}
         self._sizes: dict[int, int] = {}
-        self._decoded_members: dict[int, list[tuple[Member, BtfType]]] = {}
+        self._decoders: dict[int, Callable[[bytes], Any]] = {}
+        self._hints: dict[str, Callable[[bytes], Any]] = {}  # DISPLAY_HINTS as the decoders were made
 
     # --- parsing ---
 
@@ -408,73 +411,136 @@ class Btf:
         if len(data) < size:
             raise BtfError(f"need {size} bytes to decode {self.describe(type_id)}, got {len(data)}")
         try:
-            return self._decode(type_id, bytes(data[:size]))
+            return self.decoder(type_id)(bytes(data[:size]))
         except RecursionError:
             raise BtfError(f"type [{type_id}] contains itself") from None
 
-    def _decode(self, type_id: int, data: bytes) -> Any:
-        """Decode `data`, which is exactly the bytes of a value of type `type_id`."""
+    def decoder(self, type_id: int) -> Callable[[bytes], Any]:
+        """The function that decodes exactly the bytes of a value of type `type_id`: made
+        once per type (a dump of a busy map decodes the same few types 100,000s of times),
+        it walks the type's BTF when it is made, not at every value. Raises BtfError for a
+        type that cannot be decoded (RecursionError for one that contains itself)."""
+        if self._hints != DISPLAY_HINTS:  # (the table is extensible: decoders made before it changed are stale)
+            self._decoders.clear()
+            self._hints = dict(DISPLAY_HINTS)
+        found = self._decoders.get(type_id)
+        if found is None:
+            found = self._decoders[type_id] = self._make_decoder(type_id)
+        return found
+
+    def _make_decoder(self, type_id: int) -> Callable[[bytes], Any]:
         t = self.type(type_id)
         while t.kind in _MODIFIER_KINDS:
             hint = DISPLAY_HINTS.get(t.name) if t.kind == Kind.TYPEDEF else None
             if hint is not None:
-                try:
-                    return hint(data)
-                except (ValueError, IndexError):
-                    pass  # a typedef of an unexpected size: decode it plainly
+                return self._hinted(hint, t.type)
             t = self.type(t.type)
+        order = self.byteorder
         if t.kind in (Kind.INT, Kind.ENUM, Kind.ENUM64):
             if t.kind == Kind.INT and (t.int_offset or t.bits != t.size * 8):
-                return self._scalar(t, self._bits(data, t.int_offset, t.bits), t.bits)
-            return self._scalar(t, int.from_bytes(data[: t.size], self.byteorder), t.size * 8)
+                return lambda data, t=t: self._scalar(t, self._bits(data, t.int_offset, t.bits), t.bits)
+            nbits = t.size * 8
+            if t.kind == Kind.INT and not t.encoding & (INT_BOOL | INT_SIGNED):
+                return lambda data, n=t.size: int.from_bytes(data[:n], order)
+            return lambda data, t=t: self._scalar(t, int.from_bytes(data[: t.size], order), nbits)
         if t.kind == Kind.PTR:
-            return int.from_bytes(data[:8], self.byteorder)
+            return lambda data: int.from_bytes(data[:8], order)
         if t.kind == Kind.FLOAT:
             formats = {2: "e", 4: "f", 8: "d"}
             if t.size not in formats:
                 raise BtfError(f"cannot decode {t.size}-byte float {t.name!r}")
-            return struct.unpack_from(("<" if self.byteorder == "little" else ">") + formats[t.size], data)[0]
+            unpack = struct.Struct(("<" if order == "little" else ">") + formats[t.size]).unpack_from
+            return lambda data: unpack(data)[0]
         if t.kind == Kind.ARRAY:
-            return self._decode_array(t, data)
+            return self._array_decoder(t)
         if t.kind in (Kind.STRUCT, Kind.UNION):
-            return self._decode_struct(t, data)
+            return self._struct_decoder(t)
         if t.kind == Kind.VAR:
-            return self._decode(t.type, data)
+            return self.decoder(t.type)
         if t.kind == Kind.DATASEC:
-            return {
-                self.name(s.type): self._decode(
-                    s.type, self._part(data, s.offset, s.type, f"variable {self.name(s.type)!r}")
-                )
-                for s in t.secinfo
-            }
+            parts = [(self.name(s.type), self._part_slicer(s.offset, s.type, f"variable {self.name(s.type)!r}"),
+                      self.decoder(s.type)) for s in t.secinfo]
+            return lambda data: {name: decode(part(data)) for name, part, decode in parts}
         raise BtfError(f"cannot decode a value of type [{t.id}] ({t.kind.name} {t.name!r})")
 
-    def _decode_array(self, t: BtfType, data: bytes) -> Any:
+    def _hinted(self, hint: Callable[[bytes], Any], under: int) -> Callable[[bytes], Any]:
+        """A typedef's display hint, and the type under it for values the hint refuses
+        (made only when one is: a hint that always answers never needs it)."""
+        def decode(data: bytes) -> Any:
+            try:
+                return hint(data)
+            except (ValueError, IndexError):
+                return self.decoder(under)(data)  # a typedef of an unexpected size: decoded plainly
+        return decode
+
+    def _array_decoder(self, t: BtfType) -> Callable[[bytes], Any]:
         elem = self.type(self.resolve(t.type))
         if elem.kind == Kind.INT and elem.size == 1 and (elem.encoding & INT_CHAR or elem.name == "char"):
-            return data[: t.nelems].split(b"\0", 1)[0].decode("utf-8", "replace")
+            return lambda data, n=t.nelems: data[:n].split(b"\0", 1)[0].decode("utf-8", "replace")
         step = self.size(t.type)
-        return [
-            self._decode(t.type, self._part(data, i * step, t.type, f"element {i}"))
-            for i in range(t.nelems)
-        ]
+        parts = [self._part_slicer(i * step, t.type, f"element {i}") for i in range(t.nelems)]
+        decode = self.decoder(t.type)
+        return lambda data: [decode(part(data)) for part in parts]
 
-    def _decode_struct(self, t: BtfType, data: bytes) -> dict[str, Any]:
-        result: dict[str, Any] = {}
-        members = self._decoded_members.get(t.id)
-        if members is None:
-            members = self._decoded_members[t.id] = [
-                (m, self.type(self.resolve(m.type))) for m in t.members
-                if m.name and not m.name.startswith(("pad", "__pad"))]
-        for m, member in members:
+    def _struct_decoder(self, t: BtfType) -> Callable[[bytes], dict[str, Any]]:
+        fields: list[tuple[str, Callable[[bytes], Any]]] = []
+        for m in t.members:
+            if not m.name or m.name.startswith(("pad", "__pad")):
+                continue
             if m.bitfield_size:
-                result[m.name] = self._scalar(
-                    member, self._bits(data, m.bit_offset, m.bitfield_size), m.bitfield_size
-                )
+                member = self.type(self.resolve(m.type))
+                fields.append((m.name, lambda data, m=m, member=member: self._scalar(
+                    member, self._bits(data, m.bit_offset, m.bitfield_size), m.bitfield_size)))
             else:
-                part = self._part(data, m.bit_offset // 8, m.type, f"member {m.name!r}")
-                result[m.name] = self._decode(m.type, part)
-        return result
+                part, decode = self._part_slicer(m.bit_offset // 8, m.type, f"member {m.name!r}"), self.decoder(m.type)
+                fields.append((m.name, lambda data, part=part, decode=decode: decode(part(data))))
+        return self._unpacked_struct(t) or (lambda data: {name: decode(data) for name, decode in fields})
+
+    def _unpacked_struct(self, t: BtfType) -> Callable[[bytes], dict[str, Any]] | None:
+        """The same decoder as a struct's generic one, made of one struct.unpack of all its
+        members (plain unsigned integers as they are, the others' bytes given to their own
+        decoders): for a struct whose members lie apart, whole bytes, inside it."""
+        if t.kind != Kind.STRUCT:
+            return None
+        fmt, names, converted, at = "", [], [], 0
+        for m in t.members:
+            if not m.name or m.name.startswith(("pad", "__pad")):
+                continue
+            size, offset = self.size(m.type), m.bit_offset // 8
+            if m.bitfield_size or m.bit_offset % 8 or offset < at or offset + size > t.size:
+                return None
+            plain = self._plain_uint(m.type)
+            fmt += "x" * (offset - at) + (plain or f"{size}s")
+            if not plain:
+                converted.append((len(names), m.name, self.decoder(m.type)))
+            names.append(m.name)
+            at = offset + size
+        unpack = struct.Struct(("<" if self.byteorder == "little" else ">") + fmt).unpack_from
+
+        def decode(data: bytes) -> dict[str, Any]:
+            values = unpack(data)
+            out = dict(zip(names, values))
+            for i, name, convert in converted:
+                out[name] = convert(values[i])
+            return out
+        return decode
+
+    def _plain_uint(self, type_id: int) -> str:
+        """The struct format of a type that decodes as the unsigned integer its bytes hold
+        (no display hint on the way to it), or ""."""
+        t = self.type(type_id)
+        while t.kind in _MODIFIER_KINDS:
+            if t.kind == Kind.TYPEDEF and t.name in DISPLAY_HINTS:
+                return ""
+            t = self.type(t.type)
+        if t.kind != Kind.INT or t.int_offset or t.bits != t.size * 8 or t.encoding & (INT_BOOL | INT_SIGNED):
+            return ""
+        return {1: "B", 2: "H", 4: "I", 8: "Q"}.get(t.size, "")
+
+    def _part_slicer(self, offset: int, type_id: int, what: str) -> Callable[[bytes], bytes]:
+        """The function giving the bytes of a value of type `type_id` at `offset` (_part)."""
+        end = offset + self.size(type_id)
+        return lambda data: data[offset:end] if end <= len(data) else self._part(data, offset, type_id, what)
 
     def _part(self, data: bytes, offset: int, type_id: int, what: str) -> bytes:
         """The bytes of a value of type `type_id` at `offset` within `data`."""

@@ -269,6 +269,44 @@ def _show(rows: Any, output: str, text: Callable[[Any], str]) -> None:
 STREAM_CHUNK = 1000  # rows per write of a streamed table
 
 
+_JSON_STR = json.encoder.encode_basestring_ascii  # (what json.dumps writes a str as: C code)
+_JSON_HEADS: dict[tuple, list[str]] = {}  # (a dict's keys, its indent) -> its members' line heads
+
+
+def _json_indented(value: Any, pad: str = "") -> str:
+    """json.dumps(value, indent=2), byte for byte, its lines after the first indented by
+    pad: at a few times the speed of json's own indenting encoder, which is pure Python
+    (a dump writes 100,000s of entries of the same few shapes). Types other than JSON's
+    own, and dicts whose keys are not all strings, are left to json.dumps."""
+    kind = type(value)
+    if kind is str:
+        return _JSON_STR(value)
+    if kind is int:
+        return int.__repr__(value)
+    if value is None or kind is bool:
+        return "null" if value is None else "true" if value else "false"
+    inner = pad + "  "
+    if kind is dict:
+        if not value:
+            return "{}"
+        keys = tuple(value)
+        heads = _JSON_HEADS.get((keys, pad))
+        if heads is None:
+            if not all(type(k) is str for k in keys):
+                return json.dumps(value, indent=2).replace("\n", "\n" + pad)
+            heads = [inner + _JSON_STR(k) + ": " for k in keys]
+            if len(_JSON_HEADS) < 1024:
+                _JSON_HEADS[keys, pad] = heads
+        return "{\n" + ",\n".join([
+            head + (_JSON_STR(v) if type(v) is str else int.__repr__(v) if type(v) is int else _json_indented(v, inner))
+            for head, v in zip(heads, value.values())]) + "\n" + pad + "}"
+    if kind is list or kind is tuple:
+        if not value:
+            return "[]"
+        return "[\n" + ",\n".join([inner + _json_indented(v, inner) for v in value]) + "\n" + pad + "]"
+    return json.dumps(value, indent=2).replace("\n", "\n" + pad)
+
+
 def _echo_json_list(items: Iterable[Any], depth: int = 0) -> None:
     """A JSON list as emit_json writes it at nesting depth depth (no newline after),
     STREAM_CHUNK items at a time as they are read."""
@@ -283,7 +321,7 @@ def _echo_json_list(items: Iterable[Any], depth: int = 0) -> None:
         chunk.clear()
 
     for item in items:
-        chunk.append(pad + json.dumps(item, indent=2).replace("\n", "\n" + pad))
+        chunk.append(pad + _json_indented(item, pad))
         if len(chunk) == STREAM_CHUNK:
             flush()
     if chunk:

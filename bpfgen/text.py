@@ -16,26 +16,51 @@ KEY_LABELS = {"drop_stats": layout.DROP_REASONS.label}
 # ---------------------------------------------------------------- maps dump
 
 
+_PAIR_NAMES = {"s": "src", "d": "dst", "": "addr"}
+# A dict's keys -> its fields in compact's form: (name, key, the port's key or None)
+_PAIRINGS: dict[tuple, list[tuple[str, Any, Any]]] = {}
+
+
+def _pairing(keys: tuple) -> list[tuple[str, Any, Any]]:
+    """How _pairs shows a dict of these keys: <p>addr and <p>port joined into one field
+    named after p (worked out once per set of keys: a dump shows the same few structs
+    100,000s of times)."""
+    found = _PAIRINGS.get(keys)
+    if found is None:
+        found = []
+        for k in keys:
+            if not isinstance(k, str):
+                found.append((k, k, None))
+            elif k.endswith("port") and k[:-4] + "addr" in keys:
+                continue
+            elif k.endswith("addr") and k[:-4] + "port" in keys:
+                prefix = k[:-4]
+                found.append((_PAIR_NAMES.get(prefix, prefix.rstrip("_")), k, prefix + "port"))
+            else:
+                found.append((k, k, None))
+        if len(_PAIRINGS) < 1024:
+            _PAIRINGS[keys] = found
+    return found
+
+
 def _pairs(d: dict) -> dict:
     """Join <p>addr with <p>port into one "a.b.c.d:port" field named after p."""
-    out: dict = {}
-    names = {"s": "src", "d": "dst", "": "addr"}
-    for k, v in d.items():
-        if k.endswith("port") and k[:-4] + "addr" in d:
-            continue
-        if k.endswith("addr") and k[:-4] + "port" in d:
-            prefix = k[:-4]
-            out[names.get(prefix, prefix.rstrip("_"))] = f"{v}:{d[prefix + 'port']}"
-        else:
-            out[k] = v
-    return out
+    return {name: d[k] if port is None else f"{d[k]}:{d[port]}" for name, k, port in _pairing(tuple(d))}
 
 
 def compact(value: Any) -> str:
+    """A value on one line: {name=value, ...} (addresses and their ports joined), [a, b]."""
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{k}={compact(v)}" for k, v in _pairs(value).items()) + "}"
+        parts = []
+        for name, k, port in _pairing(tuple(value)):
+            v = value[k]
+            if port is not None:
+                parts.append(f"{name}={v}:{value[port]}")
+            else:
+                parts.append(f"{name}={v if type(v) is str or type(v) is int else compact(v)}")
+        return "{" + ", ".join(parts) + "}"
     if isinstance(value, list):
-        return "[" + ", ".join(compact(v) for v in value) + "]"
+        return "[" + ", ".join([compact(v) for v in value]) + "]"
     return str(value)
 
 

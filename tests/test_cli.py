@@ -104,3 +104,20 @@ def test_load_without_a_build_says_so(tmp_path: Path, monkeypatch: pytest.Monkey
 def test_usage_errors_exit_2() -> None:
     r = run("load")
     assert r.exit_code == 2 and "--iface" in r.stderr
+
+
+@pytest.mark.parametrize("value", [
+    {}, [], (), "", 0, -7, 2**70, True, False, None, 1.5, float("inf"), float("nan"),
+    "naïve \"quoted\" \\ tab\t nl\n é ☃ \U0001f600",
+    {"a": 1, "b": "x", "c": None, "d": [True, False], "e": {}, "f": [], "g": {"h": [1, {"i": (2, 3)}]}},
+    [{"key": {"saddr": "10.0.0.1", "sport": 80}, "values": [{"cpu": 0, "value": {"packets": 3}}]}, [], [[], {}]],
+    {"1": 1, "float": -0.0, "big": 10**30},
+    {1: "int keys", None: "go to json.dumps"},
+    [{2: "nested int keys"}],
+])
+def test_the_dump_writer_writes_what_json_dumps_writes(value: object) -> None:
+    from bpfgen.cli import _json_indented
+
+    assert _json_indented(value) == json.dumps(value, indent=2)
+    # (an item of a list nested in a dump: every line after the first indented)
+    assert _json_indented(value, "    ") == json.dumps(value, indent=2).replace("\n", "\n    ")
