@@ -130,8 +130,8 @@ class Plan:
                 ServicePlan(
                     s.key, s.type, str(s.cluster_ip) if s.cluster_ip else None,
                     tuple((p.protocol, p.port, p.target_port, p.node_port) for p in s.ports),
-                    tuple((str(b.address), b.node) if b.conditions.state == "ready"
-                          else (str(b.address), b.node, b.conditions.state) for b in s.backends),
+                    tuple((layout.ip4_str(b.address), b.node) if b.conditions.state == "ready"
+                          else (layout.ip4_str(b.address), b.node, b.conditions.state) for b in s.backends),
                     tuple(map(str, s.external_ips)), tuple(map(str, s.load_balancer_ips)),
                     affinity=s.affinity_timeout, external_local=s.external_traffic_policy == "Local",
                     internal_local=s.internal_traffic_policy == "Local",

@@ -30,6 +30,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PlainSerializer,
     PrivateAttr,
     StrictBool,
     StrictInt,
@@ -42,6 +43,7 @@ from pydantic.json_schema import WithJsonSchema
 from pydantic_core import core_schema
 
 from bpfgen import specio
+from bpfgen.layout import ip4_str
 from bpfgen.errors import Problem, SpecError
 
 API_VERSION = "bpfgen/v1"
@@ -144,7 +146,7 @@ def _ipv4_cidr(value: Any) -> IPv4Network:
     return network
 
 
-IPv4 = Annotated[IPv4Address, BeforeValidator(_ipv4)]
+IPv4 = Annotated[IPv4Address, BeforeValidator(_ipv4), PlainSerializer(ip4_str, return_type=str, when_used="json")]
 IPv4Cidr = Annotated[IPv4Network, BeforeValidator(_ipv4_cidr)]
 Protocol = Literal["TCP", "UDP"]
 ServiceType = Literal["NodePort", "ClusterIP"]
@@ -327,15 +329,20 @@ class EndpointConditions(_Model):
     """An endpoint's conditions, as an EndpointSlice has them. Which endpoints take new flows
     is kube-proxy's rule: the ready ones; with none ready, those serving and terminating."""
 
+    # (immutable: the backends given no conditions share one; a large cluster has 100,000s)
+    model_config = ConfigDict(frozen=True)
+
     ready: StrictBool = True
     serving: StrictBool | None = Field(default=None, description="Defaults to ready.")
     terminating: StrictBool = False
 
-    @model_validator(mode="after")
-    def _default_serving(self) -> EndpointConditions:
-        if self.serving is None:
-            self.serving = self.ready
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _default_serving(cls, data: Any) -> Any:
+        # (serving as ready says, when it is not given; a ready that is no bool is its own error)
+        if isinstance(data, dict) and data.get("serving") is None and isinstance(data.get("ready", True), bool):
+            data = {**data, "serving": data.get("ready", True)}
+        return data
 
     @property
     def state(self) -> str:
@@ -348,6 +355,9 @@ class EndpointConditions(_Model):
         return "not-serving"
 
 
+_READY = EndpointConditions()
+
+
 class Backend(_Model):
     """An endpoint (pod) of a service."""
 
@@ -356,7 +366,7 @@ class Backend(_Model):
         default=None,
         description="The node that hosts the backend (one of nodes); omitted: on no node, remote from every node.",
     )
-    conditions: EndpointConditions = Field(default_factory=EndpointConditions)
+    conditions: EndpointConditions = Field(default_factory=lambda: _READY)
 
 
 class ClientIPConfig(_Model):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from bpfgen.errors import Problem, SpecError
 from bpfgen.spec import Cluster, Node, PortRange, Spec, load_spec, parse_spec, spec_to_dict
@@ -98,6 +99,29 @@ def test_defaults_are_filled_in():
     (port,) = web.ports
     assert (port.name, port.protocol, port.target_port) == (None, "TCP", 8080)
     assert port.node_port in spec.cluster.node_port_range
+
+
+def test_endpoint_conditions_default_as_kubernetes_has_them():
+    """serving defaults to ready; an endpoint given no conditions is ready (all such share
+    one immutable conditions object); a ready that is no bool is one problem, its own."""
+    def backends(*conditions: dict | None) -> list:
+        service = node_port_service("web", {"port": 80})
+        service["backends"] = [{"address": f"10.0.0.{i + 1}", **({} if c is None else {"conditions": c})}
+                               for i, c in enumerate(conditions)]
+        return parse_spec(spec_text([service])).services[0].backends
+
+    given = backends(None, None, {"ready": False}, {"ready": False, "serving": True, "terminating": True},
+                     {"ready": True, "serving": None}, {"serving": False})
+    assert [(c.ready, c.serving, c.terminating, c.state) for c in (b.conditions for b in given)] == [
+        (True, True, False, "ready"), (True, True, False, "ready"), (False, False, False, "not-serving"),
+        (False, True, True, "terminating"), (True, True, False, "ready"), (True, False, False, "ready")]
+    assert given[0].conditions is given[1].conditions
+    with pytest.raises(ValidationError):
+        given[0].conditions.ready = False
+    service = node_port_service("web", {"port": 80})
+    service["backends"] = [{"address": "10.0.0.1", "conditions": {"ready": "yes"}}]
+    [problem] = problems_of(spec_text([service]))
+    assert problem.path.endswith("conditions.ready"), problem
 
 
 def test_cluster_ip_ports_have_no_node_port():
