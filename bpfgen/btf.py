@@ -160,6 +160,23 @@ DISPLAY_HINTS: dict[str, Callable[[bytes], Any]] = {
 }
 
 
+class _Raiser:
+    """A decoder (or part cutter) that fails when called: a part of a value that cannot be
+    decoded fails where the value's decoding reaches it, after the parts before it."""
+
+    def __init__(self, fail: Callable[[bytes], Any]):
+        self.fail = fail
+
+    def __call__(self, data: bytes) -> Any:
+        return self.fail(data)
+
+
+def _raiser(error: BtfError) -> _Raiser:
+    def fail(data: bytes) -> Any:
+        raise error
+    return _Raiser(fail)
+
+
 class MapLayout(NamedTuple):
     """Key and value type ids of a BTF-defined map (None when the map gives only a size)."""
 
@@ -459,7 +476,7 @@ class Btf:
             return self.decoder(t.type)
         if t.kind == Kind.DATASEC:
             parts = [(self.name(s.type), self._part_slicer(s.offset, s.type, f"variable {self.name(s.type)!r}"),
-                      self.decoder(s.type)) for s in t.secinfo]
+                      self._decoder_or_raiser(s.type)) for s in t.secinfo]
             return lambda data: {name: decode(part(data)) for name, part, decode in parts}
         raise BtfError(f"cannot decode a value of type [{t.id}] ({t.kind.name} {t.name!r})")
 
@@ -478,12 +495,23 @@ class Btf:
         if elem.kind == Kind.INT and elem.size == 1 and (elem.encoding & INT_CHAR or elem.name == "char"):
             return lambda data, n=t.nelems: data[:n].split(b"\0", 1)[0].decode("utf-8", "replace")
         step = self.size(t.type)
+        if not t.nelems:
+            return lambda data: []  # (its element type is never decoded)
         parts = [self._part_slicer(i * step, t.type, f"element {i}") for i in range(t.nelems)]
-        decode = self.decoder(t.type)
+        decode = self._decoder_or_raiser(t.type)
         return lambda data: [decode(part(data)) for part in parts]
+
+    def _decoder_or_raiser(self, type_id: int) -> Callable[[bytes], Any]:
+        """decoder(type_id), or, for a type that cannot be decoded, a function raising its
+        BtfError when called: a value's parts fail in their order, the first one first."""
+        try:
+            return self.decoder(type_id)
+        except BtfError as e:
+            return _raiser(e)
 
     def _struct_decoder(self, t: BtfType) -> Callable[[bytes], dict[str, Any]]:
         fields: list[tuple[str, Callable[[bytes], Any]]] = []
+        plain = True  # (every member decodable, each name once: the one-unpack form may do)
         for m in t.members:
             if not m.name or m.name.startswith(("pad", "__pad")):
                 continue
@@ -491,10 +519,17 @@ class Btf:
                 member = self.type(self.resolve(m.type))
                 fields.append((m.name, lambda data, m=m, member=member: self._scalar(
                     member, self._bits(data, m.bit_offset, m.bitfield_size), m.bitfield_size)))
-            else:
-                part, decode = self._part_slicer(m.bit_offset // 8, m.type, f"member {m.name!r}"), self.decoder(m.type)
-                fields.append((m.name, lambda data, part=part, decode=decode: decode(part(data))))
-        return self._unpacked_struct(t) or (lambda data: {name: decode(data) for name, decode in fields})
+                continue
+            part = self._part_slicer(m.bit_offset // 8, m.type, f"member {m.name!r}", t.size)
+            # (a member whose bytes are not there fails first: its type is never decoded)
+            decode = part if isinstance(part, _Raiser) else self._decoder_or_raiser(m.type)
+            plain = plain and not isinstance(part, _Raiser) and not isinstance(decode, _Raiser)
+            fields.append((m.name, lambda data, part=part, decode=decode: decode(part(data))))
+        if plain and len({name for name, _ in fields}) == len(fields):
+            fast = self._unpacked_struct(t)
+            if fast is not None:
+                return fast
+        return lambda data: {name: decode(data) for name, decode in fields}
 
     def _unpacked_struct(self, t: BtfType) -> Callable[[bytes], dict[str, Any]] | None:
         """The same decoder as a struct's generic one, made of one struct.unpack of all its
@@ -506,8 +541,10 @@ class Btf:
         for m in t.members:
             if not m.name or m.name.startswith(("pad", "__pad")):
                 continue
+            if m.bitfield_size or m.bit_offset % 8:
+                return None
             size, offset = self.size(m.type), m.bit_offset // 8
-            if m.bitfield_size or m.bit_offset % 8 or offset < at or offset + size > t.size:
+            if offset < at or offset + size > t.size:
                 return None
             plain = self._plain_uint(m.type)
             fmt += "x" * (offset - at) + (plain or f"{size}s")
@@ -537,9 +574,16 @@ class Btf:
             return ""
         return {1: "B", 2: "H", 4: "I", 8: "Q"}.get(t.size, "")
 
-    def _part_slicer(self, offset: int, type_id: int, what: str) -> Callable[[bytes], bytes]:
-        """The function giving the bytes of a value of type `type_id` at `offset` (_part)."""
-        end = offset + self.size(type_id)
+    def _part_slicer(self, offset: int, type_id: int, what: str, whole: int | None = None) -> Callable[[bytes], bytes]:
+        """The function giving the bytes of a value of type `type_id` at `offset` (_part);
+        whole: the size of the values it cuts, where known (a part outside them fails when
+        called, as _part does, never when made)."""
+        try:
+            end = offset + self.size(type_id)
+        except BtfError as e:
+            return _raiser(e)
+        if whole is not None and end > whole:
+            return _Raiser(lambda data: self._part(data, offset, type_id, what))
         return lambda data: data[offset:end] if end <= len(data) else self._part(data, offset, type_id, what)
 
     def _part(self, data: bytes, offset: int, type_id: int, what: str) -> bytes:

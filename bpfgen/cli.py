@@ -290,10 +290,10 @@ def _json_indented(value: Any, pad: str = "") -> str:
         if not value:
             return "{}"
         keys = tuple(value)
+        if not all(type(k) is str for k in keys):  # (before the cache: a str subclass may equal a str)
+            return json.dumps(value, indent=2).replace("\n", "\n" + pad)
         heads = _JSON_HEADS.get((keys, pad))
         if heads is None:
-            if not all(type(k) is str for k in keys):
-                return json.dumps(value, indent=2).replace("\n", "\n" + pad)
             heads = [inner + _JSON_STR(k) + ": " for k in keys]
             if len(_JSON_HEADS) < 1024:
                 _JSON_HEADS[keys, pad] = heads

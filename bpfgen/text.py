@@ -51,14 +51,12 @@ def _pairs(d: dict) -> dict:
 def compact(value: Any) -> str:
     """A value on one line: {name=value, ...} (addresses and their ports joined), [a, b]."""
     if isinstance(value, dict):
-        parts = []
+        fields = {}  # (by name: of two fields of one name, as _pairs has it, the later is shown)
         for name, k, port in _pairing(tuple(value)):
             v = value[k]
-            if port is not None:
-                parts.append(f"{name}={v}:{value[port]}")
-            else:
-                parts.append(f"{name}={v if type(v) is str or type(v) is int else compact(v)}")
-        return "{" + ", ".join(parts) + "}"
+            fields[name] = f"{v}:{value[port]}" if port is not None else (
+                v if type(v) is str or type(v) is int else compact(v))
+        return "{" + ", ".join([f"{k}={v}" for k, v in fields.items()]) + "}"
     if isinstance(value, list):
         return "[" + ", ".join([compact(v) for v in value]) + "]"
     return str(value)
