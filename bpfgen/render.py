@@ -36,6 +36,9 @@ TIMEOUTS = (
     ("CT_CLOSE_TIMEOUT", 10),
     ("CT_UDP_TIMEOUT", 60),
     ("SNAT_REUSE_GRACE", 120),
+    # how long a SNAT claim holds its port with no conntrack entry of its flow at the port
+    # (being set up, or its reply entry evicted): a flow's checks renew it, every 2 s at most
+    ("SNAT_CLAIM_LEASE", 2),
     ("CT_GC_INTERVAL", 5),  # how often ct_v4's collector runs
 )
 

@@ -1719,9 +1719,9 @@ def test_a_snated_flows_timestamps_are_the_nodes_clock_both_ways(node0):
     assert plain.checksums_ok()
 
 
-def test_a_port_whose_backend_holds_time_wait_is_taken_by_another_client_with_rewritten_timestamps(node0):
-    """The backend closed first (it holds TIME_WAIT): with the flow's timestamps on the node's
-    clock, another client's new flow may take the port a moment after, not 120 s after."""
+def _closed_by_the_backend_with_timestamps(node0: Datapath) -> tuple[int, int]:
+    """A flow whose SYN had timestamps (so its own are the node's clock), closed by the
+    backend first (which holds TIME_WAIT), settled: (its SNAT port, its last TSval)."""
     service = (CLIENT, 40000, NODE0, NODEPORT)
     p = node0.from_netdev(pk.tcp_ts(*service, pk.SYN, 1, 0, syn_layout=True)).pkt
     snat = p.sport
@@ -1733,6 +1733,13 @@ def test_a_port_whose_backend_holds_time_wait_is_taken_by_another_client_with_re
     out = node0.ct((NODE0, snat, BACKEND, BACKEND_PORT), "CT_OUT")
     assert out["flags"] & FLAGS["CT_BACKEND_DONE"] and out["flags"] & FLAGS["CT_BACKEND_CLOSED_FIRST"]
     time.sleep(DONE_TICKS)
+    return snat, tsval
+
+
+def test_a_port_whose_backend_holds_time_wait_is_taken_by_another_client_with_rewritten_timestamps(node0):
+    """The backend closed first (it holds TIME_WAIT): with the flow's timestamps on the node's
+    clock, another client's new flow may take the port a moment after, not 120 s after."""
+    snat, tsval = _closed_by_the_backend_with_timestamps(node0)
     run = node0.from_netdev(pk.tcp_ts(OTHER_CLIENT, snat, NODE0, NODEPORT, pk.SYN, 123, 0, syn_layout=True))
     assert run.pkt.sport == snat
     assert (_ts_of(run.pkt)[0] - tsval) % (1 << 32) < 1 << 31  # newer than the old flow's
@@ -1763,3 +1770,71 @@ def test_a_first_packet_on_two_cpus_gives_one_mapping(node0):
     cookie = layout.NAT_ENTRY.unpack(claim)["cookie"]
     assert node0.ct(service, "CT_SERVICE")["nat_cookie"] == cookie
     assert node0.ct((NODE0, first, BACKEND, BACKEND_PORT), "CT_OUT")["nat_cookie"] == cookie
+
+
+def test_a_port_released_by_timestamps_waits_for_a_syn_without_them(node0):
+    """The port of a flow on the node's clock whose backend holds TIME_WAIT goes at once to
+    another client's SYN with a timestamp (rewritten onto that clock: newer), not to one
+    without (TIME_WAIT takes that only if its sequence number happens to lie past the old
+    flow's: a 1 s stall for half of them)."""
+    snat, _ = _closed_by_the_backend_with_timestamps(node0)
+    assert node0.from_netdev(pk.tcp(OTHER_CLIENT, snat, NODE0, NODEPORT, pk.SYN)).pkt.sport != snat
+    stamped = pk.tcp_ts("172.26.50.191", snat, NODE0, NODEPORT, pk.SYN, 5, 0, syn_layout=True)
+    assert node0.from_netdev(stamped).pkt.sport == snat
+
+
+@pytest.mark.parametrize("proto", [UDP, TCP])
+def test_a_flow_whose_forward_entry_was_evicted_comes_back_on_its_port(node0, proto):
+    """One flow, one mapping: a flow whose forward entry an LRU map evicted while its reply
+    entry lives (an idle UDP flow; a half-open TCP one in a SYN flood; or its first packet
+    seen again on another CPU once the first CPU wrote its entries) comes back on its own
+    port, under its own claim, not on a second port."""
+    service = (CLIENT, 41000, NODE0, NODEPORT)
+    first = pk.udp(*service, b"q") if proto == UDP else syn(41000)
+    p = node0.from_netdev(first).pkt
+    cookie = node0.ct(service, "CT_SERVICE", proto)["nat_cookie"]
+    node0.maps[node0.ct_table(service, "CT_SERVICE", proto)].delete(tuple_key(service, "CT_SERVICE", proto))
+    again = node0.from_netdev(first).pkt
+    assert again.flow == p.flow
+    assert node0.ct(service, "CT_SERVICE", proto)["nat_cookie"] == cookie
+    assert node0.ct((NODE0, p.sport, p.daddr, p.dport), "CT_OUT", proto)["nat_cookie"] == cookie
+
+
+def test_a_claim_whose_reply_entry_was_evicted_stays_its_live_flows(node0):
+    """The port of a live flow whose reply entry an LRU map evicted (a one-way UDP flow's,
+    which no packet looks up) is not another client's while the flow's checks renew its
+    claim: else the flow's datagrams, translated with no lookup until its next check,
+    would go into the other client's tuple."""
+    service = (CLIENT, 41000, NODE0, NODEPORT)
+    p = node0.from_netdev(pk.udp(*service, b"1")).pkt
+    port, out = p.sport, (NODE0, p.sport, p.daddr, p.dport)
+    claim_key = tuple_key((p.daddr, p.dport, NODE0, port), "NAT_IN", UDP)
+    claim = layout.NAT_ENTRY.unpack(node0.maps["snat_v4"].lookup(claim_key))
+    # the flow began a while ago: its claim made then, its last check as long ago
+    node0.maps["snat_v4"].update(claim_key, layout.NAT_ENTRY.pack(**{**claim, "claimed": now_sec() - 30}))
+    node0.put_ct(service, "CT_SERVICE", UDP, **{**node0.ct(service, "CT_SERVICE", UDP), "checked": now_sec() - 30})
+    assert node0.from_netdev(pk.udp(*service, b"2")).pkt.sport == port  # (its check)
+    node0.maps["ct_udp_v4"].delete(tuple_key(out, "CT_OUT", UDP))  # evicted just after
+    assert node0.from_netdev(pk.udp(OTHER_CLIENT, port, NODE0, NODEPORT, b"x")).pkt.sport != port
+    assert node0.from_netdev(pk.udp(*service, b"3")).pkt.flow == p.flow
+
+
+def test_a_live_flow_of_the_nodes_own_keeps_its_tuple(node0):
+    """A connection of the node's own to a backend (a ClusterIP flow: its reply entry not
+    SNATed) from a port of snatPortRange (bound there, or the range not reserved): a
+    NodePort client whose own port that is gets another, a new claim or an old one."""
+    node_flow = (NODE0, 41000, BACKEND, BACKEND_PORT)
+    mine = dict(expires=now_sec() + 100, backend_id=1, rev_nat_id=node0.frontend_id(),
+                flags=FLAGS["CT_EGRESS"] | FLAGS["CT_ESTABLISHED"], xl_saddr="10.96.0.10", xl_sport=80,
+                xl_daddr=NODE0, xl_dport=41000)
+    node0.put_ct(node_flow, "CT_OUT", **mine)
+    assert node0.from_netdev(syn(41000)).pkt.sport != 41000
+    claim_key = tuple_key((BACKEND, BACKEND_PORT, NODE0, 41000), "NAT_IN")
+    raw = node0.maps["snat_v4"].lookup(claim_key)
+    if raw is not None:  # (the refused first claim stays: old, it is stale by its own rule)
+        old = {**layout.NAT_ENTRY.unpack(raw), "claimed": now_sec() - 30}
+        node0.maps["snat_v4"].update(claim_key, layout.NAT_ENTRY.pack(**old))
+    assert node0.from_netdev(syn(41000, src=OTHER_CLIENT)).pkt.sport != 41000
+    after = node0.ct(node_flow, "CT_OUT")
+    assert {k: after[k] for k in mine} == {**mine, "xl_saddr": __import__("ipaddress").IPv4Address("10.96.0.10"),
+                                           "xl_daddr": __import__("ipaddress").IPv4Address(NODE0)}

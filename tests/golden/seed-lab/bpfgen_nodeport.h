@@ -723,6 +723,7 @@ struct snat_search {
 	__u8 proto;
 	__u8 found;
 	__u8 took_over; /* the port was a flow's that is over: its conntrack entries may be there */
+	__u8 ts; /* the new flow's SYN carries a timestamp (its timestamps go on the node's clock) */
 	__u32 spread; /* the flow's hash: where its search starts after its own port */
 };
 
@@ -736,7 +737,7 @@ static __always_inline __u64 *nat_lease(struct bpfgen_nat_entry *nat)
  * nothing on the backend that a new flow from another client could trip on (below): 1
  * yes, -1 not yet for any flow (its backend's last packet may still be in its backlog),
  * 0 undecided (the rules after it decide). */
-static __always_inline int ct_port_released(const struct bpfgen_ct_entry *ct, __u32 now, int live)
+static __always_inline int ct_port_released(const struct bpfgen_ct_entry *ct, __u32 now, int live, int ts)
 {
 	/* whether the backend holds TIME_WAIT: it sent the first of both FINs */
 	int tw = (ct->flags & CT_BACKEND_CLOSED_FIRST) && (ct->flags & CT_FIN_BOTH) == CT_FIN_BOTH;
@@ -754,11 +755,13 @@ static __always_inline int ct_port_released(const struct bpfgen_ct_entry *ct, __
 		/* the client closed first and its final ACK was not seen: after the close timeout */
 		return (ct->flags & CT_CLOSING) && !live;
 	}
-	if ((ct->flags & CT_TS_REWRITE) && settled) {
+	if ((ct->flags & CT_TS_REWRITE) && settled && ts) {
 		/* TIME_WAIT passes a SYN whose timestamp is newer than the old flow's last (RFC
 		 * 6191): the flow's timestamps were the node's clock, and so are the next
-		 * flow's. After a thousandth of the old flow's life, for the client's clock's
-		 * drift from the node's. */
+		 * flow's, if its SYN carries one (one without passes TIME_WAIT only if its
+		 * sequence number happens to lie past the old flow's: half of them). After a
+		 * thousandth of the old flow's life, for the client's clock's drift from the
+		 * node's. */
 		__u32 closed = ct->expires - CT_CLOSE_TIMEOUT;
 
 		return !live || now >= closed + (closed - ct->started) / 1000;
@@ -780,8 +783,11 @@ static __always_inline struct bpfgen_ct_entry *port_flow(const struct snat_searc
  * Whether node:port (the NAT_IN entry nat at s->key, whose claim was read as
  * claimed/cookie) may be taken by the new flow of s, the way TCP allows reusing the
  * tuple node:port -> backend (kernel-notes, SNAT and TCP):
- * - the flow that made the claim is still being set up (its conntrack entry does not
- *   carry the claim yet) for a second after the claim; after that it is gone;
+ * - a live flow of the node's own from this port to the backend keeps its tuple;
+ * - a claim with no conntrack entry of its flow at the port is a flow being set up, or
+ *   one whose reply entry an LRU map evicted: it holds for SNAT_CLAIM_LEASE after the
+ *   claim or its flow's last check (snat_keep renews it); after that the flow is gone,
+ *   and its next packet, checked first, finds the claim another's;
  * - a live flow keeps its port; a flow reset, or closed by the client first once the
  *   client's final ACK went by (before it the backend is in LAST_ACK), leaves nothing on
  *   the backend: free a few milliseconds after, as is at once an expired flow picked up
@@ -799,13 +805,18 @@ static __always_inline int snat_is_stale(struct bpfgen_nat_entry *nat, __u32 cla
 	__u32 now = s->now;
 	int live;
 
+	live = ct && ct_is_live(ct, now);
+	/* (a live flow of the node's own to the backend from this port: its tuple) */
+	if (live && !(ct->flags & CT_SNAT))
+		return 0;
+	/* a claim whose flow has no entry at the port: one being set up, or one whose reply
+	 * entry an LRU map evicted, which renews its claim at every check (snat_keep) */
 	if (!ct || ct->nat_cookie != cookie)
-		return now > claimed + 1;
-	live = ct_is_live(ct, now);
+		return now > claimed + SNAT_CLAIM_LEASE;
 	if (live && !(ct->flags & CT_CLOSING))
 		return 0;
 	if (s->key.proto == IPPROTO_TCP) {
-		int released = ct_port_released(ct, now, live);
+		int released = ct_port_released(ct, now, live, s->ts);
 
 		if (released)
 			return released > 0;
@@ -827,6 +838,8 @@ static __always_inline int snat_unowned(struct snat_search *s)
 	struct bpfgen_nat_entry owner = {};
 	struct bpfgen_nat_entry *nat;
 
+	if (ct && !(ct->flags & CT_SNAT) && ct_is_live(ct, s->now))
+		return 0; /* a flow of the node's own has this tuple (its port reserved, it was bound to it) */
 	if (!ct || !(ct->flags & CT_SNAT) || !ct->nat_cookie)
 		return 1;
 	owner.addr = ct->xl_daddr;
@@ -843,12 +856,21 @@ static __always_inline int snat_unowned(struct snat_search *s)
 	return 0;
 }
 
-/* Whether the claim (claimed) of the port at s->key is a flow's still being set up: made
- * within the second, and no conntrack entry at the port yet (a first packet on another CPU
- * comes here only before its CPU wrote the flow's entries). */
-static __always_inline int snat_setting_up(const struct snat_search *s, __u32 claimed)
+/*
+ * Whether the claim (claimed, cookie) of the port at s->key, made for this very client
+ * address and port, is this flow's own: its first packet on another CPU setting it up
+ * (within the claim's lease, before or after that CPU wrote the flow's entries), or the
+ * flow itself, live and not closing, whose forward entry an LRU map evicted (a UDP flow,
+ * or a half-open one under a SYN flood). It keeps its port: one mapping per flow.
+ */
+static __always_inline int snat_is_this_flow(const struct snat_search *s, __u32 claimed, __u32 cookie)
 {
-	return s->now <= claimed + 1 && !port_flow(s);
+	struct bpfgen_ct_entry *ct = port_flow(s);
+
+	if (!ct)
+		return s->now <= claimed + SNAT_CLAIM_LEASE;
+	return ct->nat_cookie == cookie && (ct->flags & CT_SNAT) && ct->rev_nat_id == s->rev_nat_id &&
+	       ct_is_live(ct, s->now) && !(ct->flags & CT_CLOSING);
 }
 
 /*
@@ -868,9 +890,9 @@ static __always_inline int snat_claim(struct snat_search *s)
 		return 0;
 	at = nat_lease(nat);
 	lease = *at;
-	if (nat->addr == s->val.addr && nat->port == s->val.port && snat_setting_up(s, (__u32)lease)) {
-		/* this very client tuple's claim, its flow being set up on another CPU (its first
-		 * packets on two CPUs): the same mapping, under that claim */
+	if (nat->addr == s->val.addr && nat->port == s->val.port &&
+	    snat_is_this_flow(s, (__u32)lease, (__u32)(lease >> 32))) {
+		/* this very flow's claim: the same mapping, under that claim */
 		s->val.cookie = lease >> 32;
 		return 1;
 	}
@@ -919,7 +941,7 @@ static long snat_try_port(__u32 attempt, void *data)
  * Returns the port (network order) or 0, and the claim's cookie in *cookie.
  */
 static __always_inline __be16 snat_alloc(const struct pkt *p, const struct bpfgen_backend *be, __u32 id,
-					 __u32 now, __u32 *cookie, __be32 addr, __u8 *took_over)
+					 __u32 now, __u32 *cookie, __be32 addr, __u8 *took_over, int ts)
 {
 	struct snat_search search = {};
 
@@ -933,6 +955,7 @@ static __always_inline __be16 snat_alloc(const struct pkt *p, const struct bpfge
 	search.rev_nat_id = id;
 	search.proto = p->t.proto;
 	search.now = now;
+	search.ts = ts;
 	search.spread = mix32(flow_hash(&p->t) ^ be->addr ^ be->port);
 	search.port = bpf_ntohs(p->t.sport);
 	if (search.port < SNAT_PORT_MIN || search.port > SNAT_PORT_MAX)
@@ -1282,21 +1305,23 @@ static __always_inline int lb_forward(struct __sk_buff *skb, struct pkt *p, cons
 	entry.flags = ct_flags_after(p, entry.flags, CT_FIN_CLIENT);
 	entry.expires = now + ct_lifetime(p, entry.flags);
 	if (snat) {
-		entry.snat_port = snat_alloc(p, be, svc->id, now, &entry.nat_cookie, snat_addr, &took_over);
+		__be32 tsval = 0;
+
+		/* Its TCP timestamps on the node's clock (ms): a later flow on this port then
+		 * passes the backend's TIME_WAIT of this one, whatever its client's clock. */
+		if (syn && !hairpin) {
+			ts_at = tcp_ts_offset(skb, p, direct);
+			if (ts_at && bpf_skb_load_bytes(skb, ts_at, &tsval, 4) < 0)
+				ts_at = 0;
+		}
+		entry.snat_port = snat_alloc(p, be, svc->id, now, &entry.nat_cookie, snat_addr, &took_over, ts_at != 0);
 		if (!entry.snat_port)
 			return drop(DROP_SNAT_EXHAUSTED);
 		entry.flags |= CT_SNAT;
 		xlated.sport = entry.snat_port;
-		/* Its TCP timestamps on the node's clock (ms): a later flow on this port then
-		 * passes the backend's TIME_WAIT of this one, whatever its client's clock. */
-		if (syn && !hairpin) {
-			__be32 tsval;
-
-			ts_at = tcp_ts_offset(skb, p, direct);
-			if (ts_at && bpf_skb_load_bytes(skb, ts_at, &tsval, 4) == 0) {
-				entry.ts_delta = (__u32)(bpf_ktime_get_ns() / 1000000) + 1 - bpf_ntohl(tsval);
-				entry.flags |= CT_TS_REWRITE;
-			}
+		if (ts_at) {
+			entry.ts_delta = (__u32)(bpf_ktime_get_ns() / 1000000) + 1 - bpf_ntohl(tsval);
+			entry.flags |= CT_TS_REWRITE;
 		}
 	}
 	entry.started = now;
@@ -1449,8 +1474,16 @@ static __noinline int snat_keep(const struct pkt *p, const struct bpfgen_ct_entr
 		val.port = p->t.sport;
 	}
 	claim = bpf_map_lookup_elem(&snat_v4, &key);
-	if (claim)
-		return claim->cookie == ct->nat_cookie ? 0 : -1;
+	if (claim) {
+		__u64 *at = nat_lease(claim), lease = *at;
+
+		if ((__u32)(lease >> 32) != ct->nat_cookie)
+			return -1;
+		/* (its lease renewed: should its reply entry be evicted, the port stays its own) */
+		if ((__u32)lease != now)
+			__sync_val_compare_and_swap(at, lease, (__u64)ct->nat_cookie << 32 | now);
+		return 0;
+	}
 	val.claimed = now;
 	val.cookie = ct->nat_cookie;
 	bpf_map_update_elem(&snat_v4, &key, &val, BPF_NOEXIST);
@@ -1771,7 +1804,7 @@ struct collector_sweep {
  * (snat_is_stale reads it), unless its flow left the backend nothing to protect. */
 static __always_inline int ct_keeps_port(const struct bpfgen_tuple *key, const struct bpfgen_ct_entry *ct, __u32 now)
 {
-	return key->dir == CT_OUT && (ct->flags & CT_SNAT) && ct_port_released(ct, now, 0) <= 0;
+	return key->dir == CT_OUT && (ct->flags & CT_SNAT) && ct_port_released(ct, now, 0, 1) <= 0;
 }
 
 static long collect_one(void *map, struct bpfgen_tuple *key, struct bpfgen_ct_entry *ct, struct collector_sweep *s)
