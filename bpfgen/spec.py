@@ -294,7 +294,9 @@ class Cluster(_Model):
         default=PortRange(30000, 32767), description="Where nodePorts are taken from."
     )
     snat_port_range: PortRange = Field(
-        default=PortRange(32768, 65535), description="Source ports for SNAT; disjoint from nodePortRange."
+        default=PortRange(61000, 65535),
+        description="Source ports for SNAT; disjoint from nodePortRange. The default lies above Linux's default"
+        " ephemeral ports (32768-60999), so that load can reserve it on a stock node.",
     )
     capacity: Capacity = Field(default_factory=Capacity)
 

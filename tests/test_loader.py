@@ -1218,6 +1218,17 @@ def test_snat_ports_covering_the_ephemeral_range_are_warned_about_not_reserved(b
     assert reserved_ports(netns) == "30000-65535"
 
 
+def test_the_default_ranges_are_reserved_on_a_stock_node_without_a_warning(builds, state, netns: Netns):
+    """The default snatPortRange lies above a stock node's ephemeral ports (32768-60999):
+    load reserves it and the nodePorts, with no warning, and unload gives both back."""
+    netns.run("sysctl", "-qw", "net.ipv4.ip_local_port_range=32768 60999")
+    stderr = load(netns, builds["stock-ranges"])
+    assert "warning" not in stderr
+    assert reserved_ports(netns) == "30000-32767,61000-65535"
+    ok(bpfgen("unload", "--iface", IFACE, "--netns", netns.name))
+    assert reserved_ports(netns) == ""
+
+
 def test_unload_from_another_namespace_refuses_and_changes_nothing(builds, state, netns: Netns):
     """A node loaded in one namespace is not unloaded through a same-named interface of
     another (whose qdisc it would otherwise destroy)."""

@@ -92,7 +92,7 @@ def test_seed_loads_with_the_expected_values():
 def test_defaults_are_filled_in():
     spec = parse_spec(MINIMAL)
     assert spec.cluster == Cluster(
-        node_port_range=PortRange(30000, 32767), snat_port_range=PortRange(32768, 65535)
+        node_port_range=PortRange(30000, 32767), snat_port_range=PortRange(61000, 65535)
     )
     (web,) = spec.services
     assert (web.namespace, web.cluster_ip, web.backends) == ("default", None, [])
@@ -223,7 +223,7 @@ def test_spec_to_dict_round_trips(path: Path):
 def test_spec_to_dict_is_resolved():
     data = spec_to_dict(parse_spec(MINIMAL))
     assert data["cluster"] == {
-        "nodePortRange": "30000-32767", "snatPortRange": "32768-65535",
+        "nodePortRange": "30000-32767", "snatPortRange": "61000-65535",
         "capacity": {"frontends": 131072, "backendSlots": 1048576, "backends": 262144, "flows": 262144,
                      "halfOpenFlows": 65536, "udpFlows": 131072, "nextHops": 65536, "affinityClients": 65536,
                      "sourceRanges": 16384},
