@@ -37,8 +37,11 @@ TIMEOUTS = (
     ("CT_UDP_TIMEOUT", 60),
     ("SNAT_REUSE_GRACE", 120),
     # how long a SNAT claim holds its port with no conntrack entry of its flow at the port
-    # (being set up, or its reply entry evicted): a flow's checks renew it, every 2 s at most
-    ("SNAT_CLAIM_LEASE", 2),
+    # (being set up, or its reply entry evicted): a flow's checks renew it. A flow's packets
+    # are checked from 2 s after its last check on (ct_fast): by then another flow may have
+    # the port, and the check finds it so, before any packet goes into it. Longer, a SYN
+    # flood's claims would hold more of the ports.
+    ("SNAT_CLAIM_LEASE", 1),
     ("CT_GC_INTERVAL", 5),  # how often ct_v4's collector runs
 )
 

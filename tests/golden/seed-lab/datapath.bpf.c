@@ -41,7 +41,7 @@ const volatile struct bpfgen_config CONFIG SEC(".rodata.config") = {};
 #define CT_CLOSE_TIMEOUT 10
 #define CT_UDP_TIMEOUT 60
 #define SNAT_REUSE_GRACE 120
-#define SNAT_CLAIM_LEASE 2
+#define SNAT_CLAIM_LEASE 1
 #define CT_GC_INTERVAL 5
 
 /* service frontends and their backend slots (max_entries: the default, set from the cluster's capacity at load) */
