@@ -769,6 +769,13 @@ static __always_inline int ct_port_released(const struct bpfgen_ct_entry *ct, __
 	return 0;
 }
 
+/* Whether ct, a CT_OUT entry at a port, is a live flow of the node's own (a ClusterIP flow,
+ * not SNATed: its port reserved, or bound to by hand): its tuple is its own. */
+static __always_inline int ct_is_nodes_own(const struct bpfgen_ct_entry *ct, __u32 now)
+{
+	return ct && !(ct->flags & CT_SNAT) && ct_is_live(ct, now);
+}
+
 /* The conntrack entry (CT_OUT, either table) of the flow that has the port at s->key. */
 static __always_inline struct bpfgen_ct_entry *port_flow(const struct snat_search *s)
 {
@@ -805,10 +812,9 @@ static __always_inline int snat_is_stale(struct bpfgen_nat_entry *nat, __u32 cla
 	__u32 now = s->now;
 	int live;
 
-	live = ct && ct_is_live(ct, now);
-	/* (a live flow of the node's own to the backend from this port: its tuple) */
-	if (live && !(ct->flags & CT_SNAT))
+	if (ct_is_nodes_own(ct, now))
 		return 0;
+	live = ct && ct_is_live(ct, now);
 	/* a claim whose flow has no entry at the port: one being set up, or one whose reply
 	 * entry an LRU map evicted, which renews its claim at every check (snat_keep) */
 	if (!ct || ct->nat_cookie != cookie)
@@ -838,8 +844,8 @@ static __always_inline int snat_unowned(struct snat_search *s)
 	struct bpfgen_nat_entry owner = {};
 	struct bpfgen_nat_entry *nat;
 
-	if (ct && !(ct->flags & CT_SNAT) && ct_is_live(ct, s->now))
-		return 0; /* a flow of the node's own has this tuple (its port reserved, it was bound to it) */
+	if (ct_is_nodes_own(ct, s->now))
+		return 0;
 	if (!ct || !(ct->flags & CT_SNAT) || !ct->nat_cookie)
 		return 1;
 	owner.addr = ct->xl_daddr;
