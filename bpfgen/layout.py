@@ -260,7 +260,10 @@ CT_ENTRY = _s(
 NAT_ENTRY = _s(
     "bpfgen_nat_entry",
     "An SNAT translation: NAT_OUT rewrites the source to addr:port, NAT_IN the destination.",
-    ("addr", "ip4", "NAT_IN: the client of the port's last flow"), ("port", "port"), ("pad", "u16"),
+    ("addr", "ip4", "NAT_IN: the client of the port's last flow"), ("port", "port"),
+    ("tw_mark", "u16", "NAT_IN: the port's last flow's reply entry expired then (datapath seconds, low 16 bits, 0:"
+     " no mark) and the backend may hold the flow in TIME_WAIT, which only SYNs with timestamps pass: others wait SNAT_REUSE_GRACE from"
+     " then (set when the collector removes the flow's reply entry before that)"),
     ("claimed", "u32", "NAT_IN: when a flow took the port (seconds, the clock of expires)"),
     ("cookie", "u32", "NAT_IN: the claim, never 0; claimed and cookie change together (one 64-bit"
      " compare-and-swap) and the flow's conntrack entries carry it"),

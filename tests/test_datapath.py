@@ -1783,6 +1783,25 @@ def test_a_port_released_by_timestamps_waits_for_a_syn_without_them(node0):
     assert node0.from_netdev(stamped).pkt.sport == snat
 
 
+def test_a_port_released_by_timestamps_still_waits_for_a_syn_without_them_once_its_entry_is_collected(node0):
+    """The collector removes a dead flow's reply entry as soon as no SYN with timestamps
+    would trip on the backend's TIME_WAIT: the port's claim then keeps the rest for SYNs
+    without (until SNAT_REUSE_GRACE after the flow's end), so a client without timestamps
+    still gets another port, and one with them still gets this one."""
+    snat, _ = _closed_by_the_backend_with_timestamps(node0)
+    out = (NODE0, snat, BACKEND, BACKEND_PORT)
+    now = now_sec()
+    node0.put_ct(out, "CT_OUT", **{**node0.ct(out, "CT_OUT"), "expires": now - 2})  # its close timeout over
+    claim_key = tuple_key((BACKEND, BACKEND_PORT, NODE0, snat), "NAT_IN")
+    claim = layout.NAT_ENTRY.unpack(node0.maps["snat_v4"].lookup(claim_key))
+    node0.maps["snat_v4"].update(claim_key, layout.NAT_ENTRY.pack(**{**claim, "claimed": now - 30}))
+    arm_collector(node0.obj.program(COLLECTOR_PROGRAM).fd)
+    assert node0.maps["ct_v4"].lookup(tuple_key(out, "CT_OUT")) is None  # (collected)
+    assert node0.from_netdev(pk.tcp(OTHER_CLIENT, snat, NODE0, NODEPORT, pk.SYN)).pkt.sport != snat
+    stamped = pk.tcp_ts("172.26.50.191", snat, NODE0, NODEPORT, pk.SYN, 5, 0, syn_layout=True)
+    assert node0.from_netdev(stamped).pkt.sport == snat
+
+
 @pytest.mark.parametrize("proto", [UDP, TCP])
 def test_a_flow_whose_forward_entry_was_evicted_comes_back_on_its_port(node0, proto):
     """One flow, one mapping: a flow whose forward entry an LRU map evicted while its reply

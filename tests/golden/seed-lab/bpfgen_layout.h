@@ -149,7 +149,7 @@ _Static_assert(sizeof(struct bpfgen_ct_entry) == 68, "bpfgen_ct_entry layout");
 struct bpfgen_nat_entry {
 	bpfgen_ip4_t addr; /* NAT_IN: the client of the port's last flow */
 	bpfgen_port_t port;
-	__u16 pad;
+	__u16 tw_mark; /* NAT_IN: the port's last flow's reply entry expired then (datapath seconds, low 16 bits, 0: no mark) and the backend may hold the flow in TIME_WAIT, which only SYNs with timestamps pass: others wait SNAT_REUSE_GRACE from then (set when the collector removes the flow's reply entry before that) */
 	__u32 claimed; /* NAT_IN: when a flow took the port (seconds, the clock of expires) */
 	__u32 cookie; /* NAT_IN: the claim, never 0; claimed and cookie change together (one 64-bit compare-and-swap) and the flow's conntrack entries carry it */
 };

@@ -776,6 +776,22 @@ static __always_inline int ct_is_nodes_own(const struct bpfgen_ct_entry *ct, __u
 	return ct && !(ct->flags & CT_SNAT) && ct_is_live(ct, now);
 }
 
+/* A claim's tw_mark for the reply entry ct of its port's last flow: when ct expired, never 0. */
+static __always_inline __u16 snat_tw_mark(const struct bpfgen_ct_entry *ct)
+{
+	__u16 mark = ct->expires;
+
+	return mark ? mark : 1;
+}
+
+/* Whether the claim nat's mark says the backend may still hold its port's last flow in
+ * TIME_WAIT for a SYN without timestamps: within SNAT_REUSE_GRACE of that flow's end (the
+ * rest its reply entry, had it stayed, would have kept). */
+static __always_inline int snat_in_time_wait(const struct bpfgen_nat_entry *nat, __u32 now)
+{
+	return nat->tw_mark && (__u16)((__u16)now - nat->tw_mark) <= SNAT_REUSE_GRACE;
+}
+
 /* The conntrack entry (CT_OUT, either table) of the flow that has the port at s->key. */
 static __always_inline struct bpfgen_ct_entry *port_flow(const struct snat_search *s)
 {
@@ -815,6 +831,10 @@ static __always_inline int snat_is_stale(struct bpfgen_nat_entry *nat, __u32 cla
 	if (ct_is_nodes_own(ct, now))
 		return 0;
 	live = ct && ct_is_live(ct, now);
+	/* the port's last flow's reply entry collected while the backend may hold the flow in
+	 * TIME_WAIT, which only SYNs with timestamps pass (snat_mark_time_wait) */
+	if (!ct && !s->ts && snat_in_time_wait(nat, now))
+		return 0;
 	/* a claim whose flow has no entry at the port: one being set up, or one whose reply
 	 * entry an LRU map evicted, which renews its claim at every check (snat_keep) */
 	if (!ct || ct->nat_cookie != cookie)
@@ -908,6 +928,7 @@ static __always_inline int snat_claim(struct snat_search *s)
 		return 0; /* another CPU took it first */
 	nat->addr = s->val.addr;
 	nat->port = s->val.port;
+	nat->tw_mark = 0;
 	s->took_over = 1;
 	return 1;
 }
@@ -1807,10 +1828,33 @@ struct collector_sweep {
 };
 
 /* Whether a dead entry still decides its SNAT port's rest: a SNATed flow's CT_OUT entry
- * (snat_is_stale reads it), unless its flow left the backend nothing to protect. */
+ * (snat_is_stale reads it), unless its flow left the backend nothing a SYN with timestamps
+ * could trip on (a rest for SYNs without them is kept in the port's claim). */
 static __always_inline int ct_keeps_port(const struct bpfgen_tuple *key, const struct bpfgen_ct_entry *ct, __u32 now)
 {
 	return key->dir == CT_OUT && (ct->flags & CT_SNAT) && ct_port_released(ct, now, 0, 1) <= 0;
+}
+
+/*
+ * Before the dead CT_OUT entry ct (at key) goes while its port would still rest for a SYN
+ * without timestamps (the backend may hold its flow in TIME_WAIT: released for SYNs with
+ * timestamps, or the table pressed), the rest is kept in the port's claim, if it is still
+ * this flow's: snat_is_stale reads it there once the entry is gone. Marked first: a CPU
+ * that finds no entry finds the mark.
+ */
+static __always_inline void snat_mark_time_wait(const struct bpfgen_tuple *key, const struct bpfgen_ct_entry *ct,
+						__u32 now)
+{
+	struct bpfgen_nat_entry *nat;
+	struct bpfgen_tuple nat_key;
+
+	if (key->dir != CT_OUT || !(ct->flags & CT_SNAT) || ct->expires + SNAT_REUSE_GRACE < now ||
+	    ct_port_released(ct, now, 0, 0) > 0)
+		return;
+	nat_in_key(&nat_key, key->daddr, key->dport, key->saddr, key->sport, key->proto);
+	nat = bpf_map_lookup_elem(&snat_v4, &nat_key);
+	if (nat && nat->cookie == ct->nat_cookie)
+		nat->tw_mark = snat_tw_mark(ct);
 }
 
 static long collect_one(void *map, struct bpfgen_tuple *key, struct bpfgen_ct_entry *ct, struct collector_sweep *s)
@@ -1818,8 +1862,10 @@ static long collect_one(void *map, struct bpfgen_tuple *key, struct bpfgen_ct_en
 	s->seen++;
 	if (ct->expires >= s->now)
 		return 0;
-	if ((s->pressed || ct->expires + SNAT_REUSE_GRACE < s->now || !ct_keeps_port(key, ct, s->now)) &&
-	    bpf_map_delete_elem(&ct_v4, key) == 0)
+	if (!s->pressed && ct->expires + SNAT_REUSE_GRACE >= s->now && ct_keeps_port(key, ct, s->now))
+		return 0;
+	snat_mark_time_wait(key, ct, s->now);
+	if (bpf_map_delete_elem(&ct_v4, key) == 0)
 		s->removed++;
 	return 0;
 }
