@@ -40,6 +40,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from bpfgen.errors import unwind_on_sigterm  # noqa: E402
 from bpfgen.labnet import read_line  # noqa: E402
 
 SPEC = REPO / "tests" / "specs" / "lab" / "snat-1000.yaml"
@@ -220,6 +221,7 @@ def main() -> int:
     if os.geteuid() != 0:
         print("needs root", file=sys.stderr)
         return 2
+    unwind_on_sigterm()  # (a SIGTERM unwinds through the cleanup, like Ctrl-C)
     with tempfile.TemporaryDirectory(prefix="connrate-") as tmp_:
         tmp = Path(tmp_)
         os.environ.setdefault("BPFGEN_PIN_ROOT", f"/sys/fs/bpf/bpfgen-bench-{secrets.token_hex(4)}")

@@ -466,10 +466,6 @@ def ensure_bpffs() -> str:
 # ---------------------------------------------------------------- the benchmark
 
 
-def on_sigterm(*_: object) -> None:
-    raise KeyboardInterrupt  # unwinds through the cleanup like Ctrl-C
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--services", type=int, default=10000)
@@ -492,7 +488,9 @@ def main() -> int:
         sys.exit(f"controlplane: --conntrack takes 0 to {CT_CAPACITY} (ct_v4's default size)")
 
     # A SIGTERM unwinds like Ctrl-C, through the cleanup below.
-    signal.signal(signal.SIGTERM, on_sigterm)
+    from bpfgen.errors import unwind_on_sigterm
+
+    unwind_on_sigterm()
     tag = secrets.token_hex(4)
     bench = Bench(Path(tempfile.mkdtemp(prefix=f"bcp-{tag}-")))
     tmp = bench.tmp

@@ -36,6 +36,7 @@ sys.path.insert(0, str(REPO))
 
 from bpfgen import libbpf as bpf  # noqa: E402
 from bpfgen.build import compile_object, compile_spec  # noqa: E402
+from bpfgen.errors import unwind_on_sigterm  # noqa: E402
 from bpfgen.loader import SERVICE_MAPS, open_datapath, sync_service_maps  # noqa: E402
 from bpfgen.netns import enter_netns, ifindex as if_index  # noqa: E402
 from tests.packets import ACK, SYN, tcp, tcp_ts  # noqa: E402
@@ -108,6 +109,7 @@ def main() -> int:
     parser.add_argument("--flows", type=int, default=FLOWS, choices=range(1, 1001), metavar="1-1000",
                         help="established flows each established case takes in turn")
     args = parser.parse_args()
+    unwind_on_sigterm()  # (a SIGTERM unwinds through the cleanup, like Ctrl-C)
 
     ns = f"bgb-{secrets.token_hex(3)}"
     pins = Path("/sys/fs/bpf") / f"bpfgen-bench-{ns}"

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import click
 
-from .errors import EXIT_FAILURE, BpfgenError, SpecError
+from .errors import EXIT_FAILURE, BpfgenError, SpecError, unwind_on_sigterm
 
 
 class Context:
@@ -496,6 +496,7 @@ def lab_demo(spec: Path | None, prefix: str, keep: bool, output: str) -> None:
 
 
 def main() -> None:
+    unwind_on_sigterm()
     cli(prog_name="bpfgen")
 
 

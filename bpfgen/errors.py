@@ -5,7 +5,9 @@ Exit codes: 0 ok, 1 failure, 2 bad input or usage.
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass
+from typing import Any
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -51,3 +53,14 @@ class SpecError(UsageError):
 
     def lines(self) -> list[str]:
         return [str(p) for p in self.problems]
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def unwind_on_sigterm() -> None:
+    """Make a SIGTERM (a supervisor's, a CI job's timeout, `kill`) raise KeyboardInterrupt,
+    so that it unwinds through the same cleanup as Ctrl-C: what the process made in the
+    kernel (a lab, a load half-applied) is undone, not left behind."""
+    signal.signal(signal.SIGTERM, _terminated)

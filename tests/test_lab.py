@@ -4,6 +4,7 @@ loaded on every node, checked from both ends of each connection and in the maps.
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import socket
 import subprocess
@@ -207,6 +208,33 @@ def test_lab_demo_runs_the_walk_and_cleans_up(tmp_path: Path, monkeypatch: pytes
     assert any(n["xlate"] == "XLATE_SRC" for n in report["nat"])
     assert not any(ns.startswith(prefix + "-") for ns in _namespaces())
     assert not any(isolated_state.glob("*/*"))
+
+
+def test_a_lab_demo_stopped_by_sigterm_removes_what_it_made(tmp_path: Path, isolated_state: Path) -> None:
+    """A SIGTERM (a supervisor's, a CI job's timeout) unwinds like Ctrl-C: `bpfgen lab demo`
+    exits 1 with a one-line message and leaves no namespace, pin or record behind."""
+    prefix = f"s{secrets.token_hex(3)}"
+    env = {**os.environ, "BPFGEN_PIN_ROOT": str(isolated_state), "BPFGEN_RUN_DIR": str(tmp_path / "run")}
+    proc = subprocess.Popen([sys.executable, "-c", "from bpfgen.cli import main; main()", "lab", "demo", "--prefix",
+                             prefix], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not any(ns.startswith(prefix + "-") for ns in _namespaces()):  # (the lab being made)
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        time.sleep(0.5)
+        proc.terminate()
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if any(ns.startswith(prefix + "-") for ns in _namespaces()):
+            labmod.down(prefix)  # (what it left behind, so that the failure below leaves nothing)
+    assert proc.returncode == 1, stderr
+    assert stderr.strip().splitlines()[-1] == "bpfgen: interrupted" and "Traceback" not in stderr
+    assert not any(ns.startswith(prefix + "-") for ns in _namespaces())
+    assert not any(isolated_state.glob("*/*"))
+    assert not any((tmp_path / "run").glob("**/*.json"))
 
 
 def _read_json_line(s: socket.socket) -> tuple[dict, bytes]:
