@@ -17,6 +17,7 @@ never to an interface of the root namespace (`attached` checks it).
 from __future__ import annotations
 
 import itertools
+import mmap
 import os
 import socket
 import struct
@@ -1857,3 +1858,59 @@ def test_a_live_flow_of_the_nodes_own_keeps_its_tuple(node0):
     after = node0.ct(node_flow, "CT_OUT")
     assert {k: after[k] for k in mine} == {**mine, "xl_saddr": __import__("ipaddress").IPv4Address("10.96.0.10"),
                                            "xl_daddr": __import__("ipaddress").IPv4Address(NODE0)}
+
+
+def _in_lockstep_on_two_cpus(prog_fd: int, ctx: bytes, frames: tuple[list[bytes], list[bytes]]) -> None:
+    """Runs frames[0][i] on one CPU and frames[1][i] on another at the same moment, for each
+    i in turn: two forked processes meeting at a spin barrier in shared memory before each
+    pair (a test run stays on its CPU)."""
+    cpus = sorted(os.sched_getaffinity(0))[:2]
+    if len(cpus) < 2:
+        if os.environ.get("CI"):
+            pytest.fail("needs two CPUs (CI: this test must run)", pytrace=False)
+        pytest.skip("needs two CPUs")
+    shared = mmap.mmap(-1, 16)
+    counters = memoryview(shared).cast("Q")
+    children = []
+    for side in (0, 1):
+        pid = os.fork()
+        if pid == 0:  # the child: its side's frames, each once the other side is there too
+            code = 1
+            try:
+                os.sched_setaffinity(0, {cpus[side]})
+                for i, frame in enumerate(frames[side]):
+                    counters[side] = i + 1
+                    while counters[1 - side] < i + 1:
+                        pass
+                    bpf.prog_test_run(prog_fd, frame, ctx_in=ctx)
+                code = 0
+            finally:
+                os._exit(code)
+        children.append(pid)
+    for pid in children:
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+
+
+def test_both_fins_on_two_cpus_at_once_close_the_flow(node0):
+    """The client's FIN and the backend's FIN of one flow handled at the same moment on
+    two CPUs (an RSS NIC puts a flow's two directions on two queues): each sets its bit of
+    both entries' state, neither loses the other's, and the flow closes (a lost FIN left
+    it half-closed, holding its SNAT port for the established timeout, 6 h)."""
+    flows = [_established(node0, client_port=41000 + i) for i in range(3000)]
+    fins = ([pk.tcp(*service, pk.FIN | pk.ACK) for service, _ in flows],
+            [pk.tcp(BACKEND, BACKEND_PORT, NODE0, snat, pk.FIN | pk.ACK) for _, snat in flows])
+    _in_lockstep_on_two_cpus(node0.obj.program("from_netdev").fd, skb_ctx(node0.ifindex), fins)
+    both = FLAGS["CT_FIN_CLIENT"] | FLAGS["CT_FIN_BACKEND"]
+    late = now_sec() + dict(TIMEOUTS)["CT_CLOSE_TIMEOUT"] + 1
+    lost = [(service, snat) for service, snat in flows
+            for entry in (node0.ct(service, "CT_SERVICE"), node0.ct(_out_flow(node0, snat), "CT_OUT"))
+            if entry["flags"] & both != both]
+    assert len(lost) == 0, f"{len(lost)} entries lost a FIN"
+    # (and the final ACKs close whatever state the two FINs left: both FINs seen is closing)
+    for service, snat in flows:
+        node0.from_netdev(pk.tcp(*service, pk.ACK))
+        node0.from_netdev(pk.tcp(BACKEND, BACKEND_PORT, NODE0, snat, pk.ACK))
+    open_ = [service for service, snat in flows
+             for entry in (node0.ct(service, "CT_SERVICE"), node0.ct(_out_flow(node0, snat), "CT_OUT"))
+             if not entry["flags"] & FLAGS["CT_CLOSING"] or entry["expires"] > late]
+    assert open_ == []

@@ -640,9 +640,10 @@ static __always_inline __u16 ct_flags_after(const struct pkt *p, __u16 flags, __
 		if (!(flags & CT_FIN_BOTH) && fin == CT_FIN_BACKEND)
 			flags |= CT_BACKEND_CLOSED_FIRST;
 		flags |= fin;
-		if ((flags & CT_FIN_BOTH) == CT_FIN_BOTH)
-			flags |= CT_CLOSING;
 	}
+	/* both FINs seen is closing, however they came (two CPUs' at once: ct_touch) */
+	if ((flags & CT_FIN_BOTH) == CT_FIN_BOTH)
+		flags |= CT_CLOSING;
 	return flags;
 }
 
@@ -653,19 +654,47 @@ static __always_inline __u16 now_tick(void)
 	return bpf_ktime_get_coarse_ns() >> 20;
 }
 
+_Static_assert(offsetof(struct bpfgen_ct_entry, flags) % 4 == 0 &&
+		       offsetof(struct bpfgen_ct_entry, snat_port) == offsetof(struct bpfgen_ct_entry, flags) + 2,
+	       "a CT entry's flags are the first half of a 32-bit word, snat_port the second");
+
+/*
+ * Sets state bits of ct atomically (an OR of the 32-bit word that holds its flags, and
+ * snat_port, which it leaves): the two sides of a flow may change one entry at the same
+ * moment on two CPUs (an RSS NIC's two queues), and a plain store of one side's state
+ * would lose the other's (its FIN: the flow then stays half-closed, holding its SNAT
+ * port, for the established timeout). Returns the flags as they are now: both sides'.
+ */
+static __always_inline __u16 ct_flags_set(struct bpfgen_ct_entry *ct, __u16 bits)
+{
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+	__u32 word = bits;
+#else
+	__u32 word = (__u32)bits << 16;
+#endif
+
+	__sync_fetch_and_or((__u32 *)&ct->flags, word);
+	return ct->flags;
+}
+
 /* Refreshes an entry in place, writing only what changed; returns whether anything did. */
 static __always_inline int ct_touch(struct bpfgen_ct_entry *ct, const struct pkt *p, __u32 now, __u8 fin)
 {
 	__u16 flags = ct_flags_after(p, ct->flags, fin);
-	__u32 expires = now + ct_lifetime(p, flags);
+	__u32 expires;
 	int changed = 0;
 
 	if ((flags & CT_BACKEND_DONE) && !(ct->flags & CT_BACKEND_DONE))
 		ct->done_tick = now_tick();
 	if (flags != ct->flags) {
-		ct->flags = flags;
+		/* (the state only gains bits on the datapath; with another CPU's, both FINs
+		 * may be there now without CT_CLOSING: set it too) */
+		flags = ct_flags_set(ct, flags & ~ct->flags);
+		if ((flags & CT_FIN_BOTH) == CT_FIN_BOTH && !(flags & CT_CLOSING))
+			flags = ct_flags_set(ct, CT_CLOSING);
 		changed = 1;
 	}
+	expires = now + ct_lifetime(p, flags);
 	if (expires != ct->expires) {
 		ct->expires = expires;
 		changed = 1;
