@@ -171,6 +171,13 @@ class _Raiser:
         return self.fail(data)
 
 
+def _too_deep(type_id: int) -> BtfError:
+    """The error of a type whose walk ran out of Python's stack: one that contains itself
+    (by value, through an array) or is nested hundreds of levels deep (no compiler emits
+    either; a crafted object may)."""
+    return BtfError(f"type [{type_id}] is nested too deeply, or contains itself")
+
+
 def _raiser(error: BtfError) -> _Raiser:
     def fail(data: bytes) -> Any:
         raise error
@@ -341,7 +348,11 @@ class Btf:
         """sizeof the type in bytes (pointers are 8)."""
         size = self._sizes.get(type_id)
         if size is None:
-            size = self._sizes[type_id] = self._size(type_id)
+            try:
+                size = self._size(type_id)
+            except RecursionError:
+                raise _too_deep(type_id) from None
+            self._sizes[type_id] = size
         return size
 
     def _size(self, type_id: int) -> int:
@@ -358,6 +369,12 @@ class Btf:
 
     def describe(self, type_id: int) -> str:
         """A C-like spelling of the type: "struct flow_key", "__u32", "char[8]", "void *"."""
+        try:
+            return self._describe(type_id)
+        except RecursionError:
+            raise _too_deep(type_id) from None
+
+    def _describe(self, type_id: int) -> str:
         t = self.type(type_id)
         name = t.name or "(anon)"
         if t.kind == Kind.VOID:
@@ -368,15 +385,15 @@ class Btf:
         if t.kind == Kind.FWD:
             return f"{'union' if t.kind_flag else 'struct'} {name}"
         if t.kind == Kind.PTR:
-            return f"{self.describe(t.type)} *"
+            return f"{self._describe(t.type)} *"
         if t.kind == Kind.ARRAY:
-            return f"{self.describe(t.type)}[{t.nelems}]"
+            return f"{self._describe(t.type)}[{t.nelems}]"
         if t.kind in (Kind.CONST, Kind.VOLATILE, Kind.RESTRICT):
-            return f"{t.kind.name.lower()} {self.describe(t.type)}"
+            return f"{t.kind.name.lower()} {self._describe(t.type)}"
         if t.kind == Kind.TYPE_TAG:
-            return self.describe(t.type)
+            return self._describe(t.type)
         if t.kind == Kind.FUNC_PROTO:
-            return f"{self.describe(t.type)} (*)({', '.join(self.describe(p.type) for p in t.params)})"
+            return f"{self._describe(t.type)} (*)({', '.join(self._describe(p.type) for p in t.params)})"
         return name
 
     # --- maps ---
@@ -430,19 +447,23 @@ class Btf:
         try:
             return self.decoder(type_id)(bytes(data[:size]))
         except RecursionError:
-            raise BtfError(f"type [{type_id}] contains itself") from None
+            raise _too_deep(type_id) from None
 
     def decoder(self, type_id: int) -> Callable[[bytes], Any]:
         """The function that decodes exactly the bytes of a value of type `type_id`: made
         once per type (a dump of a busy map decodes the same few types 100,000s of times),
         it walks the type's BTF when it is made, not at every value. Raises BtfError for a
-        type that cannot be decoded (RecursionError for one that contains itself)."""
+        type that cannot be decoded (one nested too deeply, or containing itself, too)."""
         if self._hints != DISPLAY_HINTS:  # (the table is extensible: decoders made before it changed are stale)
             self._decoders.clear()
             self._hints = dict(DISPLAY_HINTS)
         found = self._decoders.get(type_id)
         if found is None:
-            found = self._decoders[type_id] = self._make_decoder(type_id)
+            try:
+                found = self._make_decoder(type_id)
+            except RecursionError:
+                raise _too_deep(type_id) from None
+            self._decoders[type_id] = found
         return found
 
     def _make_decoder(self, type_id: int) -> Callable[[bytes], Any]:

@@ -389,3 +389,19 @@ def test_btf_error_is_a_bpfgen_error():
     from bpfgen.errors import BpfgenError
 
     assert issubclass(BtfError, BpfgenError)
+
+
+def test_a_type_nested_too_deeply_or_containing_itself_is_a_btf_error():
+    b = BtfBuilder()
+    u32 = b.add(Kind.INT, "unsigned int", 4, 32)
+    deep = u32
+    for _ in range(3000):
+        deep = b.add(Kind.ARRAY, "", 0, deep, u32, 1)
+    loop_array = b.add(Kind.ARRAY, "", 0, b.count + 2, u32, 1)  # struct s { struct s a[1]; }
+    itself = b.add(Kind.STRUCT, "s", 4, b.string("a"), loop_array, 0, vlen=1)
+    btf = Btf.parse(b.bytes())
+    for walk in (lambda: btf.size(deep), lambda: btf.describe(deep), lambda: btf.decode(deep, b"\0" * 4),
+                 lambda: btf.decode(itself, b"\0" * 4)):
+        with pytest.raises(BtfError, match=r"type \[\d+\] is nested too deeply, or contains itself"):
+            walk()
+    assert btf.size(itself) == 4  # (its own size is stated, not walked)

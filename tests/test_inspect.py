@@ -225,3 +225,25 @@ def test_a_file_larger_than_any_bpf_object_is_refused_without_reading_it_whole(t
         f.truncate(MAX_OBJECT_BYTES + 4096)  # sparse
     with pytest.raises(InspectError, match="larger than 64 MiB"):
         inspect_object(big)
+
+
+def test_a_map_type_nested_too_deeply_is_one_line_and_exit_2(tmp_path):
+    """A crafted object whose map value is an array nested 1,500 deep (clang emits it as
+    asked) walked the BTF past Python's stack: a RecursionError traceback, exit 1."""
+    from click.testing import CliRunner
+
+    from bpfgen.cli import cli
+
+    source = tmp_path / "deep.bpf.c"
+    source.write_text(
+        "#include <linux/bpf.h>\n#include <bpf/bpf_helpers.h>\n"
+        "struct { __uint(type, BPF_MAP_TYPE_ARRAY); __uint(max_entries, 1); __type(key, __u32);"
+        f" __type(value, int{'[1]' * 1500}); }} deep SEC(\".maps\");\n"
+        'char LICENSE[] SEC("license") = "GPL";\n'
+    )
+    obj = compile_bpf(source, tmp_path)
+    assert re.fullmatch(rf"{re.escape(str(obj))}: bad \.BTF: type \[\d+\] is nested too deeply, or contains itself",
+                        inspect_error(obj))
+    result = CliRunner().invoke(cli, ["inspect", str(obj)])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and "nested too deeply" in result.output
