@@ -18,6 +18,7 @@ import random
 import secrets
 import socket
 import struct
+import threading
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -95,13 +96,14 @@ def _echoes(s: socket.socket, token: bytes) -> bool:
 
 
 def _sequential(lab, count: int, *, sources: tuple[str, ...] = ("",), client_closes: bool = False,
-                deadline: float = 120.0) -> dict:
+                deadline: float = 120.0, stop: threading.Event | None = None) -> dict:
     """count connect/request/answer/close loops through node0's NodePort, taking the source
-    addresses in turn; stops at the first failed or slow connect (or at the deadline)."""
+    addresses in turn; stops at the first failed or slow connect (or at the deadline), or
+    without a problem once stop is set."""
     done, worst, start = 0, 0.0, time.monotonic()
     problem = None
     with enter_netns(lab.client_ns):
-        while done < count and problem is None:
+        while done < count and problem is None and not (stop and stop.is_set()):
             if time.monotonic() - start > deadline:
                 problem = f"deadline of {deadline} s"
                 break
@@ -184,6 +186,43 @@ class TestRate:
         fails, none waits for a SYN retransmit (a connect slower than 0.5 s)."""
         r = _sequential(lab, SEQUENTIAL, client_closes=client_closes)
         assert r["problem"] is None and r["done"] == SEQUENTIAL, (r, _drops("node0"))
+
+    def test_new_and_long_lived_connections_ride_through_an_update_every_second(self, lab) -> None:
+        """Updates every second for 15 s, alternately adding 300 NodePort services and
+        removing them (service, reverse-NAT and backend entries written and deleted, the
+        conntrack scans of an update, the reserved ports), while a client opens
+        connections in a row through the NodePort and 10 long-lived connections idle: no
+        connect fails or waits for a SYN retransmit, and every long-lived one still echoes."""
+        def more_services(doc):
+            for i in range(300):
+                doc["services"].append({"name": f"extra{i}", "type": "NodePort",
+                                        "ports": [{"protocol": "TCP", "port": 8000 + i, "targetPort": 80}],
+                                        "backends": [{"address": "10.0.1.72", "node": "node1"}]})
+
+        builds = [compile_spec(spec, lab.tmp / f"build-{secrets.token_hex(3)}").dir
+                  for spec in (_spec_variant(lab, RATE_SPEC, more_services), RATE_SPEC)]
+        stop, result = threading.Event(), {}
+        with ExitStack() as stack:
+            conns = [stack.enter_context(_echo_connection(lab)[0]) for _ in range(10)]
+            loop = threading.Thread(target=lambda: result.update(_sequential(lab, 10**9, deadline=60, stop=stop)))
+            loop.start()
+            updates = 0
+            try:
+                end = time.monotonic() + 15
+                while time.monotonic() < end and loop.is_alive():
+                    t = time.monotonic()
+                    for name in lab.nodes:
+                        load("eth0", build=builds[updates % 2], netns=lab.node_ns(name))
+                    updates += 1
+                    time.sleep(max(0.0, 1.0 - (time.monotonic() - t)))
+            finally:
+                stop.set()
+                loop.join(30)
+                _load(lab, RATE_SPEC)
+            assert updates >= 6, updates
+            assert result["problem"] is None and result["done"] > 1000, (result, updates, _drops("node0"))
+            broken = [i for i, s in enumerate(conns) if not _echoes(s, b"after %d" % i)]
+            assert not broken, f"long-lived connections {broken} broken by the updates"
 
     def test_two_client_addresses_share_the_range_without_a_stall(self, lab) -> None:
         """Two client addresses in turn through the same 1000 ports: a port that one of them
