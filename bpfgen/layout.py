@@ -240,8 +240,8 @@ CT_ENTRY = _s(
     ("expires", "u32", "seconds of the datapath clock after which the entry is dead"),
     ("backend_id", "u32"), ("rev_nat_id", "u32"), ("flags", "u16", "CT_* state flags"),
     ("snat_port", "port"),
-    ("pad2", "u32", "free: the SNAT address is the forward entry's xl_saddr and the reply entry's key source (kept so"
-     " that pinned maps keep their layout)"),
+    ("ack_mark", "u32", "TCP: an acknowledgement number the packets that find this entry carried, at most"
+     " ACK_MARK_STEP behind their latest (0: none seen); the other side's RST is in window from it on"),
     ("nat_cookie", "u32", "SNAT: the cookie of the NAT_IN claim this flow made (0: none)"),
     ("xl_saddr", "ip4", "the whole translation of packets that find this entry: new source,"),
     ("xl_daddr", "ip4", "destination,"), ("xl_sport", "port"), ("xl_dport", "port", "and ports"),

@@ -28,6 +28,16 @@ SNAT_RETRIES = 32
 # SYN that overtakes it finds the backend's old socket (seen here with 2 ticks: a 1 s stall
 # in 100,000 connections).
 SETTLE_TICKS = 32
+# A conntrack entry's ack_mark follows its packets' acknowledgement numbers in steps of at
+# least this many bytes (a write per MiB of the other side's data, not one per packet).
+ACK_MARK_STEP = 1 << 20
+# How far past its receiver's ack_mark a RST's sequence number may be and still end the
+# flow (the sender's unacknowledged data: at most the receiver's window, which Linux
+# keeps under its tcp_rmem maximum, 6 MiB by default; 16 MiB is four times the largest
+# window a stock Linux peer advertises, plus the mark's step). A RST further off (a blind
+# one: an off-path sender who guessed the client's address and port) passes, as Linux
+# conntrack lets an out-of-window RST by, but changes no state: the endpoint drops it.
+RST_WINDOW = (16 << 20) + ACK_MARK_STEP
 # Conntrack timeouts (seconds), and how long a closed flow's SNAT port rests before
 # it is handed out again (the backend's TIME_WAIT; see kernel-notes).
 TIMEOUTS = (
@@ -111,6 +121,8 @@ def render() -> dict[str, str]:
             config_struct=layout.CONFIG.name,
             snat_retries=SNAT_RETRIES,
             settle_ticks=SETTLE_TICKS,
+            ack_mark_step=ACK_MARK_STEP,
+            rst_window=RST_WINDOW,
             timeouts=TIMEOUTS,
             maps=maps,
         ),

@@ -370,6 +370,51 @@ class TestState:
             finally:
                 _load(lab, SMALL_SPEC)
 
+    def test_a_blind_rst_leaves_the_connection_and_a_real_one_closes_it(self, lab) -> None:
+        """A RST with the client's address and port but a sequence number far from the
+        connection's (an off-path sender's guess) reaches the pod, which drops it, and
+        changes no state: the connection echoes on, its entries established. The client's
+        own RST (SO_LINGER 0) closes the flow."""
+        from bpfgen import layout
+
+        closing = layout.FLAGS["CT_CLOSING"] | layout.FLAGS["CT_BACKEND_DONE"]
+        s, _ = _echo_connection(lab)
+        with s:
+            client, frontend = s.getsockname()[:2], s.getpeername()[:2]
+            with enter_netns(lab.client_ns):
+                sniff = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))  # (ETH_P_ALL: outgoing too)
+            with sniff:
+                sniff.bind(("eth0", 3))  # (host order: Python swaps it)
+                sniff.settimeout(3)
+                s.sendall(b"echo\n")
+                while True:  # the client's segment as it left: its next sequence number
+                    frame = sniff.recv(65535)
+                    ip = frame[14:]
+                    ihl = (ip[0] & 15) * 4
+                    tcp = ip[ihl:]
+                    if ip[9] == 6 and ip[12:16] == socket.inet_aton(client[0]) and \
+                            struct.unpack("!H", tcp[:2])[0] == client[1] and len(ip) > ihl + (tcp[12] >> 4) * 4:
+                        seq = struct.unpack("!I", tcp[4:8])[0] + len(ip) - ihl - (tcp[12] >> 4) * 4
+                        break
+                assert read_line(s) == b"echo\n"
+                eth = frame[:14]  # (as the client's segments go: to node0's address)
+                src, dst = socket.inet_aton(client[0]), socket.inet_aton(frontend[0])
+                for blind in (seq + 2**31, seq + 2**30, seq - 2**20):
+                    rst = struct.pack("!HHIIBBHHH", client[1], frontend[1], blind & 0xFFFFFFFF, 0, 5 << 4, 0x04, 0, 0, 0)
+                    rst = rst[:16] + struct.pack("!H", csum(src + dst + struct.pack("!BBH", 0, 6, 20) + rst)) + rst[18:]
+                    iph = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, 1, 0, 64, 6, 0, src, dst)
+                    sniff.send(eth + iph[:10] + struct.pack("!H", csum(iph)) + iph[12:] + rst)
+            time.sleep(0.2)
+            entry = layout.CT_ENTRY.unpack(_service_entry("node0", s))
+            assert not entry["flags"] & closing, entry
+            assert _echoes(s, b"after blind resets")
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            key = tuple_key((*client, *frontend), "CT_SERVICE")
+        # (closed with SO_LINGER 0: the client's RST)
+        time.sleep(0.2)
+        entry = layout.CT_ENTRY.unpack(_ct_entry("node0", key))
+        assert entry["flags"] & closing == closing, entry
+
     def test_a_spoofed_syn_flood_does_not_evict_established_flows(self, lab) -> None:
         """FLOOD spoofed SYNs (about 70 x capacity.halfOpenFlows) (half-open flows that never complete) while 20
         established connections sit idle: they stay usable."""

@@ -492,7 +492,7 @@ def test_syn_to_remote_backend_is_dnated_and_snated(node0, client_port):
         assert node0.backend(entry["backend_id"]) == (BACKEND, BACKEND_PORT)
         assert entry["rev_nat_id"] == fid
         assert entry["flags"] & FLAGS["CT_SNAT"]
-        assert entry["snat_port"] == snat_port and entry["pad2"] == 0  # (the address: the key's, or xl_saddr)
+        assert entry["snat_port"] == snat_port and entry["ack_mark"] == 0  # (a SYN acknowledges nothing)
     assert node0.frontend_stats(fid) == (1, len(frame))
 
 
@@ -694,12 +694,13 @@ def test_egress_rewrite_of_partial_checksum_packet(node1, netns):
 # ================================================================ 7. conntrack states
 
 
-def _reply(dp: Datapath, snat_port: int, flags: int, payload: bytes = b"", client_port: int = 40000) -> Run:
+def _reply(dp: Datapath, snat_port: int, flags: int, payload: bytes = b"", client_port: int = 40000,
+           **kw: int) -> Run:
     """A backend's segment to the client's flow: through the SNAT on ingress (node0), or
-    leaving on egress from the local backend (node1)."""
+    leaving on egress from the local backend (node1). kw: seq, ack."""
     if dp.node == "node0":
-        return dp.from_netdev(pk.tcp(BACKEND, BACKEND_PORT, NODE0, snat_port, flags, payload))
-    return dp.to_netdev(pk.tcp(BACKEND, BACKEND_PORT, CLIENT, client_port, flags, payload))
+        return dp.from_netdev(pk.tcp(BACKEND, BACKEND_PORT, NODE0, snat_port, flags, payload, **kw))
+    return dp.to_netdev(pk.tcp(BACKEND, BACKEND_PORT, CLIENT, client_port, flags, payload, **kw))
 
 
 def _out_flow(dp: Datapath, snat_port: int, client_port: int = 40000) -> tuple[str, int, str, int]:
@@ -816,6 +817,57 @@ def test_rst_closes_both_entries(datapath, node, sender):
     for flow, direction in ((service, "CT_SERVICE"), (_out_flow(dp, snat), "CT_OUT")):
         entry = dp.ct(flow, direction)
         assert entry["flags"] & FLAGS["CT_CLOSING"], direction
+        assert entry["expires"] <= now_sec() + TIMEOUT["CT_CLOSE_TIMEOUT"] + 1, direction
+
+
+@pytest.mark.parametrize("sender", ["client", "backend"])
+@pytest.mark.parametrize("node", ["node0", "node1"])
+def test_a_rst_out_of_window_passes_and_changes_nothing_one_in_window_closes(datapath, node, sender):
+    """As Linux conntrack: a RST ends the flow only if its sequence number is in window
+    (from what its receiver acknowledged, kept in the other direction's entry as ack_mark,
+    in steps of ACK_MARK_STEP). A blind one (a sender off the path who guessed the
+    client's address and port) passes, translated, and changes no state: the flow keeps
+    its established timeout, and its SNAT port is not freed for another client."""
+    from bpfgen.render import ACK_MARK_STEP, RST_WINDOW
+
+    dp = datapath(SEED, node)
+    service = (CLIENT, 40000, dp.address, NODEPORT)
+    c, b = 0x10000000, 0xFFFFFF00  # the client's and the backend's initial sequence numbers (b wraps)
+    dp.from_netdev(pk.tcp(*service, pk.SYN, seq=c))
+    snat = dp.ct(service, "CT_SERVICE")["snat_port"]
+    out = _out_flow(dp, snat)
+    _reply(dp, snat, pk.SYN | pk.ACK, seq=b, ack=c + 1)
+    dp.from_netdev(pk.tcp(*service, pk.ACK, seq=c + 1, ack=(b + 1) & 0xFFFFFFFF))
+    dp.from_netdev(pk.tcp(*service, pk.PSH | pk.ACK, b"x" * 100, seq=c + 1, ack=(b + 1) & 0xFFFFFFFF))
+    _reply(dp, snat, pk.PSH | pk.ACK, b"y" * 100, seq=(b + 1) & 0xFFFFFFFF, ack=c + 101)
+    # each entry keeps what its packets acknowledged: moved on only a step at a time
+    assert dp.ct(out, "CT_OUT")["ack_mark"] == c + 1
+    assert dp.ct(service, "CT_SERVICE")["ack_mark"] == (b + 1) & 0xFFFFFFFF
+    _reply(dp, snat, pk.ACK, seq=(b + 101) & 0xFFFFFFFF, ack=c + 1 + ACK_MARK_STEP)
+    assert dp.ct(out, "CT_OUT")["ack_mark"] == c + 1 + ACK_MARK_STEP
+
+    def rst(seq: int) -> Run:
+        seq &= 0xFFFFFFFF
+        if sender == "client":
+            return dp.from_netdev(pk.tcp(*service, pk.RST, seq=seq))
+        return _reply(dp, snat, pk.RST, seq=seq)
+
+    acked = c + 1 + ACK_MARK_STEP if sender == "client" else b + 1  # what the RST's receiver acknowledged
+    for blind in (acked + RST_WINDOW + 1, acked + 2**31, acked - 1):
+        run = rst(blind)
+        assert run.pkt.tcp_flags == pk.RST and run.pkt.checksums_ok()
+        if sender == "client":
+            assert (run.pkt.daddr, run.pkt.dport) == (BACKEND, BACKEND_PORT)
+        else:
+            assert run.pkt.flow == (dp.address, NODEPORT, CLIENT, 40000)
+        for flow, direction in ((service, "CT_SERVICE"), (out, "CT_OUT")):
+            entry = dp.ct(flow, direction)
+            assert not entry["flags"] & (FLAGS["CT_CLOSING"] | FLAGS["CT_BACKEND_DONE"]), (hex(blind), direction)
+            assert entry["expires"] >= now_sec() + TIMEOUT["CT_ESTABLISHED_TIMEOUT"] - 1, direction
+    rst(acked + 50_000)  # (the receiver's window holds data in flight)
+    for flow, direction in ((service, "CT_SERVICE"), (out, "CT_OUT")):
+        entry = dp.ct(flow, direction)
+        assert entry["flags"] & FLAGS["CT_CLOSING"] and entry["flags"] & FLAGS["CT_BACKEND_DONE"], direction
         assert entry["expires"] <= now_sec() + TIMEOUT["CT_CLOSE_TIMEOUT"] + 1, direction
 
 

@@ -126,7 +126,7 @@ struct bpfgen_ct_entry {
 	__u32 rev_nat_id;
 	__u16 flags; /* CT_* state flags */
 	bpfgen_port_t snat_port;
-	__u32 pad2; /* free: the SNAT address is the forward entry's xl_saddr and the reply entry's key source (kept so that pinned maps keep their layout) */
+	__u32 ack_mark; /* TCP: an acknowledgement number the packets that find this entry carried, at most ACK_MARK_STEP behind their latest (0: none seen); the other side's RST is in window from it on */
 	__u32 nat_cookie; /* SNAT: the cookie of the NAT_IN claim this flow made (0: none) */
 	bpfgen_ip4_t xl_saddr; /* the whole translation of packets that find this entry: new source, */
 	bpfgen_ip4_t xl_daddr; /* destination, */

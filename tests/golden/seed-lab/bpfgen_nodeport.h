@@ -38,6 +38,8 @@ struct pkt {
 	__u8 tcp_flags;
 	__u8 ttl;
 	__sum16 ip_check;
+	__be32 seq; /* TCP */
+	__be32 ack_seq;
 };
 
 /* The datapath's clock: monotonic seconds plus an offset, so that it is never near 0. The
@@ -151,6 +153,8 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 		p->csum_off = p->l4_off + offsetof(struct udphdr, check);
 	}
 	p->tcp_flags = l4.flags;
+	p->seq = l4.seq;
+	p->ack_seq = l4.ack_seq;
 	p->t.sport = l4.ports[0];
 	p->t.dport = l4.ports[1];
 	p->len = skb->len;
@@ -1222,6 +1226,7 @@ static __always_inline void as_reply_entry(struct bpfgen_ct_entry *e, const stru
 	else
 		e->nh = (e->flags & CT_SNAT) ? NH_FIB : NH_STACK;
 	e->checked = 0;
+	e->ack_mark = 0; /* (the forward entry's are the client's acknowledgements) */
 }
 
 /*
@@ -1574,6 +1579,35 @@ static __noinline int ct_repair(const struct pkt *p, const struct bpfgen_ct_entr
 }
 
 /*
+ * Whether a RST that found ct, the entry of its sender's direction, may end its flow (as
+ * Linux conntrack has it: only one in window): its sequence number at most RST_WINDOW
+ * past the ack_mark of the other direction's entry (what the RST's receiver had
+ * acknowledged), or no mark to tell by. (Looked up for RSTs alone.)
+ */
+static __noinline int ct_rst_in_window(const struct pkt *p, const struct bpfgen_ct_entry *ct, int reply)
+{
+	struct bpfgen_tuple key;
+	struct bpfgen_ct_entry *other;
+	int half;
+
+	partner_key(&key, ct, IPPROTO_TCP, reply);
+	other = ct_lookup(&key, &half);
+	if (!other || !same_flow(other, ct) || !other->ack_mark)
+		return 1;
+	return bpf_ntohl(p->seq) - other->ack_mark <= RST_WINDOW;
+}
+
+/* A TCP segment's acknowledgement number kept in the entry it found (ack_mark), when it is
+ * ACK_MARK_STEP or more past the one kept: a write per MiB of the other side's data. */
+static __always_inline void ct_note_ack(struct bpfgen_ct_entry *ct, const struct pkt *p)
+{
+	__u32 ack = bpf_ntohl(p->ack_seq);
+
+	if (ack && (!ct->ack_mark || (__s32)(ack - ct->ack_mark) >= (__s32)ACK_MARK_STEP))
+		ct->ack_mark = ack;
+}
+
+/*
  * The fast path: a packet of a known flow (reply: a backend's, whose CT_OUT entry is ct;
  * else the client's, ct its CT_SERVICE(_EGRESS) entry) is translated with what ct holds,
  * after one lookup. At most once a second the entry's backend is checked (a forward
@@ -1592,7 +1626,7 @@ static __always_inline int ct_fast(struct __sk_buff *skb, struct pkt *p, const s
 {
 	struct bpfgen_tuple partner; /* (the translated tuple, then the partner's key) */
 	struct bpfgen_ct_entry *other;
-	int promote = 0, verdict;
+	int promote = 0, verdict, state = 1;
 	__u32 ts_csum = 0;
 	__u8 fin = reply ? CT_FIN_BACKEND : CT_FIN_CLIENT;
 
@@ -1633,7 +1667,14 @@ static __always_inline int ct_fast(struct __sk_buff *skb, struct pkt *p, const s
 	}
 	if (!egress && ct->nh != NH_STACK && p->ttl <= 1)
 		return drop(DROP_TTL_EXCEEDED);
-	if (ct_touch(ct, p, now, fin)) {
+	if (p->t.proto == IPPROTO_TCP) {
+		/* a RST out of window (a blind one) goes on, changing nothing: its receiver drops it */
+		if (p->tcp_flags & TCP_FLAG_RST)
+			state = ct_rst_in_window(p, ct, reply);
+		else if (p->tcp_flags & TCP_FLAG_ACK)
+			ct_note_ack(ct, p);
+	}
+	if (state && ct_touch(ct, p, now, fin)) {
 		if (half && (ct->flags & CT_ESTABLISHED)) {
 			if (ct_admit(key, ct, p, reply, now)) {
 				drop(DROP_CT_FULL);

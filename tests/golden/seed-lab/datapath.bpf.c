@@ -34,6 +34,8 @@ const volatile struct bpfgen_config CONFIG SEC(".rodata.config") = {};
 #define SNAT_PORT_COUNT ((__u32)SNAT_PORT_MAX - SNAT_PORT_MIN + 1)
 #define SNAT_RETRIES 32
 #define CT_SETTLE_TICKS 32 /* (units of 2^20 ns) */
+#define ACK_MARK_STEP 1048576U /* bytes */
+#define RST_WINDOW 17825792U /* bytes */
 
 /* Conntrack timeouts, seconds. */
 #define CT_SYN_TIMEOUT 60
