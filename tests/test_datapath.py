@@ -1930,17 +1930,22 @@ def _in_lockstep_on_two_cpus(prog_fd: int, ctx: bytes, frames: tuple[list[bytes]
             code = 1
             try:
                 os.sched_setaffinity(0, {cpus[side]})
+                deadline = time.monotonic() + 120
                 for i, frame in enumerate(frames[side]):
                     counters[side] = i + 1
+                    spins = 0
                     while counters[1 - side] < i + 1:
-                        pass
+                        spins += 1
+                        if not spins & 0xFFFF and time.monotonic() > deadline:
+                            raise TimeoutError("the other side never came")
                     bpf.prog_test_run(prog_fd, frame, ctx_in=ctx)
                 code = 0
             finally:
+                counters[side] = 2**64 - 1  # (done or failed: the other side waits for it no more)
                 os._exit(code)
         children.append(pid)
-    for pid in children:
-        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in children]
+    assert codes == [0, 0], codes
 
 
 def test_both_fins_on_two_cpus_at_once_close_the_flow(node0):
@@ -1954,14 +1959,19 @@ def test_both_fins_on_two_cpus_at_once_close_the_flow(node0):
     _in_lockstep_on_two_cpus(node0.obj.program("from_netdev").fd, skb_ctx(node0.ifindex), fins)
     both = FLAGS["CT_FIN_CLIENT"] | FLAGS["CT_FIN_BACKEND"]
     late = now_sec() + dict(TIMEOUTS)["CT_CLOSE_TIMEOUT"] + 1
-    lost = [(service, snat) for service, snat in flows
-            for entry in (node0.ct(service, "CT_SERVICE"), node0.ct(_out_flow(node0, snat), "CT_OUT"))
-            if entry["flags"] & both != both]
+    entries = [entry for service, snat in flows
+               for entry in (node0.ct(service, "CT_SERVICE"), node0.ct(_out_flow(node0, snat), "CT_OUT"))]
+    lost = [entry for entry in entries if entry["flags"] & both != both]
     assert len(lost) == 0, f"{len(lost)} entries lost a FIN"
-    # (and the final ACKs close whatever state the two FINs left: both FINs seen is closing)
+    # (closing, and with the closing expiry: one CPU's store of the established one, from
+    # the state before the other's FIN, must not land last)
+    long_lived = [entry for entry in entries if not entry["flags"] & FLAGS["CT_CLOSING"] or entry["expires"] > late]
+    assert long_lived == [], f"{len(long_lived)} entries not closing after both FINs"
+    # (and the final ACKs keep it so)
     for service, snat in flows:
         node0.from_netdev(pk.tcp(*service, pk.ACK))
         node0.from_netdev(pk.tcp(BACKEND, BACKEND_PORT, NODE0, snat, pk.ACK))
+    late = now_sec() + dict(TIMEOUTS)["CT_CLOSE_TIMEOUT"] + 1
     open_ = [service for service, snat in flows
              for entry in (node0.ct(service, "CT_SERVICE"), node0.ct(_out_flow(node0, snat), "CT_OUT"))
              if not entry["flags"] & FLAGS["CT_CLOSING"] or entry["expires"] > late]

@@ -703,6 +703,12 @@ static __always_inline int ct_touch(struct bpfgen_ct_entry *ct, const struct pkt
 		ct->expires = expires;
 		changed = 1;
 	}
+	/* Another CPU may have closed the flow since (the other side's FIN, with this one's
+	 * bit) and stored its closing expiry before this store of a longer one: read again
+	 * (after an atomic, so after this store), and that CPU's store, if it comes later,
+	 * is of the closing expiry too. */
+	if (changed && !(flags & CT_CLOSING) && p->t.proto == IPPROTO_TCP && (ct_flags_set(ct, 0) & CT_CLOSING))
+		ct->expires = now + CT_CLOSE_TIMEOUT;
 	return changed;
 }
 
