@@ -56,11 +56,17 @@ class SpecError(UsageError):
 
 
 def _terminated(signum: int, frame: Any) -> None:
+    # One signal unwinds; those after it (a supervisor's repeated SIGTERM, Ctrl-C pressed
+    # again) are ignored, so that they cannot cut the cleanup short half-way.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 
 def unwind_on_sigterm() -> None:
-    """Make a SIGTERM (a supervisor's, a CI job's timeout, `kill`) raise KeyboardInterrupt,
-    so that it unwinds through the same cleanup as Ctrl-C: what the process made in the
-    kernel (a lab, a load half-applied) is undone, not left behind."""
+    """Make a SIGTERM (a supervisor's, a CI job's timeout, `kill`) or a SIGINT (Ctrl-C)
+    raise KeyboardInterrupt once, so that it unwinds through the cleanup: what the process
+    made in the kernel (a lab, a load half-applied) is undone, not left behind; further
+    signals are ignored while it is (SIGKILL still ends a cleanup that hangs)."""
     signal.signal(signal.SIGTERM, _terminated)
+    signal.signal(signal.SIGINT, _terminated)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -210,9 +211,11 @@ def test_lab_demo_runs_the_walk_and_cleans_up(tmp_path: Path, monkeypatch: pytes
     assert not any(isolated_state.glob("*/*"))
 
 
-def test_a_lab_demo_stopped_by_sigterm_removes_what_it_made(tmp_path: Path, isolated_state: Path) -> None:
+@pytest.mark.parametrize("again", [False, True], ids=["one-sigterm", "signals-during-the-cleanup"])
+def test_a_lab_demo_stopped_by_sigterm_removes_what_it_made(tmp_path: Path, isolated_state: Path, again: bool) -> None:
     """A SIGTERM (a supervisor's, a CI job's timeout) unwinds like Ctrl-C: `bpfgen lab demo`
-    exits 1 with a one-line message and leaves no namespace, pin or record behind."""
+    exits 1 with a one-line message and leaves no namespace, pin or record behind; more
+    SIGTERMs and SIGINTs while it cleans up do not cut the cleanup short."""
     prefix = f"s{secrets.token_hex(3)}"
     env = {**os.environ, "BPFGEN_PIN_ROOT": str(isolated_state), "BPFGEN_RUN_DIR": str(tmp_path / "run")}
     proc = subprocess.Popen([sys.executable, "-c", "from bpfgen.cli import main; main()", "lab", "demo", "--prefix",
@@ -224,6 +227,13 @@ def test_a_lab_demo_stopped_by_sigterm_removes_what_it_made(tmp_path: Path, isol
             time.sleep(0.05)
         time.sleep(0.5)
         proc.terminate()
+        if again:
+            deadline = time.monotonic() + 60
+            while proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    if proc.poll() is None:
+                        proc.send_signal(sig)
         _, stderr = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
