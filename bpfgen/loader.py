@@ -93,6 +93,8 @@ def apply_changes(maps: dict[str, bpf.MapFd], changes: Changes) -> None:
         maps[name].update_batch(keys, values)
     for name, keys in changes.deletes:
         maps[name].delete_batch(keys)
+    for name, keys, values in changes.finals:
+        maps[name].update_batch(keys, values)
 
 
 _NOT_SERVING = layout.FLAGS["BACKEND_NOT_SERVING"]
@@ -481,7 +483,7 @@ def _map_ids(maps: dict[str, bpf.MapFd]) -> dict[str, int]:
 def _values_of(maps: dict[str, bpf.MapFd], changes: Changes) -> dict[str, dict[bytes, bytes | None]]:
     """What the keys a change touches hold now (None: absent)."""
     before: dict[str, dict[bytes, bytes | None]] = {name: {} for name in SERVICE_MAPS}
-    for name, keys, _ in changes.writes:
+    for name, keys, _ in changes.writes + changes.finals:
         for k in keys:
             before[name][k] = maps[name].lookup(k)
     for name, keys in changes.deletes:

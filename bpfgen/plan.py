@@ -277,7 +277,25 @@ def map_sizes(plan: Plan) -> dict[str, int]:
     return {m.name: m.max_entries(plan.capacity) for m in layout.MAPS}
 
 
-SERVICE_MAPS = ("svc_v4", "backend_v4", "revnat_v4", "aff_match_v4", "src_range_v4")
+SERVICE_MAPS = ("svc_v4", "backend_v4", "revnat_v4", "aff_match_v4", "src_range_v4", "fe_addr_v4")
+_ADDR_BITS = layout.ADDR_BITS
+
+
+def address_filter(plan: Plan) -> dict[bytes, bytes]:
+    """fe_addr_v4's words that have a bit set (the others are 0): a bit for every clusterIP,
+    external and load-balancer IP of the plan's services (a superset of the addresses of
+    any node's frontends but its own, which the datapath never looks up here)."""
+    words: dict[int, int] = {}
+    for s in plan.services:
+        for addr in _addresses(s):
+            word, bit = layout.fe_addr_bit(int.from_bytes(socket.inet_aton(addr), "big"))
+            words[word] = words.get(word, 0) | 1 << bit
+    return {_U32.pack(w): _ADDR_BITS.pack(bits=bits) for w, bits in sorted(words.items())}
+
+
+def _addresses(s: ServicePlan) -> tuple[str, ...]:
+    """The addresses a service's frontends have (but a node's, of its NodePorts)."""
+    return tuple(a for a in (s.cluster_ip, *s.external_ips, *s.load_balancer_ips) if a is not None)
 Contents = dict[str, dict[bytes, bytes]]
 
 
@@ -420,7 +438,7 @@ def desired(plan: Plan, node: NodeInfo, have: Contents, held: Held | None = None
     identities = _identities(fes, pk)
     be_ids = _allocate((i for i, _ in identities.values()), old_be, plan.capacity["backends"], held.backends,
                        "backends")
-    return _entries(fes, fe_keys, fe_ids, identities, be_ids, pk)
+    return {**_entries(fes, fe_keys, fe_ids, identities, be_ids, pk), "fe_addr_v4": address_filter(plan)}
 
 
 class KernelView:
@@ -448,6 +466,12 @@ def incremental(old: Plan, new: Plan, node: NodeInfo, kernel: KernelView, held: 
     if not changed:
         return Changes([], [])
     pk = _Packer()
+    # (the filter is the plan's, whole: computed only when the changed services' addresses change)
+    if [_addresses(before[k]) for k in sorted(changed) if k in before] != \
+            [_addresses(after[k]) for k in sorted(changed) if k in after]:
+        filters = address_filter(old), address_filter(new)
+    else:
+        filters = {}, {}
 
     def part(plan: Plan, services: dict[str, ServicePlan]) -> list[Frontend]:
         sub = Plan(plan.name, plan.node_port_range, plan.snat_port_range, plan.capacity, plan.nodes,
@@ -462,7 +486,7 @@ def incremental(old: Plan, new: Plan, node: NodeInfo, kernel: KernelView, held: 
     old_ids, old_identities = dict(existing_fe), _identities(old_fes, pk)
     if any(k not in old_ids for k in old_keys) or any(i not in existing_be for i, _ in old_identities.values()):
         raise StaleState("the maps do not hold what the last load wrote")
-    have = _entries(old_fes, old_keys, old_ids, old_identities, existing_be, pk)
+    have = {**_entries(old_fes, old_keys, old_ids, old_identities, existing_be, pk), "fe_addr_v4": filters[0]}
 
     new_identities = _identities(new_fes, pk)
     # What this change frees may be taken by what it adds (as a full load would): the
@@ -482,7 +506,7 @@ def incremental(old: Plan, new: Plan, node: NodeInfo, kernel: KernelView, held: 
                        lambda: kernel.frontend_ids_in_use() - freed_fe)
     be_ids = _allocate((i for i, _ in new_identities.values()), kept_be, new.capacity["backends"],
                        held.backends, "backends", lambda: set(kept_be.values()))
-    want = _entries(new_fes, new_keys, fe_ids, new_identities, be_ids, pk)
+    want = {**_entries(new_fes, new_keys, fe_ids, new_identities, be_ids, pk), "fe_addr_v4": filters[1]}
     # Backends are shared between services: one the changed services name is written only if
     # its entry differs; one they no longer name stays while another service names it.
     for identity, bid in be_ids.items():
@@ -519,15 +543,17 @@ def _is_backend_slot(key: bytes) -> bool:
 @dataclass
 class Changes:
     """What to do to the service maps, in an order that keeps every reference whole: the
-    writes (backends and reverse NAT, then backend slots, then the frontends that count
-    them), then the deletions in the reverse order."""
+    writes (the address filter's new bits, backends and reverse NAT, then backend slots,
+    then the frontends that count them), then the deletions in the reverse order, then
+    the finals (the address filter's words losing bits: once no frontend has them)."""
 
     writes: list[tuple[str, list[bytes], list[bytes]]]  # map, keys, values
     deletes: list[tuple[str, list[bytes]]]
+    finals: list[tuple[str, list[bytes], list[bytes]]] = field(default_factory=list)
 
     @property
     def written(self) -> int:
-        return sum(len(k) for _, k, _ in self.writes)
+        return sum(len(k) for _, k, _ in self.writes + self.finals)
 
     @property
     def deleted(self) -> int:
@@ -537,7 +563,24 @@ class Changes:
 def diff_maps(want: Contents, have: Contents) -> Changes:
     """The changes that make maps holding `have` hold `want` (and diff_maps(have, want)
     takes them back)."""
-    writes, deletes = [], []
+    writes, deletes, finals = [], [], []
+    # The address filter (an array: its words are written, never deleted, a missing one
+    # is 0): a word first gains the bits of both, and loses the old ones at the end.
+    w, h = want.get("fe_addr_v4", {}), have.get("fe_addr_v4", {})
+    if w or h:
+        bits, zero = _ADDR_BITS.reader("bits"), _ADDR_BITS.pack(bits=0)
+        gain: dict[bytes, bytes] = {}
+        lose: dict[bytes, bytes] = {}
+        for k in sorted(w.keys() | h.keys()):
+            old, new = bits.unpack(h.get(k, zero))[0], bits.unpack(w.get(k, zero))[0]
+            if old | new != old:
+                gain[k] = _ADDR_BITS.pack(bits=old | new)
+            if new != old | new:
+                lose[k] = w.get(k, zero)
+        if gain:
+            writes.append(("fe_addr_v4", list(gain), list(gain.values())))
+        if lose:
+            finals.append(("fe_addr_v4", list(lose), list(lose.values())))
     for name in ("backend_v4", "revnat_v4", "aff_match_v4", "src_range_v4", "svc_v4"):
         w, h = want.get(name, {}), have.get(name, {})
         changed = [k for k, v in w.items() if h.get(k) != v]
@@ -552,4 +595,4 @@ def diff_maps(want: Contents, have: Contents) -> Changes:
             stale.sort(key=_is_backend_slot)
         if stale:
             deletes.append((name, stale))
-    return Changes(writes, deletes)
+    return Changes(writes, deletes, finals)

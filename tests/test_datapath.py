@@ -16,6 +16,7 @@ never to an interface of the root namespace (`attached` checks it).
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import mmap
 import os
@@ -369,6 +370,25 @@ def test_packet_not_for_a_service_passes_unchanged(node0, prog, name):
     assert (run.retval, run.frame) == (TC_ACT_OK, frame)
     assert node0.entries("ct_v4") == {} and node0.entries("snat_v4") == {}
     assert not any(node0.all_drops().values())
+
+
+def test_the_frontend_address_filter_has_the_frontends_bits_and_a_sharer_passes_unchanged(node0):
+    """fe_addr_v4 has a bit set for the seed's clusterIP alone (traffic to an address whose
+    bit is clear passes before it is parsed); a packet to another address with that very
+    bit, which is no frontend, takes the whole path and passes unchanged; the clusterIP is
+    translated."""
+    clusterip = "10.106.91.98"
+    word, bit = layout.fe_addr_bit(int(ipaddress.IPv4Address(clusterip)))
+    words = {layout.ID_KEY.unpack(k): layout.ADDR_BITS.unpack(v)["bits"]
+             for k, v in node0.entries("fe_addr_v4").items()}
+    assert {w: b for w, b in words.items() if b} == {word: 1 << bit}
+    sharer = next(str(ipaddress.IPv4Address(n)) for n in itertools.count(int(ipaddress.IPv4Address("10.96.0.1")))
+                  if layout.fe_addr_bit(n) == (word, bit) and str(ipaddress.IPv4Address(n)) != clusterip)
+    for frame in (pk.tcp(CLIENT, 40000, sharer, 80, pk.SYN), pk.udp(CLIENT, 40000, sharer, 80, b"q")):
+        run = node0.from_netdev(frame)
+        assert (run.retval, run.frame) == (TC_ACT_OK, frame)
+    assert node0.entries("ct_half_v4") == {} and node0.entries("ct_udp_v4") == {}
+    assert node0.from_netdev(pk.tcp(CLIENT, 40000, clusterip, 80, pk.SYN)).pkt.daddr == BACKEND
 
 
 def _cut_short(dst: str, dport: int, proto: int = TCP, *, tot_len: int | None = None, keep: int | None = None,

@@ -27,14 +27,86 @@ def empty() -> P.Contents:
     return {name: {} for name in P.SERVICE_MAPS}
 
 
+ZERO_WORD = layout.ADDR_BITS.pack(bits=0)
+
+
 def apply(have: P.Contents, changes: P.Changes) -> P.Contents:
+    """changes applied to have, in their order; the address filter's zero words left out
+    (as desired() leaves them)."""
     out = copy.deepcopy(have)
     for name, keys, values in changes.writes:
         out[name].update(zip(keys, values))
     for name, keys in changes.deletes:
         for k in keys:
             del out[name][k]
+    for name, keys, values in changes.finals:
+        out[name].update(zip(keys, values))
+    out["fe_addr_v4"] = {k: v for k, v in out.get("fe_addr_v4", {}).items() if v != ZERO_WORD}
     return out
+
+
+def _filter_bits(contents: P.Contents) -> set[tuple[int, int]]:
+    return {(layout.ID_KEY.unpack(k), b) for k, v in contents["fe_addr_v4"].items()
+            for b in range(64) if layout.ADDR_BITS.unpack(v)["bits"] >> b & 1}
+
+
+def _addr_bit(addr: str) -> tuple[int, int]:
+    import ipaddress
+
+    return layout.fe_addr_bit(int(ipaddress.IPv4Address(addr)))
+
+
+def _colliding(addr: str, avoid: set[str]) -> str:
+    """Another address of 10.96.0.0/12 whose filter bit is addr's."""
+    import ipaddress
+
+    want = _addr_bit(addr)
+    for n in range(int(ipaddress.IPv4Address("10.96.0.1")), int(ipaddress.IPv4Address("10.111.255.254"))):
+        other = str(ipaddress.IPv4Address(n))
+        if other != addr and other not in avoid and layout.fe_addr_bit(n) == want:
+            return other
+    raise AssertionError("no colliding address")
+
+
+def test_the_address_filter_gains_bits_before_the_frontends_and_loses_them_after():
+    """fe_addr_v4 holds a bit for every clusterIP, external and load-balancer IP. A
+    change writes the bits a new address needs before the frontends that have it, and
+    clears those of a removed address after its frontends are deleted; a bit another
+    address still hashes to stays set. Incremental and full updates agree."""
+    base = copy.deepcopy(SEED)
+    base["services"][0]["externalIPs"] = ["192.0.2.10"]
+    first = plan_of(base)
+    node = first.node("node0")
+    have = P.desired(first, node, empty())
+    assert _filter_bits(have) == {_addr_bit("10.106.91.98"), _addr_bit("192.0.2.10")}
+
+    grown = copy.deepcopy(base)
+    sharer = _colliding("10.106.91.98", {"192.0.2.10"})
+    for name, ip in (("extra", "10.100.0.7"), ("sharer", sharer)):
+        grown["services"].append({"name": name, "type": "ClusterIP", "clusterIP": ip,
+                                  "ports": [{"protocol": "TCP", "port": 81, "targetPort": 80}],
+                                  "backends": [{"address": "10.0.1.72", "node": "node1"}]})
+    second = plan_of(grown)
+    for changes in (P.incremental(first, second, node, DictKernel(have)), P.diff_maps(P.desired(second, node, have), have)):
+        order = [name for name, _, _ in changes.writes]
+        assert order[0] == "fe_addr_v4" and changes.finals == []
+        after = apply(have, changes)
+        assert _filter_bits(after) == _filter_bits(have) | {_addr_bit("10.100.0.7"), _addr_bit(sharer)}
+
+    after = apply(have, P.diff_maps(P.desired(second, node, have), have))
+    shrunk = copy.deepcopy(grown)
+    shrunk["services"] = [s for s in shrunk["services"] if s["name"] != "extra"]
+    shrunk["services"][0].pop("externalIPs")
+    shrunk["services"][0]["clusterIP"] = "10.106.91.99"  # (the sharer keeps the old clusterIP's bit)
+    third = plan_of(shrunk)
+    for changes in (P.incremental(second, third, node, DictKernel(after)),
+                    P.diff_maps(P.desired(third, node, after), after)):
+        assert [name for name, _, _ in changes.finals] == ["fe_addr_v4"]
+        result = apply(after, changes)
+        assert _filter_bits(result) == {_addr_bit("10.106.91.99"), _addr_bit(sharer)}
+        # (while the frontends go, every bit any of them needs is still set)
+        midway = apply(after, P.Changes(changes.writes, changes.deletes))
+        assert _filter_bits(midway) >= _filter_bits(after) | _filter_bits(result)
 
 
 def decoded(contents: P.Contents) -> dict:

@@ -1750,6 +1750,45 @@ static __always_inline int is_service_traffic(struct pkt *p)
 	return (p->t.daddr == NODE_IP || (p->t.daddr & POD_MASK) == POD_NET) && reply_flow(&p->t);
 }
 
+/*
+ * Whether a packet from the network surely passes untouched, told from its linear headers
+ * before they are parsed (the path below would pass it too, later): IPv4 TCP or UDP, not
+ * a fragment, and either to an address that is neither the node's nor its pods' and whose
+ * bit in the frontend address filter is clear (an array lookup: no frontend has it), or
+ * to the node outside the NodePort and SNAT ranges on a port no flow of the node's to a
+ * ClusterIP has. 0: the whole path decides.
+ */
+static __always_inline int passes_by(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct iphdr *iph = data + ETH_HLEN;
+	__be16 *ports = (void *)(iph + 1);
+	struct bpfgen_addr_bits *word;
+	__u32 daddr, at;
+	__u16 dport;
+
+	if ((void *)(ports + 2) > data_end)
+		return 0;
+	/* (service traffic to the node first, in as few steps as can be: whatever the header
+	 * holds, the whole path decides) */
+	daddr = iph->daddr;
+	dport = bpf_ntohs(ports[1]);
+	if (daddr == NODE_IP &&
+	    ((dport >= NODEPORT_MIN && dport <= NODEPORT_MAX) || (dport >= SNAT_PORT_MIN && dport <= SNAT_PORT_MAX)))
+		return 0;
+	if (skb->protocol != bpf_htons(ETH_P_IP) || *(__u8 *)iph != 0x45 ||
+	    (iph->protocol != IPPROTO_TCP && iph->protocol != IPPROTO_UDP) || (iph->frag_off & bpf_htons(IP_MF | IP_OFFSET)))
+		return 0;
+	if (daddr == NODE_IP)
+		return !local_port_in_use(ports[1]);
+	if ((daddr & POD_MASK) == POD_NET)
+		return 0;
+	at = (__u32)(bpf_ntohl(daddr) * (__u32)FE_ADDR_HASH) >> FE_ADDR_SHIFT;
+	word = bpf_map_lookup_elem(&fe_addr_v4, &(__u32){ at >> 6 });
+	return !word || !(word->bits & (1ULL << (at & 63)));
+}
+
 static __always_inline int nodeport_from_netdev(struct __sk_buff *skb)
 {
 	struct bpfgen_svc_value *svc;
@@ -1760,6 +1799,8 @@ static __always_inline int nodeport_from_netdev(struct __sk_buff *skb)
 	__u16 dport;
 	int to_node, looked = 0, verdict, half = 0, rhalf = 0;
 
+	if (passes_by(skb))
+		return TC_ACT_OK;
 	switch (parse(skb, &p)) {
 	case PARSE_PASS:
 		return TC_ACT_OK;

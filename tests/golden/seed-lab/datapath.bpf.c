@@ -168,6 +168,15 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } local_port_v4 SEC(".maps");
 
+/* the frontend address filter: a bit per address hash, set for every address of a frontend but the node's (traffic to other addresses passes at once) (max_entries: the default, set from the cluster's capacity at load) */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 16384);
+	__type(key, __u32);
+	__type(value, struct bpfgen_addr_bits);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} fe_addr_v4 SEC(".maps");
+
 /* packets and bytes per frontend id (max_entries: the default, set from the cluster's capacity at load) */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
