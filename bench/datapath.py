@@ -149,10 +149,12 @@ def main() -> int:
                 established = (CLIENT, PLAIN_PORT + n, NODE0, NODEPORT)
                 first = bpf.prog_test_run(prog, tcp(*established, SYN), ctx_in=ctx)
                 snat_port = struct.unpack_from(">H", first.data_out, 14 + 20)[0]
-                bpf.prog_test_run(prog, tcp(POD, 80, NODE0, snat_port, SYN | ACK), ctx_in=ctx)
-                bpf.prog_test_run(prog, tcp(*established, ACK), ctx_in=ctx)
-                fixed["forward"].append(tcp(*established, ACK, b"x" * 64))
-                fixed["reply"].append(tcp(POD, 80, NODE0, snat_port, ACK, b"x" * 64))
+                # (with the sequence and acknowledgement numbers of a real flow: each entry
+                # keeps one of its acknowledgements, for the other side's RSTs)
+                bpf.prog_test_run(prog, tcp(POD, 80, NODE0, snat_port, SYN | ACK, seq=5000, ack=1001), ctx_in=ctx)
+                bpf.prog_test_run(prog, tcp(*established, ACK, seq=1001, ack=5001), ctx_in=ctx)
+                fixed["forward"].append(tcp(*established, ACK, b"x" * 64, seq=1001, ack=5001))
+                fixed["reply"].append(tcp(POD, 80, NODE0, snat_port, ACK, b"x" * 64, seq=5001, ack=1065))
                 # Flows whose SYN carried TCP timestamps (as Linux clients' do): they are rewritten.
                 stamped = (CLIENT, STAMPED_PORT + n, NODE0, NODEPORT)
                 first = bpf.prog_test_run(prog, tcp_ts(*stamped, SYN, 1000, 0, syn_layout=True), ctx_in=ctx)
