@@ -495,8 +495,13 @@ def _values_of(maps: dict[str, bpf.MapFd], changes: Changes) -> dict[str, dict[b
 def _restore(maps: dict[str, bpf.MapFd], before: dict[str, dict[bytes, bytes | None]]) -> None:
     present = {name: {k: v for k, v in kv.items() if v is not None} for name, kv in before.items()}
     absent = {name: {k: b"" for k, v in kv.items() if v is None} for name, kv in before.items()}
+    # The address filter's words (never absent) against what they hold now: its bits back
+    # before the frontends, the change's own cleared after them (a word that was 0 too).
+    words = {"fe_addr_v4": present.pop("fe_addr_v4", {})}
+    filt = planning.diff_maps(words, {"fe_addr_v4": {k: maps["fe_addr_v4"].lookup(k) for k in words["fe_addr_v4"]}})
     # what was there written back, what was not deleted, each in the order of references
-    apply_changes(maps, Changes(planning.diff_maps(present, {}).writes, planning.diff_maps({}, absent).deletes))
+    apply_changes(maps, Changes(filt.writes + planning.diff_maps(present, {}).writes,
+                                planning.diff_maps({}, absent).deletes, filt.finals))
 
 
 def _load_object(b: Build, pins: Path, plan: Plan, n: planning.NodeInfo, config: bytes, sizes: dict[str, int],

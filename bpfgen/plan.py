@@ -296,6 +296,8 @@ def address_filter(plan: Plan) -> dict[bytes, bytes]:
 def _addresses(s: ServicePlan) -> tuple[str, ...]:
     """The addresses a service's frontends have (but a node's, of its NodePorts)."""
     return tuple(a for a in (s.cluster_ip, *s.external_ips, *s.load_balancer_ips) if a is not None)
+
+
 Contents = dict[str, dict[bytes, bytes]]
 
 

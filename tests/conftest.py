@@ -216,3 +216,18 @@ def tuple_key(flow: tuple[str, int, str, int], direction: str, proto: int = 6) -
     saddr, sport, daddr, dport = flow
     return layout.TUPLE.pack(saddr=saddr, daddr=daddr, sport=sport, dport=dport, proto=proto,
                              dir=layout.FLAGS[direction])
+
+
+def filter_sharer(addr: str, avoid: frozenset[str] = frozenset()) -> str:
+    """An address of 10.96.0.0/12, neither addr nor one of avoid, whose bit in the frontend
+    address filter (fe_addr_v4) is addr's."""
+    import ipaddress
+
+    from bpfgen import layout
+
+    want = layout.fe_addr_bit(int(ipaddress.IPv4Address(addr)))
+    for n in range(int(ipaddress.IPv4Address("10.96.0.1")), int(ipaddress.IPv4Address("10.111.255.254"))):
+        other = str(ipaddress.IPv4Address(n))
+        if layout.fe_addr_bit(n) == want and other != addr and other not in avoid:
+            return other
+    raise AssertionError(f"no address of 10.96.0.0/12 shares {addr}'s filter bit")

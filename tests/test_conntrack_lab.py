@@ -33,7 +33,8 @@ from bpfgen.loader import load
 from bpfgen.netns import enter_netns
 
 from conftest import lab_up, tuple_key  # noqa: E402
-from packets import csum  # noqa: E402  (tests/packets.py)
+import packets as pk  # noqa: E402  (tests/packets.py)
+from packets import csum  # noqa: E402
 
 pytestmark = pytest.mark.kernel
 
@@ -397,13 +398,11 @@ class TestState:
                         seq = struct.unpack("!I", tcp[4:8])[0] + len(ip) - ihl - (tcp[12] >> 4) * 4
                         break
                 assert read_line(s) == b"echo\n"
-                eth = frame[:14]  # (as the client's segments go: to node0's address)
-                src, dst = socket.inet_aton(client[0]), socket.inet_aton(frontend[0])
                 for blind in (seq + 2**31, seq + 2**30, seq - 2**20):
-                    rst = struct.pack("!HHIIBBHHH", client[1], frontend[1], blind & 0xFFFFFFFF, 0, 5 << 4, 0x04, 0, 0, 0)
-                    rst = rst[:16] + struct.pack("!H", csum(src + dst + struct.pack("!BBH", 0, 6, 20) + rst)) + rst[18:]
-                    iph = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, 1, 0, 64, 6, 0, src, dst)
-                    sniff.send(eth + iph[:10] + struct.pack("!H", csum(iph)) + iph[12:] + rst)
+                    rst = pk.tcp_segment(client[0], frontend[0], client[1], frontend[1], pk.RST,
+                                         seq=blind & 0xFFFFFFFF, window=0)
+                    # (with the MACs of the client's own segments: to node0)
+                    sniff.send(frame[:14] + pk.ipv4_header(client[0], frontend[0], pk.IPPROTO_TCP, len(rst)) + rst)
             time.sleep(0.2)
             entry = layout.CT_ENTRY.unpack(_service_entry("node0", s))
             assert not entry["flags"] & closing, entry

@@ -41,7 +41,7 @@ from bpfgen.render import SETTLE_TICKS, TIMEOUTS
 from bpfgen.spec import Spec, load_spec
 
 import packets as pk  # tests/packets.py (tests/ is on sys.path: rootdir conftest)
-from conftest import tuple_key
+from conftest import filter_sharer, tuple_key
 
 pytestmark = pytest.mark.kernel
 
@@ -382,8 +382,7 @@ def test_the_frontend_address_filter_has_the_frontends_bits_and_a_sharer_passes_
     words = {layout.ID_KEY.unpack(k): layout.ADDR_BITS.unpack(v)["bits"]
              for k, v in node0.entries("fe_addr_v4").items()}
     assert {w: b for w, b in words.items() if b} == {word: 1 << bit}
-    sharer = next(str(ipaddress.IPv4Address(n)) for n in itertools.count(int(ipaddress.IPv4Address("10.96.0.1")))
-                  if layout.fe_addr_bit(n) == (word, bit) and str(ipaddress.IPv4Address(n)) != clusterip)
+    sharer = filter_sharer(clusterip)
     for frame in (pk.tcp(CLIENT, 40000, sharer, 80, pk.SYN), pk.udp(CLIENT, 40000, sharer, 80, b"q")):
         run = node0.from_netdev(frame)
         assert (run.retval, run.frame) == (TC_ACT_OK, frame)

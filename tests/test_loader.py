@@ -1122,7 +1122,8 @@ def test_fresh_load_failing_part_way_reports_only_the_cause(builds, state, netns
 def test_update_failing_part_way_restores_the_maps(builds, state, netns: Netns, loaded, monkeypatch):
     pins = state["pins"]
     ct = write_state(pins)
-    before = {name: _sorted(bpftool_entries(pins / name)) for name in ("svc_v4", "backend_v4", "revnat_v4")}
+    before = {name: _sorted(bpftool_entries(pins / name)) for name in ("svc_v4", "backend_v4", "revnat_v4",
+                                                                         "fe_addr_v4")}
     status0 = ok_stdout(bpfgen("status", "-o", "json"))
     with monkeypatch.context() as m:
         calls = _fail_egress_attach(m)
@@ -1280,3 +1281,30 @@ def test_an_unreadable_record_blocks_nothing_and_unload_node_clears_it(builds, s
     ok(bpfgen("status"))  # the other records (none here) still show
     ok(bpfgen("unload", "--iface", IFACE, "--node", NODE, "--netns", netns.name))
     assert not record.exists() and not state["pins"].exists()
+
+
+def test_a_data_update_failing_part_way_restores_the_address_filter(builds, state, netns: Netns, loaded,
+                                                                     monkeypatch, tmp_path: Path):
+    """An update that adds a clusterIP (its filter bit set before its frontends) and then
+    fails: the undo takes the bit back with the frontends (the filter is an array: its
+    words are written back, zero ones too)."""
+    from bpfgen import loader
+
+    pins = state["pins"]
+    doc = yaml.safe_load(SEED.read_text())
+    doc["services"].append({"name": "extra", "type": "ClusterIP", "clusterIP": "10.100.7.7",
+                            "ports": [{"protocol": "TCP", "port": 81, "targetPort": 80}],
+                            "backends": [{"address": "10.0.1.72", "node": "node1"}]})
+    spec = tmp_path / "extra.yaml"
+    spec.write_text(yaml.safe_dump(doc, sort_keys=False))
+    build = compile_spec(spec, tmp_path / "build").dir
+    before = {name: _sorted(bpftool_entries(pins / name)) for name in ("svc_v4", "fe_addr_v4")}
+
+    def fail(*args, **kwargs):
+        raise OSError("injected failure")
+
+    with monkeypatch.context() as m:
+        m.setattr(loader, "_reserve", fail)
+        result = bpfgen("load", "--iface", IFACE, "--build", str(build), "--netns", netns.name, "--node", NODE)
+    assert "injected failure" in clean_error(result, exit_code=1)
+    assert {name: _sorted(bpftool_entries(pins / name)) for name in before} == before

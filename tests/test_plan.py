@@ -15,6 +15,8 @@ from bpfgen.cli import cli
 from bpfgen.errors import UsageError
 from bpfgen.spec import parse_spec
 
+from conftest import filter_sharer
+
 REPO = Path(__file__).resolve().parent.parent
 SEED = yaml.safe_load((REPO / "examples" / "seed.yaml").read_text())
 
@@ -56,18 +58,6 @@ def _addr_bit(addr: str) -> tuple[int, int]:
     return layout.fe_addr_bit(int(ipaddress.IPv4Address(addr)))
 
 
-def _colliding(addr: str, avoid: set[str]) -> str:
-    """Another address of 10.96.0.0/12 whose filter bit is addr's."""
-    import ipaddress
-
-    want = _addr_bit(addr)
-    for n in range(int(ipaddress.IPv4Address("10.96.0.1")), int(ipaddress.IPv4Address("10.111.255.254"))):
-        other = str(ipaddress.IPv4Address(n))
-        if other != addr and other not in avoid and layout.fe_addr_bit(n) == want:
-            return other
-    raise AssertionError("no colliding address")
-
-
 def test_the_address_filter_gains_bits_before_the_frontends_and_loses_them_after():
     """fe_addr_v4 holds a bit for every clusterIP, external and load-balancer IP. A
     change writes the bits a new address needs before the frontends that have it, and
@@ -81,7 +71,7 @@ def test_the_address_filter_gains_bits_before_the_frontends_and_loses_them_after
     assert _filter_bits(have) == {_addr_bit("10.106.91.98"), _addr_bit("192.0.2.10")}
 
     grown = copy.deepcopy(base)
-    sharer = _colliding("10.106.91.98", {"192.0.2.10"})
+    sharer = filter_sharer("10.106.91.98", frozenset({"192.0.2.10"}))
     for name, ip in (("extra", "10.100.0.7"), ("sharer", sharer)):
         grown["services"].append({"name": name, "type": "ClusterIP", "clusterIP": ip,
                                   "ports": [{"protocol": "TCP", "port": 81, "targetPort": 80}],
