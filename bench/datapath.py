@@ -54,6 +54,7 @@ PLAIN_PORT, STAMPED_PORT = 1024, 2048  # the client ports of the plain and the t
 TARGETS = {
     "not for a service (passing by)": 0.3,
     "not for a service (to the node)": 0.3,
+    "not for a service (leaving, to_netdev)": 0.3,
     "established forward (DNAT + SNAT)": 1.0,
     "reply (reverse NAT)": 1.0,
     "established forward, timestamps rewritten": 1.0,
@@ -142,7 +143,7 @@ def main() -> int:
             ctx = skb_ctx(if_index("eth0"))
             maps = {n: obj.map(n).map_fd() for n in SERVICE_MAPS}
             sync_service_maps(maps, plan, plan.node("node0"))
-            prog = obj.program("from_netdev").fd
+            prog, egress = obj.program("from_netdev").fd, obj.program("to_netdev").fd
             fixed: dict[str, list[bytes]] = {name: [] for name in ("forward", "reply", "forward-ts", "reply-ts")}
             for n in range(args.flows):
                 # The timed flows, established: SYN, the backend's SYN-ACK, the client's ACK.
@@ -169,6 +170,7 @@ def main() -> int:
             fixed["empty"] = fixed["ref"] = fixed["forward"]
             fixed["passing"] = [tcp(CLIENT, 40000, "172.26.50.99", 80, ACK, b"x" * 64)]
             fixed["to-node"] = [tcp(CLIENT, 40000, NODE0, 22, ACK, b"x" * 64)]
+            fixed["leaving"] = [tcp(NODE0, 22, CLIENT, 40000, ACK, b"x" * 64)]
 
             def turn(name: str) -> Callable[[int], bytes]:
                 return lambda i: fixed[name][i % len(fixed[name])]
@@ -198,6 +200,7 @@ def main() -> int:
                     Case("minimal tc DNAT (reference)", ref_fd, turn("ref"), ctx),
                     Case("not for a service (passing by)", prog, turn("passing"), ctx),
                     Case("not for a service (to the node)", prog, turn("to-node"), ctx),
+                    Case("not for a service (leaving, to_netdev)", egress, turn("leaving"), ctx),
                     Case("established forward (DNAT + SNAT)", prog, turn("forward"), ctx),
                     Case("reply (reverse NAT)", prog, turn("reply"), ctx),
                     Case("established forward, timestamps rewritten", prog, turn("forward-ts"), ctx),

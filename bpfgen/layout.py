@@ -298,22 +298,26 @@ NH_ENTRY = _s(
 )
 LOCAL_PORT = _s("bpfgen_local_port", "Until when (datapath seconds) a flow of the node or its pods to a ClusterIP may"
                 " live that has this local port: its replies are looked up only before then.", ("expires", "u32"))
-ADDR_BITS = _s("bpfgen_addr_bits", "64 bits of the frontend address filter (fe_addr_v4).",
-               ("bits", "u64", "bit b: some frontend address hashes to this word's bit b (fe_addr_bit)"))
+ADDR_BITS = _s("bpfgen_addr_bits", "64 bits of an address filter (fe_addr_v4, be_addr_v4).",
+               ("bits", "u64", "bit b: some address of the filter hashes to this word's bit b (addr_filter_bit)"))
 
-# The frontend address filter: one bit per hash of an address (2^20 bits in 2^14 words),
-# set for every address a frontend may have but the node's (clusterIPs, external and
-# load-balancer IPs). A packet to neither the node nor its pods whose destination's bit is
-# clear is for no service: it passes after one array lookup, before it is parsed.
-FE_ADDR_BITS_LOG2 = 20
-FE_ADDR_WORDS = 1 << (FE_ADDR_BITS_LOG2 - 6)
-FE_ADDR_HASH = 0x9E3779B1  # (multiplicative hashing: the high bits of addr * this)
+# The address filters: one bit per hash of an address (2^20 bits in 2^14 words). The
+# frontend filter (fe_addr_v4) has a bit set for every address a frontend may have but the
+# node's (clusterIPs, external and load-balancer IPs): a packet arriving for neither the
+# node nor its pods whose destination's bit is clear is for no service, and passes after
+# one array lookup, before it is parsed (to a pod, after the local port's lookup too). The
+# local backend filter (be_addr_v4) has one for every address of a backend on the node: a
+# packet leaving whose source's bit is clear is no local backend's reply, and with its
+# destination's frontend bit clear too it passes after two array lookups.
+ADDR_FILTER_BITS_LOG2 = 20
+ADDR_FILTER_WORDS = 1 << (ADDR_FILTER_BITS_LOG2 - 6)
+ADDR_FILTER_HASH = 0x9E3779B1  # (multiplicative hashing: the high bits of addr * this)
 
 
-def fe_addr_bit(addr: int) -> tuple[int, int]:
-    """The word and bit of fe_addr_v4 of the IPv4 address addr (as an integer, host order);
-    the datapath's FE_ADDR_BIT."""
-    index = ((addr * FE_ADDR_HASH) & 0xFFFFFFFF) >> (32 - FE_ADDR_BITS_LOG2)
+def addr_filter_bit(addr: int) -> tuple[int, int]:
+    """The word and bit of an address filter of the IPv4 address addr (as an integer, host
+    order); the datapath's addr_filter_has."""
+    index = ((addr * ADDR_FILTER_HASH) & 0xFFFFFFFF) >> (32 - ADDR_FILTER_BITS_LOG2)
     return index >> 6, index & 63
 
 
@@ -410,8 +414,8 @@ FLAGS = {
     "NAT_OUT": 1,
     "NAT_IN": 2,
     "DATAPATH_CLOCK_OFFSET": DATAPATH_CLOCK_OFFSET,
-    "FE_ADDR_HASH": FE_ADDR_HASH,
-    "FE_ADDR_SHIFT": 32 - FE_ADDR_BITS_LOG2,
+    "ADDR_FILTER_HASH": ADDR_FILTER_HASH,
+    "ADDR_FILTER_SHIFT": 32 - ADDR_FILTER_BITS_LOG2,
 }
 # The tuple.dir of the conntrack entries a flow's packets towards its backend find (the
 # others are CT_OUT: its replies').
@@ -467,7 +471,10 @@ MAPS = (
            " ClusterIPs (so that other traffic to them passes without a conntrack lookup)", lambda c: 65536),
     MapDef("fe_addr_v4", "ARRAY", ID_KEY, ADDR_BITS, "the frontend address filter: a bit per address hash, set"
            " for every address of a frontend but the node's (traffic to other addresses passes at once)",
-           lambda c: FE_ADDR_WORDS),
+           lambda c: ADDR_FILTER_WORDS),
+    MapDef("be_addr_v4", "ARRAY", ID_KEY, ADDR_BITS, "the local backend address filter: a bit per address hash,"
+           " set for every address of a backend on this node (other traffic leaving, not to a frontend, passes at"
+           " once)", lambda c: ADDR_FILTER_WORDS),
     MapDef("svc_stats", "PERCPU_ARRAY", ID_KEY, SVC_STATS, "packets and bytes per frontend id",
            lambda c: c["frontends"] + 1),
     MapDef("drop_stats", "PERCPU_ARRAY", ID_KEY, DROP_STATS, "drops by reason", lambda c: len(DROP_REASONS.members)),

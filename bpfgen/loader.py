@@ -495,10 +495,10 @@ def _values_of(maps: dict[str, bpf.MapFd], changes: Changes) -> dict[str, dict[b
 def _restore(maps: dict[str, bpf.MapFd], before: dict[str, dict[bytes, bytes | None]]) -> None:
     present = {name: {k: v for k, v in kv.items() if v is not None} for name, kv in before.items()}
     absent = {name: {k: b"" for k, v in kv.items() if v is None} for name, kv in before.items()}
-    # The address filter's words (never absent) against what they hold now: its bits back
+    # The address filters' words (never absent) against what they hold now: their bits back
     # before the frontends, the change's own cleared after them (a word that was 0 too).
-    words = {"fe_addr_v4": present.pop("fe_addr_v4", {})}
-    filt = planning.diff_maps(words, {"fe_addr_v4": {k: maps["fe_addr_v4"].lookup(k) for k in words["fe_addr_v4"]}})
+    words = {name: present.pop(name, {}) for name in planning.ADDRESS_FILTERS}
+    filt = planning.diff_maps(words, {name: {k: maps[name].lookup(k) for k in kv} for name, kv in words.items()})
     # what was there written back, what was not deleted, each in the order of references
     apply_changes(maps, Changes(filt.writes + planning.diff_maps(present, {}).writes,
                                 planning.diff_maps({}, absent).deletes, filt.finals))

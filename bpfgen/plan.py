@@ -277,20 +277,33 @@ def map_sizes(plan: Plan) -> dict[str, int]:
     return {m.name: m.max_entries(plan.capacity) for m in layout.MAPS}
 
 
-SERVICE_MAPS = ("svc_v4", "backend_v4", "revnat_v4", "aff_match_v4", "src_range_v4", "fe_addr_v4")
+SERVICE_MAPS = ("svc_v4", "backend_v4", "revnat_v4", "aff_match_v4", "src_range_v4", "fe_addr_v4", "be_addr_v4")
+# The address filters (arrays of bits: written, never deleted, a missing word is 0).
+ADDRESS_FILTERS = ("fe_addr_v4", "be_addr_v4")
 _ADDR_BITS = layout.ADDR_BITS
 
 
-def address_filter(plan: Plan) -> dict[bytes, bytes]:
-    """fe_addr_v4's words that have a bit set (the others are 0): a bit for every clusterIP,
-    external and load-balancer IP of the plan's services (a superset of the addresses of
-    any node's frontends but its own, which the datapath never looks up here)."""
+def address_filters(plan: Plan, node: NodeInfo) -> dict[str, dict[bytes, bytes]]:
+    """The words of the node's address filters that have a bit set (the others are 0):
+    fe_addr_v4 a bit for every clusterIP, external and load-balancer IP of the plan's
+    services (a superset of the addresses of any node's frontends but its own, which the
+    datapath never looks up there), be_addr_v4 one for every address of a backend on the
+    node (whatever its state: the flows of a terminating one go on)."""
+    return {"fe_addr_v4": _filter_words(a for s in plan.services for a in _addresses(s)),
+            "be_addr_v4": _filter_words(a for s in plan.services for a in _local_backends(s, node))}
+
+
+def _filter_words(addresses: Iterable[str]) -> dict[bytes, bytes]:
     words: dict[int, int] = {}
-    for s in plan.services:
-        for addr in _addresses(s):
-            word, bit = layout.fe_addr_bit(int.from_bytes(socket.inet_aton(addr), "big"))
-            words[word] = words.get(word, 0) | 1 << bit
+    for addr in addresses:
+        word, bit = layout.addr_filter_bit(int.from_bytes(socket.inet_aton(addr), "big"))
+        words[word] = words.get(word, 0) | 1 << bit
     return {_U32.pack(w): _ADDR_BITS.pack(bits=bits) for w, bits in sorted(words.items())}
+
+
+def _local_backends(s: ServicePlan, node: NodeInfo) -> tuple[str, ...]:
+    """The addresses of a service's backends on node."""
+    return tuple(b[0] for b in s.backends if b[1] == node.name)
 
 
 def _addresses(s: ServicePlan) -> tuple[str, ...]:
@@ -440,7 +453,7 @@ def desired(plan: Plan, node: NodeInfo, have: Contents, held: Held | None = None
     identities = _identities(fes, pk)
     be_ids = _allocate((i for i, _ in identities.values()), old_be, plan.capacity["backends"], held.backends,
                        "backends")
-    return {**_entries(fes, fe_keys, fe_ids, identities, be_ids, pk), "fe_addr_v4": address_filter(plan)}
+    return {**_entries(fes, fe_keys, fe_ids, identities, be_ids, pk), **address_filters(plan, node)}
 
 
 class KernelView:
@@ -468,10 +481,13 @@ def incremental(old: Plan, new: Plan, node: NodeInfo, kernel: KernelView, held: 
     if not changed:
         return Changes([], [])
     pk = _Packer()
-    # (the filter is the plan's, whole: computed only when the changed services' addresses change)
-    if [_addresses(before[k]) for k in sorted(changed) if k in before] != \
-            [_addresses(after[k]) for k in sorted(changed) if k in after]:
-        filters = address_filter(old), address_filter(new)
+    # (the filters are the plan's, whole: computed only when the changed services' addresses
+    # or local backends change)
+    def addresses(services: dict[str, ServicePlan]) -> list[tuple]:
+        return [(_addresses(services[k]), _local_backends(services[k], node)) for k in sorted(changed) if k in services]
+
+    if addresses(before) != addresses(after):
+        filters = address_filters(old, node), address_filters(new, node)
     else:
         filters = {}, {}
 
@@ -488,7 +504,7 @@ def incremental(old: Plan, new: Plan, node: NodeInfo, kernel: KernelView, held: 
     old_ids, old_identities = dict(existing_fe), _identities(old_fes, pk)
     if any(k not in old_ids for k in old_keys) or any(i not in existing_be for i, _ in old_identities.values()):
         raise StaleState("the maps do not hold what the last load wrote")
-    have = {**_entries(old_fes, old_keys, old_ids, old_identities, existing_be, pk), "fe_addr_v4": filters[0]}
+    have = {**_entries(old_fes, old_keys, old_ids, old_identities, existing_be, pk), **filters[0]}
 
     new_identities = _identities(new_fes, pk)
     # What this change frees may be taken by what it adds (as a full load would): the
@@ -508,7 +524,7 @@ def incremental(old: Plan, new: Plan, node: NodeInfo, kernel: KernelView, held: 
                        lambda: kernel.frontend_ids_in_use() - freed_fe)
     be_ids = _allocate((i for i, _ in new_identities.values()), kept_be, new.capacity["backends"],
                        held.backends, "backends", lambda: set(kept_be.values()))
-    want = {**_entries(new_fes, new_keys, fe_ids, new_identities, be_ids, pk), "fe_addr_v4": filters[1]}
+    want = {**_entries(new_fes, new_keys, fe_ids, new_identities, be_ids, pk), **filters[1]}
     # Backends are shared between services: one the changed services name is written only if
     # its entry differs; one they no longer name stays while another service names it.
     for identity, bid in be_ids.items():
@@ -566,11 +582,11 @@ def diff_maps(want: Contents, have: Contents) -> Changes:
     """The changes that make maps holding `have` hold `want` (and diff_maps(have, want)
     takes them back)."""
     writes, deletes, finals = [], [], []
-    # The address filter (an array: its words are written, never deleted, a missing one
+    # The address filters (arrays: their words are written, never deleted, a missing one
     # is 0): a word first gains the bits of both, and loses the old ones at the end.
-    w, h = want.get("fe_addr_v4", {}), have.get("fe_addr_v4", {})
-    if w or h:
-        bits, zero = _ADDR_BITS.reader("bits"), _ADDR_BITS.pack(bits=0)
+    bits, zero = _ADDR_BITS.reader("bits"), _ADDR_BITS.pack(bits=0)
+    for name in ADDRESS_FILTERS:
+        w, h = want.get(name, {}), have.get(name, {})
         gain: dict[bytes, bytes] = {}
         lose: dict[bytes, bytes] = {}
         for k in sorted(w.keys() | h.keys()):
@@ -580,9 +596,9 @@ def diff_maps(want: Contents, have: Contents) -> Changes:
             if new != old | new:
                 lose[k] = w.get(k, zero)
         if gain:
-            writes.append(("fe_addr_v4", list(gain), list(gain.values())))
+            writes.append((name, list(gain), list(gain.values())))
         if lose:
-            finals.append(("fe_addr_v4", list(lose), list(lose.values())))
+            finals.append((name, list(lose), list(lose.values())))
     for name in ("backend_v4", "revnat_v4", "aff_match_v4", "src_range_v4", "svc_v4"):
         w, h = want.get(name, {}), have.get(name, {})
         changed = [k for k, v in w.items() if h.get(k) != v]

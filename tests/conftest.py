@@ -218,16 +218,23 @@ def tuple_key(flow: tuple[str, int, str, int], direction: str, proto: int = 6) -
                              dir=layout.FLAGS[direction])
 
 
-def filter_sharer(addr: str, avoid: frozenset[str] = frozenset()) -> str:
-    """An address of 10.96.0.0/12, neither addr nor one of avoid, whose bit in the frontend
-    address filter (fe_addr_v4) is addr's."""
+def filter_sharer(addr: str, avoid: frozenset[str] = frozenset(), within: str = "10.96.0.0/12") -> str:
+    """An address of the network within (the service range by default), neither addr nor
+    one of avoid, whose bit in the address filters (fe_addr_v4, be_addr_v4) is addr's."""
     import ipaddress
 
     from bpfgen import layout
 
-    want = layout.fe_addr_bit(int(ipaddress.IPv4Address(addr)))
-    for n in range(int(ipaddress.IPv4Address("10.96.0.1")), int(ipaddress.IPv4Address("10.111.255.254"))):
-        other = str(ipaddress.IPv4Address(n))
-        if layout.fe_addr_bit(n) == want and other != addr and other not in avoid:
-            return other
-    raise AssertionError(f"no address of 10.96.0.0/12 shares {addr}'s filter bit")
+    net = ipaddress.IPv4Network(within)
+    want = layout.addr_filter_bit(int(ipaddress.IPv4Address(addr)))
+    # (the filter's hash is a multiplication by an odd number: every index it gives has
+    # 2^12 preimages, one for each low 12 bits of the product)
+    inverse = pow(layout.ADDR_FILTER_HASH, -1, 1 << 32)
+    index = want[0] << 6 | want[1]
+    for low in range(1 << (32 - layout.ADDR_FILTER_BITS_LOG2)):
+        n = ((index << (32 - layout.ADDR_FILTER_BITS_LOG2) | low) * inverse) & 0xFFFFFFFF
+        other = ipaddress.IPv4Address(n)
+        if other in net and str(other) != addr and str(other) not in avoid:
+            assert layout.addr_filter_bit(n) == want
+            return str(other)
+    raise AssertionError(f"no address of {within} shares {addr}'s filter bit")

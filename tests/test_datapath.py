@@ -378,7 +378,7 @@ def test_the_frontend_address_filter_has_the_frontends_bits_and_a_sharer_passes_
     bit, which is no frontend, takes the whole path and passes unchanged; the clusterIP is
     translated."""
     clusterip = "10.106.91.98"
-    word, bit = layout.fe_addr_bit(int(ipaddress.IPv4Address(clusterip)))
+    word, bit = layout.addr_filter_bit(int(ipaddress.IPv4Address(clusterip)))
     words = {layout.ID_KEY.unpack(k): layout.ADDR_BITS.unpack(v)["bits"]
              for k, v in node0.entries("fe_addr_v4").items()}
     assert {w: b for w, b in words.items() if b} == {word: 1 << bit}
@@ -624,6 +624,49 @@ def test_local_backend_traffic_of_no_flow_is_untouched(node1):
                   pk.tcp(BACKEND, 8080, CLIENT, 40000, pk.SYN | pk.ACK)):  # another backend port
         run = node1.to_netdev(frame)
         assert (run.retval, run.frame) == (TC_ACT_OK, frame)
+
+
+def test_the_local_backend_filter_decides_what_leaves_untouched(node0, node1):
+    """be_addr_v4 has a bit for the node's own backends alone: a packet leaving from an
+    address whose bit is clear, to no frontend, passes before it is parsed, even one whose
+    tuple a local backend's flow has (its bit cleared by hand: the filter decides, not a
+    lookup), and with the bit back it is translated; a packet from another address with
+    that very bit takes the whole path and passes unchanged."""
+    word, bit = layout.addr_filter_bit(int(ipaddress.IPv4Address(BACKEND)))
+    for dp, want in ((node1, {word: 1 << bit}), (node0, {})):
+        words = {layout.ID_KEY.unpack(k): layout.ADDR_BITS.unpack(v)["bits"]
+                 for k, v in dp.entries("be_addr_v4").items()}
+        assert {w: b for w, b in words.items() if b} == want
+    node1.from_netdev(pk.tcp(CLIENT, 40000, NODE1, NODEPORT, pk.SYN))
+    reply = pk.tcp(BACKEND, BACKEND_PORT, CLIENT, 40000, pk.SYN | pk.ACK, b"welcome")
+    key, filled = layout.ID_KEY.pack(word), node1.maps["be_addr_v4"].lookup(layout.ID_KEY.pack(word))
+    node1.maps["be_addr_v4"].update(key, layout.ADDR_BITS.pack(bits=0))
+    try:
+        run = node1.to_netdev(reply)
+        assert (run.retval, run.frame) == (TC_ACT_OK, reply)
+    finally:
+        node1.maps["be_addr_v4"].update(key, filled)
+    assert_translated(node1.to_netdev(reply), (NODE1, NODEPORT, CLIENT, 40000), reply)
+    sharer = filter_sharer(BACKEND, within="10.0.0.0/8")
+    for frame in (pk.tcp(sharer, BACKEND_PORT, CLIENT, 40000, pk.SYN | pk.ACK), pk.udp(sharer, 53, CLIENT, 40000, b"a")):
+        run = node1.to_netdev(frame)
+        assert (run.retval, run.frame) == (TC_ACT_OK, frame)
+    assert not any(node1.all_drops().values())
+
+
+def test_a_reply_to_a_pod_passes_by_unless_its_port_has_a_flow_to_a_clusterip(datapath):
+    """A packet arriving for a pod of the node, whose destination is no frontend, passes
+    before it is parsed unless the pod's port has a flow to a ClusterIP: such a flow's
+    reply is still translated, and other packets to the pod pass unchanged."""
+    node1 = datapath(REPO / "examples" / "three-nodes.yaml", "node1")
+    pod, dns, backend = "10.0.1.5", "10.96.0.10", "10.0.2.53"  # (its backend on node2)
+    out = node1.to_netdev(pk.udp(pod, 41000, dns, 53, b"query"))
+    assert out.pkt.flow == (pod, 41000, backend, 53)
+    assert node1.from_netdev(pk.udp(backend, 53, pod, 41000, b"answer")).pkt.flow == (dns, 53, pod, 41000)
+    for frame in (pk.udp(backend, 53, pod, 41001, b"answer"), pk.tcp("10.0.2.9", 80, pod, 41002, pk.SYN | pk.ACK)):
+        run = node1.from_netdev(frame)
+        assert (run.retval, run.frame) == (TC_ACT_OK, frame)
+    assert not any(node1.all_drops().values())
 
 
 # ================================================================ 6. UDP checksums

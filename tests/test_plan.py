@@ -43,19 +43,20 @@ def apply(have: P.Contents, changes: P.Changes) -> P.Contents:
             del out[name][k]
     for name, keys, values in changes.finals:
         out[name].update(zip(keys, values))
-    out["fe_addr_v4"] = {k: v for k, v in out.get("fe_addr_v4", {}).items() if v != ZERO_WORD}
+    for name in P.ADDRESS_FILTERS:
+        out[name] = {k: v for k, v in out.get(name, {}).items() if v != ZERO_WORD}
     return out
 
 
-def _filter_bits(contents: P.Contents) -> set[tuple[int, int]]:
-    return {(layout.ID_KEY.unpack(k), b) for k, v in contents["fe_addr_v4"].items()
+def _filter_bits(contents: P.Contents, name: str = "fe_addr_v4") -> set[tuple[int, int]]:
+    return {(layout.ID_KEY.unpack(k), b) for k, v in contents[name].items()
             for b in range(64) if layout.ADDR_BITS.unpack(v)["bits"] >> b & 1}
 
 
 def _addr_bit(addr: str) -> tuple[int, int]:
     import ipaddress
 
-    return layout.fe_addr_bit(int(ipaddress.IPv4Address(addr)))
+    return layout.addr_filter_bit(int(ipaddress.IPv4Address(addr)))
 
 
 def test_the_address_filter_gains_bits_before_the_frontends_and_loses_them_after():
@@ -97,6 +98,38 @@ def test_the_address_filter_gains_bits_before_the_frontends_and_loses_them_after
         # (while the frontends go, every bit any of them needs is still set)
         midway = apply(after, P.Changes(changes.writes, changes.deletes))
         assert _filter_bits(midway) >= _filter_bits(after) | _filter_bits(result)
+
+
+def test_the_local_backend_filter_has_the_nodes_own_backends_set_before_and_cleared_after_them():
+    """be_addr_v4 holds a bit for every address of a backend on the node alone (whatever
+    its state: a terminating one's flows go on), and none of another node's. An update
+    adding a backend on the node writes its bit before backend_v4 has it, and one removing
+    it clears the bit after it is deleted; incremental and full updates agree."""
+    first = plan_of(SEED)
+    node0, node1 = first.node("node0"), first.node("node1")
+    assert _filter_bits(P.desired(first, node1, empty()), "be_addr_v4") == {_addr_bit("10.0.1.72")}
+    have = P.desired(first, node0, empty())
+    assert _filter_bits(have, "be_addr_v4") == set()
+
+    grown = copy.deepcopy(SEED)
+    grown["services"][0]["backends"].append({"address": "10.0.0.9", "node": "node0",
+                                             "conditions": {"ready": False, "serving": True, "terminating": True}})
+    second = plan_of(grown)
+    for changes in (P.incremental(first, second, node0, DictKernel(have)),
+                    P.diff_maps(P.desired(second, node0, have), have)):
+        order = [name for name, _, _ in changes.writes]
+        assert order.index("be_addr_v4") < order.index("backend_v4") and changes.finals == []
+        assert _filter_bits(apply(have, changes), "be_addr_v4") == {_addr_bit("10.0.0.9")}
+    assert _filter_bits(P.desired(second, node1, empty()), "be_addr_v4") == {_addr_bit("10.0.1.72")}
+
+    after = apply(have, P.diff_maps(P.desired(second, node0, have), have))
+    for changes in (P.incremental(second, first, node0, DictKernel(after)),
+                    P.diff_maps(P.desired(first, node0, after), after)):
+        assert [name for name, _, _ in changes.finals] == ["be_addr_v4"]
+        assert ("backend_v4" in [name for name, _ in changes.deletes])
+        assert _filter_bits(apply(after, changes), "be_addr_v4") == set()
+        assert _filter_bits(apply(after, P.Changes(changes.writes, changes.deletes)), "be_addr_v4") == \
+            {_addr_bit("10.0.0.9")}
 
 
 def decoded(contents: P.Contents) -> dict:

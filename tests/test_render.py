@@ -83,7 +83,8 @@ def test_map_sizes_follow_the_capacity_settings_only(tmp_path: Path) -> None:
     sizes = map_sizes(small)
     assert sizes == {"svc_v4": 110, "backend_v4": 20, "revnat_v4": 10, "ct_v4": 2000, "ct_half_v4": 600,
                      "ct_udp_v4": 80, "snat_v4": 1000 + 40 + 300, "nh_v4": 9, "affinity_v4": 50, "aff_match_v4": 100,
-                     "src_range_v4": 7, "collector_v4": 1, "local_port_v4": 65536, "fe_addr_v4": 16384, "svc_stats": 11,
+                     "src_range_v4": 7, "collector_v4": 1, "local_port_v4": 65536, "fe_addr_v4": 16384, "be_addr_v4": 16384,
+                     "svc_stats": 11,
                      "drop_stats": len(layout.DROP_REASONS.members)}
     # the spec's services do not count: the seed and the three-node example size alike
     builds = [compile_spec(REPO / "examples" / name, tmp_path / name) for name in ("seed.yaml", "three-nodes.yaml")]

@@ -49,8 +49,8 @@ typedef __u8 bpfgen_proto_t; /* IP protocol number (6 TCP, 17 UDP) */
 #define NAT_OUT 1
 #define NAT_IN 2
 #define DATAPATH_CLOCK_OFFSET 16777216
-#define FE_ADDR_HASH 2654435761
-#define FE_ADDR_SHIFT 12
+#define ADDR_FILTER_HASH 2654435761
+#define ADDR_FILTER_SHIFT 12
 
 enum bpfgen_drop_reason {
 	DROP_NO_BACKEND = 0, /* no backend */
@@ -266,9 +266,9 @@ struct bpfgen_nh_entry {
 };
 _Static_assert(sizeof(struct bpfgen_nh_entry) == 28, "bpfgen_nh_entry layout");
 
-/* 64 bits of the frontend address filter (fe_addr_v4). */
+/* 64 bits of an address filter (fe_addr_v4, be_addr_v4). */
 struct bpfgen_addr_bits {
-	__u64 bits; /* bit b: some frontend address hashes to this word's bit b (fe_addr_bit) */
+	__u64 bits; /* bit b: some address of the filter hashes to this word's bit b (addr_filter_bit) */
 };
 _Static_assert(sizeof(struct bpfgen_addr_bits) == 8, "bpfgen_addr_bits layout");
 

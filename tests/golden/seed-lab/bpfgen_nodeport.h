@@ -1750,13 +1750,31 @@ static __always_inline int is_service_traffic(struct pkt *p)
 	return (p->t.daddr == NODE_IP || (p->t.daddr & POD_MASK) == POD_NET) && reply_flow(&p->t);
 }
 
+/* Whether addr's bit is set in an address filter (fe_addr_v4, be_addr_v4): an array lookup. */
+static __always_inline int addr_filter_has(void *filter, __be32 addr)
+{
+	__u32 at = (__u32)(bpf_ntohl(addr) * (__u32)ADDR_FILTER_HASH) >> ADDR_FILTER_SHIFT;
+	struct bpfgen_addr_bits *word = bpf_map_lookup_elem(filter, &(__u32){ at >> 6 });
+
+	return word && (word->bits & (1ULL << (at & 63)));
+}
+
+/* Whether a linear IPv4 header is of a plain TCP or UDP packet: no options, no fragment. */
+static __always_inline int plain_ipv4_l4(const struct __sk_buff *skb, const struct iphdr *iph)
+{
+	return skb->protocol == bpf_htons(ETH_P_IP) && *(const __u8 *)iph == 0x45 &&
+	       (iph->protocol == IPPROTO_TCP || iph->protocol == IPPROTO_UDP) &&
+	       !(iph->frag_off & bpf_htons(IP_MF | IP_OFFSET));
+}
+
 /*
  * Whether a packet from the network surely passes untouched, told from its linear headers
  * before they are parsed (the path below would pass it too, later): IPv4 TCP or UDP, not
- * a fragment, and either to an address that is neither the node's nor its pods' and whose
- * bit in the frontend address filter is clear (an array lookup: no frontend has it), or
- * to the node outside the NodePort and SNAT ranges on a port no flow of the node's to a
- * ClusterIP has. 0: the whole path decides.
+ * a fragment, and either to the node outside the NodePort and SNAT ranges on a port no
+ * flow of the node's to a ClusterIP has, or to an address whose bit in the frontend
+ * address filter is clear (an array lookup: no frontend has it) that is not the node's and,
+ * if it is a pod's, on a port no flow of the node's pods to a ClusterIP has. 0: the whole
+ * path decides.
  */
 static __always_inline int passes_by(struct __sk_buff *skb)
 {
@@ -1764,8 +1782,7 @@ static __always_inline int passes_by(struct __sk_buff *skb)
 	void *data_end = (void *)(long)skb->data_end;
 	struct iphdr *iph = data + ETH_HLEN;
 	__be16 *ports = (void *)(iph + 1);
-	struct bpfgen_addr_bits *word;
-	__u32 daddr, at;
+	__u32 daddr;
 	__u16 dport;
 
 	if ((void *)(ports + 2) > data_end)
@@ -1777,16 +1794,14 @@ static __always_inline int passes_by(struct __sk_buff *skb)
 	if (daddr == NODE_IP &&
 	    ((dport >= NODEPORT_MIN && dport <= NODEPORT_MAX) || (dport >= SNAT_PORT_MIN && dport <= SNAT_PORT_MAX)))
 		return 0;
-	if (skb->protocol != bpf_htons(ETH_P_IP) || *(__u8 *)iph != 0x45 ||
-	    (iph->protocol != IPPROTO_TCP && iph->protocol != IPPROTO_UDP) || (iph->frag_off & bpf_htons(IP_MF | IP_OFFSET)))
+	if (!plain_ipv4_l4(skb, iph))
 		return 0;
 	if (daddr == NODE_IP)
 		return !local_port_in_use(ports[1]);
-	if ((daddr & POD_MASK) == POD_NET)
+	if (addr_filter_has(&fe_addr_v4, daddr))
 		return 0;
-	at = (__u32)(bpf_ntohl(daddr) * (__u32)FE_ADDR_HASH) >> FE_ADDR_SHIFT;
-	word = bpf_map_lookup_elem(&fe_addr_v4, &(__u32){ at >> 6 });
-	return !word || !(word->bits & (1ULL << (at & 63)));
+	/* (to a pod: it may be the reply to one of their flows to a ClusterIP) */
+	return (daddr & POD_MASK) != POD_NET || !local_port_in_use(ports[1]);
 }
 
 static __always_inline int nodeport_from_netdev(struct __sk_buff *skb)
@@ -1866,6 +1881,23 @@ fast_reply:
 	return verdict >= 0 ? verdict : TC_ACT_OK; /* (a dead flow's reply passes) */
 }
 
+/*
+ * Whether a packet leaving surely passes untouched, told from its linear IPv4 header before
+ * it is parsed (the path below would pass it too, later): TCP or UDP, not a fragment,
+ * from an address whose bit in the local backend filter is clear (no local backend's
+ * reply) to one whose bit in the frontend filter is clear (no flow to a ClusterIP): two
+ * array lookups. 0: the whole path decides.
+ */
+static __always_inline int leaves_untouched(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct iphdr *iph = data + ETH_HLEN;
+
+	return (void *)(iph + 1) <= data_end && plain_ipv4_l4(skb, iph) && !addr_filter_has(&be_addr_v4, iph->saddr) &&
+	       !addr_filter_has(&fe_addr_v4, iph->daddr);
+}
+
 static __always_inline int nodeport_to_netdev(struct __sk_buff *skb)
 {
 	struct bpfgen_svc_value *svc;
@@ -1879,6 +1911,8 @@ static __always_inline int nodeport_to_netdev(struct __sk_buff *skb)
 		skb->cb[0] = 0;
 		return TC_ACT_OK;
 	}
+	if (leaves_untouched(skb))
+		return TC_ACT_OK;
 	if (parse(skb, &p) != PARSE_OK)
 		return TC_ACT_OK;
 

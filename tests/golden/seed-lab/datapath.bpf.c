@@ -177,6 +177,15 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } fe_addr_v4 SEC(".maps");
 
+/* the local backend address filter: a bit per address hash, set for every address of a backend on this node (other traffic leaving, not to a frontend, passes at once) (max_entries: the default, set from the cluster's capacity at load) */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 16384);
+	__type(key, __u32);
+	__type(value, struct bpfgen_addr_bits);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} be_addr_v4 SEC(".maps");
+
 /* packets and bytes per frontend id (max_entries: the default, set from the cluster's capacity at load) */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
