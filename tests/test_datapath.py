@@ -1488,6 +1488,31 @@ def test_flow_is_half_open_until_established_then_moves_to_the_main_table(datapa
     assert answer.pkt.flow == (dp.address, NODEPORT, CLIENT, 40000) and answer.pkt.checksums_ok()
 
 
+def test_an_entry_left_behind_in_the_half_open_table_joins_its_admitted_partner(datapath):
+    """An established flow's forward entry found in ct_half_v4, with its partner in ct_v4
+    and an older copy of that partner left in ct_half_v4 too: the entry moves to ct_v4,
+    the partner there is kept as it is (not overwritten by the older copy), and both copies
+    leave ct_half_v4."""
+    dp = datapath(HALF_OPEN, "node0")
+    service, snat = _established(dp)
+    out = _out_flow(dp, snat)
+    forward, partner = tuple_key(service, "CT_SERVICE"), tuple_key(out, "CT_OUT")
+    table, half = dp.maps["ct_v4"], dp.maps["ct_half_v4"]
+    kept = table.lookup(partner)
+    older = layout.CT_ENTRY.unpack(kept)
+    half.update(partner, layout.CT_ENTRY.pack(**{**older, "flags": older["flags"] & ~FLAGS["CT_ESTABLISHED"],
+                                                  "ack_mark": 12345}))
+    half.update(forward, table.lookup(forward))
+    table.delete(forward)
+    entry = layout.CT_ENTRY.unpack(half.lookup(forward))
+    half.update(forward, layout.CT_ENTRY.pack(**{**entry, "expires": entry["expires"] - 100}))  # (so it changes)
+    run = dp.from_netdev(pk.tcp(*service, pk.ACK, b"again"))
+    assert run.pkt.daddr == BACKEND and run.pkt.checksums_ok()
+    assert dp.ct_table(service, "CT_SERVICE") == "ct_v4" and dp.entries("ct_half_v4") == {}
+    assert layout.CT_ENTRY.unpack(table.lookup(partner))["ack_mark"] == older["ack_mark"]
+    assert layout.CT_ENTRY.unpack(table.lookup(partner))["flags"] & FLAGS["CT_ESTABLISHED"]
+
+
 def _fill_ct_v4(dp: Datapath, expires: int, leave: int = 0) -> list[bytes]:
     """ct_v4 filled up with other flows' entries (up to its capacity, but `leave` slots)."""
     keys = []

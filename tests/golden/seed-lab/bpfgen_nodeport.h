@@ -1455,24 +1455,26 @@ static __always_inline void partner_key(struct bpfgen_tuple *key, const struct b
 	}
 }
 
+#define BPFGEN_EEXIST 17
+#define CT_MOVED_SELF 1    /* ct_admit: the entry the packet found, into ct_v4 */
+#define CT_MOVED_PARTNER 2 /* and its partner */
+
 /*
- * A half-open flow's entries (ct at key, and its partner) out of ct_half_v4: all of them
- * (refused: the flow is over), or those that are in ct_v4 now (after an admitted flow's
- * packet is sent: until then it used ct where it was).
+ * A half-open flow's entries out of ct_half_v4 (after an admitted flow's packet is sent:
+ * until then it used ct where it was): which says which, ct at key or its partner.
  */
 __noinline int ct_leave_half(const struct bpfgen_tuple *key, const struct bpfgen_ct_entry *ct, const struct pkt *p,
-			     int reply, int refused)
+			     int reply, int which)
 {
 	struct bpfgen_tuple partner;
-	struct bpfgen_ct_entry *other;
 
 	if (!key || !ct || !p)
 		return 0;
-	partner_key(&partner, ct, p->t.proto, reply);
-	other = bpf_map_lookup_elem(&ct_half_v4, &partner);
-	if (other && same_flow(other, ct) && (refused || bpf_map_lookup_elem(&ct_v4, &partner)))
+	if (which & CT_MOVED_PARTNER) {
+		partner_key(&partner, ct, p->t.proto, reply);
 		bpf_map_delete_elem(&ct_half_v4, &partner);
-	if (refused || bpf_map_lookup_elem(&ct_v4, key))
+	}
+	if (which & CT_MOVED_SELF)
 		bpf_map_delete_elem(&ct_half_v4, key);
 	return 0;
 }
@@ -1483,8 +1485,10 @@ __noinline int ct_leave_half(const struct bpfgen_tuple *key, const struct bpfgen
  * the flow is refused: its half-open entries go (the caller resets the client); no
  * established flow is evicted for it. A flow whose partner is in ct_v4 already was
  * admitted (this entry was left behind): never refused, it stays where it is if ct_v4
- * has no room. Runs before the packet is sent (which uses ct where it was); ct_leave_half
- * then takes both out of ct_half_v4. Returns 0, or -1 refused.
+ * has no room, and its partner there is kept (newer than a copy in ct_half_v4). Runs
+ * before the packet is sent (which uses ct where it was); ct_leave_half then takes what
+ * moved out of ct_half_v4. Returns what moved (CT_MOVED_*: the caller's ct_leave_half's
+ * which), or -1 refused (its half-open entries gone).
  */
 __noinline int ct_admit(const struct bpfgen_tuple *key, struct bpfgen_ct_entry *ct, const struct pkt *p, int reply,
 			__u32 now)
@@ -1492,30 +1496,32 @@ __noinline int ct_admit(const struct bpfgen_tuple *key, struct bpfgen_ct_entry *
 	__u8 fin = reply ? CT_FIN_BACKEND : CT_FIN_CLIENT;
 	struct bpfgen_tuple partner;
 	struct bpfgen_ct_entry *other;
+	int err;
 
 	if (!key || !ct || !p)
 		return 0;
 	partner_key(&partner, ct, p->t.proto, reply);
-	other = bpf_map_lookup_elem(&ct_v4, &partner);
-	if (other && same_flow(other, ct)) {
-		bpf_map_update_elem(&ct_v4, key, ct, BPF_ANY);
-		return 0;
-	}
-	if (bpf_map_update_elem(&ct_v4, key, ct, BPF_ANY))
+	if (bpf_map_update_elem(&ct_v4, key, ct, BPF_ANY)) {
+		other = bpf_map_lookup_elem(&ct_v4, &partner);
+		if ((other && same_flow(other, ct)) || reply)
+			return 0; /* (admitted, or only the client's packet establishes: left behind) */
 		goto refuse;
-	other = bpf_map_lookup_elem(&ct_half_v4, &partner);
-	if (other && same_flow(other, ct)) {
-		ct_touch(other, p, now, fin);
-		if (bpf_map_update_elem(&ct_v4, &partner, other, BPF_ANY)) {
-			bpf_map_delete_elem(&ct_v4, key);
-			goto refuse;
-		}
 	}
-	return 0;
-refuse:
+	other = bpf_map_lookup_elem(&ct_half_v4, &partner);
+	if (!other || !same_flow(other, ct))
+		return CT_MOVED_SELF; /* (its partner in ct_v4 already: admitted before, or gone) */
+	ct_touch(other, p, now, fin);
+	/* (no-exist: a partner in ct_v4 already was admitted before, and the copy left behind
+	 * here goes) */
+	err = bpf_map_update_elem(&ct_v4, &partner, other, BPF_NOEXIST);
+	if (!err || err == -BPFGEN_EEXIST)
+		return CT_MOVED_SELF | CT_MOVED_PARTNER;
+	bpf_map_delete_elem(&ct_v4, key);
 	if (reply)
-		return 0; /* (only the client's packet establishes: this is an entry left behind) */
-	ct_leave_half(key, ct, p, reply, 1);
+		return 0;
+refuse:
+	other = bpf_map_lookup_elem(&ct_half_v4, &partner);
+	ct_leave_half(key, ct, p, reply, CT_MOVED_SELF | (other && same_flow(other, ct) ? CT_MOVED_PARTNER : 0));
 	return -1;
 }
 
@@ -1682,11 +1688,12 @@ static __always_inline int ct_fast(struct __sk_buff *skb, struct pkt *p, const s
 	}
 	if (state && ct_touch(ct, p, now, fin)) {
 		if (half && (ct->flags & CT_ESTABLISHED)) {
-			if (ct_admit(key, ct, p, reply, now)) {
+			promote = ct_admit(key, ct, p, reply, now);
+			if (promote < 0) {
 				drop(DROP_CT_FULL);
 				return CT_REFUSED;
 			}
-			promote = 1; /* after the packet is sent: the entry leaves ct_half_v4 */
+			/* (after the packet is sent, what moved leaves ct_half_v4) */
 		} else {
 			partner_key(&partner, ct, p->t.proto, reply);
 			other = ct_table_lookup(&partner, half);
@@ -1708,7 +1715,7 @@ static __always_inline int ct_fast(struct __sk_buff *skb, struct pkt *p, const s
 		return TC_ACT_SHOT;
 	verdict = send(skb, ct, egress, direct);
 	if (promote)
-		ct_leave_half(key, ct, p, reply, 0);
+		ct_leave_half(key, ct, p, reply, promote);
 	return verdict;
 }
 
@@ -1929,7 +1936,7 @@ static __always_inline int nodeport_to_netdev(struct __sk_buff *skb)
 	/* Traffic of this node, or of its pods routed out of this interface, to a ClusterIP
 	 * (a TCP flow half-open until established, as from_netdev's: a pod retrying a dead
 	 * ClusterIP fills ct_half_v4, never ct_v4). */
-	svc = lookup_frontend(&p);
+	svc = addr_filter_has(&fe_addr_v4, p.t.daddr) ? lookup_frontend(&p) : NULL;
 	if (svc && (svc->flags & SVC_CLUSTERIP)) {
 		__u32 now = now_sec();
 
