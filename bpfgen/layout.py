@@ -306,12 +306,14 @@ ADDR_BITS = _s("bpfgen_addr_bits", "64 bits of an address filter (fe_addr_v4, be
 # node's (clusterIPs, external and load-balancer IPs): a packet arriving for neither the
 # node nor its pods whose destination's bit is clear is for no service, and passes after
 # one array lookup, before it is parsed (to a pod, after the local port's lookup too). The
-# local backend filter (be_addr_v4) has one for every address of a backend on the node: a
-# packet leaving whose source's bit is clear is no local backend's reply, and with its
-# destination's frontend bit clear too it passes after two array lookups.
+# local backend filter (be_addr_v4) has one for every address and port of a backend on the
+# node (endpoint_filter_bit): a packet leaving whose source's bit is clear is no local
+# backend's reply, and with its destination's frontend bit clear too it passes after two
+# array lookups.
 ADDR_FILTER_BITS_LOG2 = 20
 ADDR_FILTER_WORDS = 1 << (ADDR_FILTER_BITS_LOG2 - 6)
 ADDR_FILTER_HASH = 0x9E3779B1  # (multiplicative hashing: the high bits of addr * this)
+ENDPOINT_PORT_MIX = 0x10001  # an endpoint's port into its address before the hash
 
 
 def addr_filter_bit(addr: int) -> tuple[int, int]:
@@ -319,6 +321,12 @@ def addr_filter_bit(addr: int) -> tuple[int, int]:
     order); the datapath's addr_filter_has."""
     index = ((addr * ADDR_FILTER_HASH) & 0xFFFFFFFF) >> (32 - ADDR_FILTER_BITS_LOG2)
     return index >> 6, index & 63
+
+
+def endpoint_filter_bit(addr: int, port: int) -> tuple[int, int]:
+    """The word and bit of be_addr_v4 of the endpoint addr:port (host order); the
+    datapath's endpoint_filter_has."""
+    return addr_filter_bit((addr + port * ENDPOINT_PORT_MIX) & 0xFFFFFFFF)
 
 
 @dataclass(frozen=True)
@@ -416,6 +424,7 @@ FLAGS = {
     "DATAPATH_CLOCK_OFFSET": DATAPATH_CLOCK_OFFSET,
     "ADDR_FILTER_HASH": ADDR_FILTER_HASH,
     "ADDR_FILTER_SHIFT": 32 - ADDR_FILTER_BITS_LOG2,
+    "ENDPOINT_PORT_MIX": ENDPOINT_PORT_MIX,
 }
 # The tuple.dir of the conntrack entries a flow's packets towards its backend find (the
 # others are CT_OUT: its replies').
@@ -472,9 +481,9 @@ MAPS = (
     MapDef("fe_addr_v4", "ARRAY", ID_KEY, ADDR_BITS, "the frontend address filter: a bit per address hash, set"
            " for every address of a frontend but the node's (traffic to other addresses passes at once)",
            lambda c: ADDR_FILTER_WORDS),
-    MapDef("be_addr_v4", "ARRAY", ID_KEY, ADDR_BITS, "the local backend address filter: a bit per address hash,"
-           " set for every address of a backend on this node (other traffic leaving, not to a frontend, passes at"
-           " once)", lambda c: ADDR_FILTER_WORDS),
+    MapDef("be_addr_v4", "ARRAY", ID_KEY, ADDR_BITS, "the local backend filter: a bit per address and port hash,"
+           " set for every address and port of a backend on this node (other traffic leaving, not to a frontend,"
+           " passes at once)", lambda c: ADDR_FILTER_WORDS),
     MapDef("svc_stats", "PERCPU_ARRAY", ID_KEY, SVC_STATS, "packets and bytes per frontend id",
            lambda c: c["frontends"] + 1),
     MapDef("drop_stats", "PERCPU_ARRAY", ID_KEY, DROP_STATS, "drops by reason", lambda c: len(DROP_REASONS.members)),

@@ -287,23 +287,28 @@ def address_filters(plan: Plan, node: NodeInfo) -> dict[str, dict[bytes, bytes]]
     """The words of the node's address filters that have a bit set (the others are 0):
     fe_addr_v4 a bit for every clusterIP, external and load-balancer IP of the plan's
     services (a superset of the addresses of any node's frontends but its own, which the
-    datapath never looks up there), be_addr_v4 one for every address of a backend on the
-    node (whatever its state: the flows of a terminating one go on)."""
-    return {"fe_addr_v4": _filter_words(a for s in plan.services for a in _addresses(s)),
-            "be_addr_v4": _filter_words(a for s in plan.services for a in _local_backends(s, node))}
+    datapath never looks up there), be_addr_v4 one for every address and port of a backend
+    on the node (whatever its state: the flows of a terminating one go on)."""
+    return {"fe_addr_v4": _filter_words(layout.addr_filter_bit(_ip_int(a))
+                                        for s in plan.services for a in _addresses(s)),
+            "be_addr_v4": _filter_words(layout.endpoint_filter_bit(_ip_int(a), port)
+                                        for s in plan.services for a, port in _local_backends(s, node))}
 
 
-def _filter_words(addresses: Iterable[str]) -> dict[bytes, bytes]:
+def _ip_int(addr: str) -> int:
+    return int.from_bytes(socket.inet_aton(addr), "big")
+
+
+def _filter_words(bits: Iterable[tuple[int, int]]) -> dict[bytes, bytes]:
     words: dict[int, int] = {}
-    for addr in addresses:
-        word, bit = layout.addr_filter_bit(int.from_bytes(socket.inet_aton(addr), "big"))
+    for word, bit in bits:
         words[word] = words.get(word, 0) | 1 << bit
-    return {_U32.pack(w): _ADDR_BITS.pack(bits=bits) for w, bits in sorted(words.items())}
+    return {_U32.pack(w): _ADDR_BITS.pack(bits=b) for w, b in sorted(words.items())}
 
 
-def _local_backends(s: ServicePlan, node: NodeInfo) -> tuple[str, ...]:
-    """The addresses of a service's backends on node."""
-    return tuple(b[0] for b in s.backends if b[1] == node.name)
+def _local_backends(s: ServicePlan, node: NodeInfo) -> tuple[tuple[str, int], ...]:
+    """The endpoints (address, target port) of a service's backends on node."""
+    return tuple((b[0], target) for _, _, target, _ in s.ports for b in s.backends if b[1] == node.name)
 
 
 def _addresses(s: ServicePlan) -> tuple[str, ...]:

@@ -218,23 +218,27 @@ def tuple_key(flow: tuple[str, int, str, int], direction: str, proto: int = 6) -
                              dir=layout.FLAGS[direction])
 
 
-def filter_sharer(addr: str, avoid: frozenset[str] = frozenset(), within: str = "10.96.0.0/12") -> str:
+def filter_sharer(addr: str, avoid: frozenset[str] = frozenset(), within: str = "10.96.0.0/12",
+                  port: int | None = None) -> str:
     """An address of the network within (the service range by default), neither addr nor
-    one of avoid, whose bit in the address filters (fe_addr_v4, be_addr_v4) is addr's."""
+    one of avoid, whose bit in the frontend address filter (fe_addr_v4) is addr's; with
+    port, whose endpoint at that port has addr:port's bit in the local backend filter
+    (be_addr_v4)."""
     import ipaddress
 
     from bpfgen import layout
 
     net = ipaddress.IPv4Network(within)
-    want = layout.addr_filter_bit(int(ipaddress.IPv4Address(addr)))
+    offset = 0 if port is None else port * layout.ENDPOINT_PORT_MIX
+    want = layout.addr_filter_bit((int(ipaddress.IPv4Address(addr)) + offset) & 0xFFFFFFFF)
     # (the filter's hash is a multiplication by an odd number: every index it gives has
     # 2^12 preimages, one for each low 12 bits of the product)
     inverse = pow(layout.ADDR_FILTER_HASH, -1, 1 << 32)
     index = want[0] << 6 | want[1]
     for low in range(1 << (32 - layout.ADDR_FILTER_BITS_LOG2)):
-        n = ((index << (32 - layout.ADDR_FILTER_BITS_LOG2) | low) * inverse) & 0xFFFFFFFF
+        n = (((index << (32 - layout.ADDR_FILTER_BITS_LOG2) | low) * inverse) - offset) & 0xFFFFFFFF
         other = ipaddress.IPv4Address(n)
         if other in net and str(other) != addr and str(other) not in avoid:
-            assert layout.addr_filter_bit(n) == want
+            assert (layout.addr_filter_bit(n) if port is None else layout.endpoint_filter_bit(n, port)) == want
             return str(other)
     raise AssertionError(f"no address of {within} shares {addr}'s filter bit")

@@ -627,12 +627,12 @@ def test_local_backend_traffic_of_no_flow_is_untouched(node1):
 
 
 def test_the_local_backend_filter_decides_what_leaves_untouched(node0, node1):
-    """be_addr_v4 has a bit for the node's own backends alone: a packet leaving from an
-    address whose bit is clear, to no frontend, passes before it is parsed, even one whose
-    tuple a local backend's flow has (its bit cleared by hand: the filter decides, not a
-    lookup), and with the bit back it is translated; a packet from another address with
-    that very bit takes the whole path and passes unchanged."""
-    word, bit = layout.addr_filter_bit(int(ipaddress.IPv4Address(BACKEND)))
+    """be_addr_v4 has a bit for the node's own backends' endpoints alone: a packet leaving
+    from an address and port whose bit is clear, to no frontend, passes before it is
+    parsed, even one whose tuple a local backend's flow has (its bit cleared by hand: the
+    filter decides, not a lookup), and with the bit back it is translated; a packet from
+    another address with that very bit takes the whole path and passes unchanged."""
+    word, bit = layout.endpoint_filter_bit(int(ipaddress.IPv4Address(BACKEND)), BACKEND_PORT)
     for dp, want in ((node1, {word: 1 << bit}), (node0, {})):
         words = {layout.ID_KEY.unpack(k): layout.ADDR_BITS.unpack(v)["bits"]
                  for k, v in dp.entries("be_addr_v4").items()}
@@ -647,8 +647,9 @@ def test_the_local_backend_filter_decides_what_leaves_untouched(node0, node1):
     finally:
         node1.maps["be_addr_v4"].update(key, filled)
     assert_translated(node1.to_netdev(reply), (NODE1, NODEPORT, CLIENT, 40000), reply)
-    sharer = filter_sharer(BACKEND, within="10.0.0.0/8")
-    for frame in (pk.tcp(sharer, BACKEND_PORT, CLIENT, 40000, pk.SYN | pk.ACK), pk.udp(sharer, 53, CLIENT, 40000, b"a")):
+    sharer = filter_sharer(BACKEND, within="10.0.0.0/8", port=BACKEND_PORT)
+    for frame in (pk.tcp(sharer, BACKEND_PORT, CLIENT, 40000, pk.SYN | pk.ACK),
+                  pk.udp(sharer, BACKEND_PORT, CLIENT, 40000, b"a")):
         run = node1.to_netdev(frame)
         assert (run.retval, run.frame) == (TC_ACT_OK, frame)
     assert not any(node1.all_drops().values())

@@ -59,6 +59,12 @@ def _addr_bit(addr: str) -> tuple[int, int]:
     return layout.addr_filter_bit(int(ipaddress.IPv4Address(addr)))
 
 
+def _endpoint_bit(addr: str, port: int) -> tuple[int, int]:
+    import ipaddress
+
+    return layout.endpoint_filter_bit(int(ipaddress.IPv4Address(addr)), port)
+
+
 def test_the_address_filter_gains_bits_before_the_frontends_and_loses_them_after():
     """fe_addr_v4 holds a bit for every clusterIP, external and load-balancer IP. A
     change writes the bits a new address needs before the frontends that have it, and
@@ -101,13 +107,13 @@ def test_the_address_filter_gains_bits_before_the_frontends_and_loses_them_after
 
 
 def test_the_local_backend_filter_has_the_nodes_own_backends_set_before_and_cleared_after_them():
-    """be_addr_v4 holds a bit for every address of a backend on the node alone (whatever
-    its state: a terminating one's flows go on), and none of another node's. An update
+    """be_addr_v4 holds a bit for every address and target port of a backend on the node
+    alone (whatever its state: a terminating one's flows go on), and none of another node's. An update
     adding a backend on the node writes its bit before backend_v4 has it, and one removing
     it clears the bit after it is deleted; incremental and full updates agree."""
     first = plan_of(SEED)
     node0, node1 = first.node("node0"), first.node("node1")
-    assert _filter_bits(P.desired(first, node1, empty()), "be_addr_v4") == {_addr_bit("10.0.1.72")}
+    assert _filter_bits(P.desired(first, node1, empty()), "be_addr_v4") == {_endpoint_bit("10.0.1.72", 80)}
     have = P.desired(first, node0, empty())
     assert _filter_bits(have, "be_addr_v4") == set()
 
@@ -119,8 +125,8 @@ def test_the_local_backend_filter_has_the_nodes_own_backends_set_before_and_clea
                     P.diff_maps(P.desired(second, node0, have), have)):
         order = [name for name, _, _ in changes.writes]
         assert order.index("be_addr_v4") < order.index("backend_v4") and changes.finals == []
-        assert _filter_bits(apply(have, changes), "be_addr_v4") == {_addr_bit("10.0.0.9")}
-    assert _filter_bits(P.desired(second, node1, empty()), "be_addr_v4") == {_addr_bit("10.0.1.72")}
+        assert _filter_bits(apply(have, changes), "be_addr_v4") == {_endpoint_bit("10.0.0.9", 80)}
+    assert _filter_bits(P.desired(second, node1, empty()), "be_addr_v4") == {_endpoint_bit("10.0.1.72", 80)}
 
     after = apply(have, P.diff_maps(P.desired(second, node0, have), have))
     for changes in (P.incremental(second, first, node0, DictKernel(after)),
@@ -129,7 +135,7 @@ def test_the_local_backend_filter_has_the_nodes_own_backends_set_before_and_clea
         assert ("backend_v4" in [name for name, _ in changes.deletes])
         assert _filter_bits(apply(after, changes), "be_addr_v4") == set()
         assert _filter_bits(apply(after, P.Changes(changes.writes, changes.deletes)), "be_addr_v4") == \
-            {_addr_bit("10.0.0.9")}
+            {_endpoint_bit("10.0.0.9", 80)}
 
 
 def decoded(contents: P.Contents) -> dict:

@@ -51,6 +51,7 @@ typedef __u8 bpfgen_proto_t; /* IP protocol number (6 TCP, 17 UDP) */
 #define DATAPATH_CLOCK_OFFSET 16777216
 #define ADDR_FILTER_HASH 2654435761
 #define ADDR_FILTER_SHIFT 12
+#define ENDPOINT_PORT_MIX 65537
 
 enum bpfgen_drop_reason {
 	DROP_NO_BACKEND = 0, /* no backend */

@@ -1766,6 +1766,12 @@ static __always_inline int addr_filter_has(void *filter, __be32 addr)
 	return word && (word->bits & (1ULL << (at & 63)));
 }
 
+/* Whether endpoint addr:port's bit is set in the local backend filter (be_addr_v4). */
+static __always_inline int endpoint_filter_has(__be32 addr, __be16 port)
+{
+	return addr_filter_has(&be_addr_v4, bpf_htonl(bpf_ntohl(addr) + (__u32)bpf_ntohs(port) * ENDPOINT_PORT_MIX));
+}
+
 /* Whether a linear IPv4 header is of a plain TCP or UDP packet: no options, no fragment. */
 static __always_inline int plain_ipv4_l4(const struct __sk_buff *skb, const struct iphdr *iph)
 {
@@ -1889,19 +1895,20 @@ fast_reply:
 }
 
 /*
- * Whether a packet leaving surely passes untouched, told from its linear IPv4 header before
- * it is parsed (the path below would pass it too, later): TCP or UDP, not a fragment,
- * from an address whose bit in the local backend filter is clear (no local backend's
- * reply) to one whose bit in the frontend filter is clear (no flow to a ClusterIP): two
- * array lookups. 0: the whole path decides.
+ * Whether a packet leaving surely passes untouched, told from its linear headers before
+ * they are parsed (the path below would pass it too, later): IPv4 TCP or UDP, not a
+ * fragment, from an address and port whose bit in the local backend filter is clear (no
+ * local backend's reply) to an address whose bit in the frontend filter is clear (no flow
+ * to a ClusterIP): two array lookups. 0: the whole path decides.
  */
 static __always_inline int leaves_untouched(struct __sk_buff *skb)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
 	struct iphdr *iph = data + ETH_HLEN;
+	__be16 *ports = (void *)(iph + 1);
 
-	return (void *)(iph + 1) <= data_end && plain_ipv4_l4(skb, iph) && !addr_filter_has(&be_addr_v4, iph->saddr) &&
+	return (void *)(ports + 2) <= data_end && plain_ipv4_l4(skb, iph) && !endpoint_filter_has(iph->saddr, ports[0]) &&
 	       !addr_filter_has(&fe_addr_v4, iph->daddr);
 }
 

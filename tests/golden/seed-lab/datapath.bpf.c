@@ -177,7 +177,7 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } fe_addr_v4 SEC(".maps");
 
-/* the local backend address filter: a bit per address hash, set for every address of a backend on this node (other traffic leaving, not to a frontend, passes at once) (max_entries: the default, set from the cluster's capacity at load) */
+/* the local backend filter: a bit per address and port hash, set for every address and port of a backend on this node (other traffic leaving, not to a frontend, passes at once) (max_entries: the default, set from the cluster's capacity at load) */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 16384);
