@@ -1285,20 +1285,21 @@ def test_an_unreadable_record_blocks_nothing_and_unload_node_clears_it(builds, s
 
 def test_a_data_update_failing_part_way_restores_the_address_filter(builds, state, netns: Netns, loaded,
                                                                      monkeypatch, tmp_path: Path):
-    """An update that adds a clusterIP (its filter bit set before its frontends) and then
-    fails: the undo takes the bit back with the frontends (the filter is an array: its
-    words are written back, zero ones too)."""
+    """An update that adds a clusterIP and a backend on the node (their filter bits set
+    before their frontends) and then fails: the undo takes the bits back with the
+    frontends (the filters are arrays: their words are written back, zero ones too)."""
     from bpfgen import loader
 
     pins = state["pins"]
     doc = yaml.safe_load(SEED.read_text())
     doc["services"].append({"name": "extra", "type": "ClusterIP", "clusterIP": "10.100.7.7",
                             "ports": [{"protocol": "TCP", "port": 81, "targetPort": 80}],
-                            "backends": [{"address": "10.0.1.72", "node": "node1"}]})
+                            "backends": [{"address": "10.0.1.72", "node": "node1"},
+                                         {"address": "10.0.0.33", "node": NODE}]})
     spec = tmp_path / "extra.yaml"
     spec.write_text(yaml.safe_dump(doc, sort_keys=False))
     build = compile_spec(spec, tmp_path / "build").dir
-    before = {name: _sorted(bpftool_entries(pins / name)) for name in ("svc_v4", "fe_addr_v4")}
+    before = {name: _sorted(bpftool_entries(pins / name)) for name in ("svc_v4", "fe_addr_v4", "be_addr_v4")}
 
     def fail(*args, **kwargs):
         raise OSError("injected failure")

@@ -1894,22 +1894,28 @@ fast_reply:
 	return verdict >= 0 ? verdict : TC_ACT_OK; /* (a dead flow's reply passes) */
 }
 
+#define LEAVING_FROM_BACKEND 1 /* leaving_filters: it may be a local backend's reply */
+#define LEAVING_TO_FRONTEND 2  /* it may be to a ClusterIP */
+
 /*
- * Whether a packet leaving surely passes untouched, told from its linear headers before
- * they are parsed (the path below would pass it too, later): IPv4 TCP or UDP, not a
- * fragment, from an address and port whose bit in the local backend filter is clear (no
- * local backend's reply) to an address whose bit in the frontend filter is clear (no flow
- * to a ClusterIP): two array lookups. 0: the whole path decides.
+ * What the address filters say of a packet leaving, told from its linear headers before
+ * they are parsed: LEAVING_FROM_BACKEND if its source address and port's bit in the local
+ * backend filter is set, LEAVING_TO_FRONTEND if its destination's bit in the frontend
+ * filter is; 0 (two array lookups): it passes untouched, as the path below would pass
+ * it, later. Headers that are not a plain IPv4 TCP or UDP one in the linear area get both:
+ * the whole path decides.
  */
-static __always_inline int leaves_untouched(struct __sk_buff *skb)
+static __always_inline int leaving_filters(struct __sk_buff *skb)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
 	struct iphdr *iph = data + ETH_HLEN;
 	__be16 *ports = (void *)(iph + 1);
 
-	return (void *)(ports + 2) <= data_end && plain_ipv4_l4(skb, iph) && !endpoint_filter_has(iph->saddr, ports[0]) &&
-	       !addr_filter_has(&fe_addr_v4, iph->daddr);
+	if ((void *)(ports + 2) > data_end || !plain_ipv4_l4(skb, iph))
+		return LEAVING_FROM_BACKEND | LEAVING_TO_FRONTEND;
+	return (endpoint_filter_has(iph->saddr, ports[0]) ? LEAVING_FROM_BACKEND : 0) |
+	       (addr_filter_has(&fe_addr_v4, iph->daddr) ? LEAVING_TO_FRONTEND : 0);
 }
 
 static __always_inline int nodeport_to_netdev(struct __sk_buff *skb)
@@ -1918,32 +1924,35 @@ static __always_inline int nodeport_to_netdev(struct __sk_buff *skb)
 	struct bpfgen_ct_entry *ct;
 	struct bpfgen_tuple key;
 	struct pkt p;
-	int verdict, half;
+	int verdict, half, filters;
 
 	/* Redirected here by from_netdev: translated already. */
 	if (skb->cb[0] == REDIRECTED_MAGIC) {
 		skb->cb[0] = 0;
 		return TC_ACT_OK;
 	}
-	if (leaves_untouched(skb))
+	filters = leaving_filters(skb);
+	if (!filters)
 		return TC_ACT_OK;
 	if (parse(skb, &p) != PARSE_OK)
 		return TC_ACT_OK;
 
 	/* A reply of a local backend: backend -> client (or -> the hairpin address, of a flow
 	 * of this node or its pods). */
-	reply_key(&key, &p.t);
-	ct = ct_lookup(&key, &half);
-	if (ct && (!(ct->flags & (CT_SNAT | CT_EGRESS)) || ct->nh == NH_INGRESS)) {
-		verdict = ct_fast(skb, &p, &key, ct, half, now_sec(), 1, 1, 0);
-		if (verdict >= 0)
-			return verdict;
+	if (filters & LEAVING_FROM_BACKEND) {
+		reply_key(&key, &p.t);
+		ct = ct_lookup(&key, &half);
+		if (ct && (!(ct->flags & (CT_SNAT | CT_EGRESS)) || ct->nh == NH_INGRESS)) {
+			verdict = ct_fast(skb, &p, &key, ct, half, now_sec(), 1, 1, 0);
+			if (verdict >= 0)
+				return verdict;
+		}
 	}
 
 	/* Traffic of this node, or of its pods routed out of this interface, to a ClusterIP
 	 * (a TCP flow half-open until established, as from_netdev's: a pod retrying a dead
 	 * ClusterIP fills ct_half_v4, never ct_v4). */
-	svc = addr_filter_has(&fe_addr_v4, p.t.daddr) ? lookup_frontend(&p) : NULL;
+	svc = (filters & LEAVING_TO_FRONTEND) ? lookup_frontend(&p) : NULL;
 	if (svc && (svc->flags & SVC_CLUSTERIP)) {
 		__u32 now = now_sec();
 
