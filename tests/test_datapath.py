@@ -1514,6 +1514,54 @@ def test_an_entry_left_behind_in_the_half_open_table_joins_its_admitted_partner(
     assert layout.CT_ENTRY.unpack(table.lookup(partner))["flags"] & FLAGS["CT_ESTABLISHED"]
 
 
+def test_a_flow_whose_reply_entry_the_half_open_table_lost_gets_it_back_when_established(datapath):
+    """A SYN flood churns ct_half_v4 between a flow's SYN-ACK and its ACK, and evicts the
+    flow's CT_OUT entry: the client's ACK admits the flow with that entry made again in
+    ct_v4 from the forward one, so the backend's answer is still translated back (not
+    left to the node's stack, which would reset the backend)."""
+    dp = datapath(HALF_OPEN, "node0")
+    service = (CLIENT, 40000, NODE0, NODEPORT)
+    dp.from_netdev(pk.tcp(*service, pk.SYN))
+    snat = dp.ct(service, "CT_SERVICE")["snat_port"]
+    _reply(dp, snat, pk.SYN | pk.ACK)
+    out = tuple_key(_out_flow(dp, snat), "CT_OUT")
+    half_out = layout.CT_ENTRY.unpack(dp.maps["ct_half_v4"].lookup(out))
+    dp.maps["ct_half_v4"].delete(out)  # (evicted)
+    run = dp.from_netdev(pk.tcp(*service, pk.ACK, b"request"))
+    assert run.pkt.flow == (NODE0, snat, BACKEND, BACKEND_PORT) and run.pkt.checksums_ok()
+    assert dp.ct_table(service, "CT_SERVICE") == dp.ct_table(_out_flow(dp, snat), "CT_OUT") == "ct_v4"
+    assert dp.entries("ct_half_v4") == {}
+    made = layout.CT_ENTRY.unpack(dp.maps["ct_v4"].lookup(out))
+    for field in ("xl_saddr", "xl_sport", "xl_daddr", "xl_dport", "nat_cookie", "backend_id", "rev_nat_id"):
+        assert made[field] == half_out[field], field
+    assert made["flags"] & FLAGS["CT_ESTABLISHED"]
+    answer = _reply(dp, snat, pk.PSH | pk.ACK, b"answer")
+    assert answer.retval == TC_ACT_REDIRECT
+    assert answer.pkt.flow == (NODE0, NODEPORT, CLIENT, 40000) and answer.pkt.checksums_ok()
+
+
+def test_a_flow_whose_port_another_flow_took_is_not_admitted_into_that_flow(datapath):
+    """Between a flow's SYN-ACK and its ACK, its CT_OUT entry was evicted and its SNAT port
+    given to another flow, whose entry holds that key now: the client's ACK is not
+    delivered into the other flow's tuple towards the backend, nor is the other flow's
+    entry touched; it goes as a new flow, on another port (the backend resets it)."""
+    dp = datapath(HALF_OPEN, "node0")
+    service = (CLIENT, 40000, NODE0, NODEPORT)
+    dp.from_netdev(pk.tcp(*service, pk.SYN))
+    snat = dp.ct(service, "CT_SERVICE")["snat_port"]
+    _reply(dp, snat, pk.SYN | pk.ACK)
+    out = tuple_key(_out_flow(dp, snat), "CT_OUT")
+    theirs = layout.CT_ENTRY.unpack(dp.maps["ct_half_v4"].lookup(out))
+    theirs = layout.CT_ENTRY.pack(**{**theirs, "nat_cookie": theirs["nat_cookie"] ^ 0x5a5a,
+                                     "xl_daddr": "172.26.50.199"})  # (another client's)
+    dp.maps["ct_half_v4"].update(out, theirs)
+    run = dp.from_netdev(pk.tcp(*service, pk.ACK, b"request"))
+    assert run.pkt.daddr == BACKEND and run.pkt.sport != snat
+    assert dp.maps["ct_half_v4"].lookup(out) == theirs and dp.maps["ct_v4"].lookup(out) is None
+    assert dp.ct_table(service, "CT_SERVICE") == "ct_half_v4"
+    assert dp.ct(service, "CT_SERVICE")["flags"] & FLAGS["CT_MIDSTREAM"]
+
+
 def _fill_ct_v4(dp: Datapath, expires: int, leave: int = 0) -> list[bytes]:
     """ct_v4 filled up with other flows' entries (up to its capacity, but `leave` slots)."""
     keys = []

@@ -1458,6 +1458,8 @@ static __always_inline void partner_key(struct bpfgen_tuple *key, const struct b
 #define BPFGEN_EEXIST 17
 #define CT_MOVED_SELF 1    /* ct_admit: the entry the packet found, into ct_v4 */
 #define CT_MOVED_PARTNER 2 /* and its partner */
+#define CT_ADMIT_REFUSED (-1) /* ct_v4 is full: the flow is refused */
+#define CT_ADMIT_TAKEN (-2)   /* its partner's key is another flow's: this flow is over */
 
 /*
  * A half-open flow's entries out of ct_half_v4 (after an admitted flow's packet is sent:
@@ -1485,10 +1487,14 @@ __noinline int ct_leave_half(const struct bpfgen_tuple *key, const struct bpfgen
  * the flow is refused: its half-open entries go (the caller resets the client); no
  * established flow is evicted for it. A flow whose partner is in ct_v4 already was
  * admitted (this entry was left behind): never refused, it stays where it is if ct_v4
- * has no room, and its partner there is kept (newer than a copy in ct_half_v4). Runs
- * before the packet is sent (which uses ct where it was); ct_leave_half then takes what
- * moved out of ct_half_v4. Returns what moved (CT_MOVED_*: the caller's ct_leave_half's
- * which), or -1 refused (its half-open entries gone).
+ * has no room, and its partner there is kept (newer than a copy in ct_half_v4). A
+ * forward entry whose partner ct_half_v4 evicted (a SYN flood churns it between a flow's
+ * SYN-ACK and its ACK) gets it made again in ct_v4, from its own translation, as
+ * ct_repair makes it; one whose partner's key another flow holds now (its port was taken
+ * over) is not admitted: its packets must not go into that flow. Runs before the packet
+ * is sent (which uses ct where it was); ct_leave_half then takes what moved out of
+ * ct_half_v4. Returns what moved (CT_MOVED_*: the caller's ct_leave_half's which), or
+ * CT_ADMIT_REFUSED (its half-open entries gone) or CT_ADMIT_TAKEN (nothing left in ct_v4).
  */
 __noinline int ct_admit(const struct bpfgen_tuple *key, struct bpfgen_ct_entry *ct, const struct pkt *p, int reply,
 			__u32 now)
@@ -1508,8 +1514,32 @@ __noinline int ct_admit(const struct bpfgen_tuple *key, struct bpfgen_ct_entry *
 		goto refuse;
 	}
 	other = bpf_map_lookup_elem(&ct_half_v4, &partner);
-	if (!other || !same_flow(other, ct))
-		return CT_MOVED_SELF; /* (its partner in ct_v4 already: admitted before, or gone) */
+	if (!other || !same_flow(other, ct)) {
+		struct bpfgen_ct_entry *kept = bpf_map_lookup_elem(&ct_v4, &partner);
+
+		if (kept && same_flow(kept, ct))
+			return CT_MOVED_SELF; /* (its partner in ct_v4 already: admitted before) */
+		if (other || kept) {
+			bpf_map_delete_elem(&ct_v4, key);
+			return CT_ADMIT_TAKEN;
+		}
+		if (reply)
+			return CT_MOVED_SELF; /* (only a forward entry holds the whole flow) */
+		/* gone: made again (written as this entry, then made the reply's in place) */
+		err = bpf_map_update_elem(&ct_v4, &partner, ct, BPF_NOEXIST);
+		kept = bpf_map_lookup_elem(&ct_v4, &partner);
+		if (!err) {
+			if (kept)
+				as_reply_entry(kept, p);
+			return CT_MOVED_SELF;
+		}
+		if (err == -BPFGEN_EEXIST && kept && same_flow(kept, ct))
+			return CT_MOVED_SELF; /* (another CPU's packet of the flow made it first) */
+		bpf_map_delete_elem(&ct_v4, key);
+		if (err == -BPFGEN_EEXIST)
+			return CT_ADMIT_TAKEN;
+		goto refuse;
+	}
 	ct_touch(other, p, now, fin);
 	/* (no-exist: a partner in ct_v4 already was admitted before, and the copy left behind
 	 * here goes) */
@@ -1522,7 +1552,7 @@ __noinline int ct_admit(const struct bpfgen_tuple *key, struct bpfgen_ct_entry *
 refuse:
 	other = bpf_map_lookup_elem(&ct_half_v4, &partner);
 	ct_leave_half(key, ct, p, reply, CT_MOVED_SELF | (other && same_flow(other, ct) ? CT_MOVED_PARTNER : 0));
-	return -1;
+	return CT_ADMIT_REFUSED;
 }
 
 /*
@@ -1689,6 +1719,8 @@ static __always_inline int ct_fast(struct __sk_buff *skb, struct pkt *p, const s
 	if (state && ct_touch(ct, p, now, fin)) {
 		if (half && (ct->flags & CT_ESTABLISHED)) {
 			promote = ct_admit(key, ct, p, reply, now);
+			if (promote == CT_ADMIT_TAKEN)
+				return -1;
 			if (promote < 0) {
 				drop(DROP_CT_FULL);
 				return CT_REFUSED;
