@@ -1527,6 +1527,8 @@ def test_a_flow_whose_reply_entry_the_half_open_table_lost_gets_it_back_when_est
     out = tuple_key(_out_flow(dp, snat), "CT_OUT")
     half_out = layout.CT_ENTRY.unpack(dp.maps["ct_half_v4"].lookup(out))
     dp.maps["ct_half_v4"].delete(out)  # (evicted)
+    dp.maps["snat_v4"].delete(tuple_key((BACKEND, BACKEND_PORT, NODE0, snat), "NAT_IN"))  # (its claim too)
+    _not_checked_soon(dp, tuple_key(service, "CT_SERVICE"))
     run = dp.from_netdev(pk.tcp(*service, pk.ACK, b"request"))
     assert run.pkt.flow == (NODE0, snat, BACKEND, BACKEND_PORT) and run.pkt.checksums_ok()
     assert dp.ct_table(service, "CT_SERVICE") == dp.ct_table(_out_flow(dp, snat), "CT_OUT") == "ct_v4"
@@ -1535,9 +1537,27 @@ def test_a_flow_whose_reply_entry_the_half_open_table_lost_gets_it_back_when_est
     for field in ("xl_saddr", "xl_sport", "xl_daddr", "xl_dport", "nat_cookie", "backend_id", "rev_nat_id"):
         assert made[field] == half_out[field], field
     assert made["flags"] & FLAGS["CT_ESTABLISHED"]
+    assert dp.nat((BACKEND, BACKEND_PORT, NODE0, snat), "NAT_IN") == (CLIENT, 40000)  # (claimed again)
     answer = _reply(dp, snat, pk.PSH | pk.ACK, b"answer")
     assert answer.retval == TC_ACT_REDIRECT
     assert answer.pkt.flow == (NODE0, NODEPORT, CLIENT, 40000) and answer.pkt.checksums_ok()
+
+
+def _not_checked_soon(dp: Datapath, key: bytes) -> None:
+    """The half-open entry at key due for its once-a-second check only in a while (so that
+    its check's repair does not run first, however slow the test)."""
+    entry = layout.CT_ENTRY.unpack(dp.maps["ct_half_v4"].lookup(key))
+    dp.maps["ct_half_v4"].update(key, layout.CT_ENTRY.pack(**{**entry, "checked": layout.datapath_now() + 30}))
+
+
+def _take_port(dp: Datapath, snat: int) -> bytes:
+    """The NAT_IN claim of node0:snat towards the backend made another client's (another
+    cookie): what it holds now."""
+    key = tuple_key((BACKEND, BACKEND_PORT, NODE0, snat), "NAT_IN")
+    claim = layout.NAT_ENTRY.unpack(dp.maps["snat_v4"].lookup(key))
+    dp.maps["snat_v4"].update(key, layout.NAT_ENTRY.pack(**{**claim, "addr": "172.26.50.199", "port": 50000,
+                                                           "cookie": claim["cookie"] ^ 0x5a5a}))
+    return dp.maps["snat_v4"].lookup(key)
 
 
 def test_a_flow_whose_port_another_flow_took_is_not_admitted_into_that_flow(datapath):
@@ -1555,11 +1575,57 @@ def test_a_flow_whose_port_another_flow_took_is_not_admitted_into_that_flow(data
     theirs = layout.CT_ENTRY.pack(**{**theirs, "nat_cookie": theirs["nat_cookie"] ^ 0x5a5a,
                                      "xl_daddr": "172.26.50.199"})  # (another client's)
     dp.maps["ct_half_v4"].update(out, theirs)
+    claim = _take_port(dp, snat)
+    _not_checked_soon(dp, tuple_key(service, "CT_SERVICE"))
     run = dp.from_netdev(pk.tcp(*service, pk.ACK, b"request"))
     assert run.pkt.daddr == BACKEND and run.pkt.sport != snat
     assert dp.maps["ct_half_v4"].lookup(out) == theirs and dp.maps["ct_v4"].lookup(out) is None
+    assert dp.maps["snat_v4"].lookup(tuple_key((BACKEND, BACKEND_PORT, NODE0, snat), "NAT_IN")) == claim
     assert dp.ct_table(service, "CT_SERVICE") == "ct_half_v4"
     assert dp.ct(service, "CT_SERVICE")["flags"] & FLAGS["CT_MIDSTREAM"]
+    assert dp.ct(service, "CT_SERVICE")["snat_port"] == run.pkt.sport
+    # and so its next segment
+    assert dp.from_netdev(pk.tcp(*service, pk.ACK, b"more")).pkt.sport == run.pkt.sport
+
+
+def test_a_flow_whose_port_another_flow_claimed_while_both_reply_entries_went_is_not_admitted(datapath):
+    """A flood evicted a flow's CT_OUT entry and its SNAT claim, another flow claimed the port
+    and its CT_OUT entry went too: the client's ACK does not make the reply entry again (the
+    other flow's replies would come to this client), and goes as a new flow."""
+    dp = datapath(HALF_OPEN, "node0")
+    service = (CLIENT, 40000, NODE0, NODEPORT)
+    dp.from_netdev(pk.tcp(*service, pk.SYN))
+    snat = dp.ct(service, "CT_SERVICE")["snat_port"]
+    _reply(dp, snat, pk.SYN | pk.ACK)
+    out = tuple_key(_out_flow(dp, snat), "CT_OUT")
+    dp.maps["ct_half_v4"].delete(out)
+    claim = _take_port(dp, snat)
+    _not_checked_soon(dp, tuple_key(service, "CT_SERVICE"))
+    run = dp.from_netdev(pk.tcp(*service, pk.ACK, b"request"))
+    assert run.pkt.daddr == BACKEND and run.pkt.sport != snat
+    assert dp.maps["ct_v4"].lookup(out) is None and dp.maps["ct_half_v4"].lookup(out) is None
+    assert dp.maps["snat_v4"].lookup(tuple_key((BACKEND, BACKEND_PORT, NODE0, snat), "NAT_IN")) == claim
+    assert dp.ct(service, "CT_SERVICE")["flags"] & FLAGS["CT_MIDSTREAM"]
+
+
+def test_a_flow_without_snat_whose_tuple_another_flow_holds_is_reset(datapath):
+    """A flow to a local backend (no SNAT: its tuple towards the backend is the client's)
+    whose CT_OUT entry was evicted and that key taken by another flow (another backend id:
+    the backend removed and added again) is not admitted: the client gets a reset, and the
+    other flow's entry stays as it is."""
+    dp = datapath(HALF_OPEN, "node1")
+    service = (CLIENT, 40000, dp.address, NODEPORT)
+    dp.from_netdev(pk.tcp(*service, pk.SYN))
+    _reply(dp, 0, pk.SYN | pk.ACK)
+    out = tuple_key(_out_flow(dp, 0), "CT_OUT")
+    theirs = layout.CT_ENTRY.unpack(dp.maps["ct_half_v4"].lookup(out))
+    theirs = layout.CT_ENTRY.pack(**{**theirs, "backend_id": theirs["backend_id"] + 1})
+    dp.maps["ct_half_v4"].update(out, theirs)
+    _not_checked_soon(dp, tuple_key(service, "CT_SERVICE"))
+    run = dp.from_netdev(pk.tcp(*service, pk.ACK, b"request", seq=7, ack=7777))
+    assert run.pkt.flow == (dp.address, NODEPORT, CLIENT, 40000) and run.pkt.tcp_flags == pk.RST
+    assert dp.maps["ct_half_v4"].lookup(out) == theirs and dp.maps["ct_v4"].lookup(out) is None
+    assert dp.ct_table(service, "CT_SERVICE") is None
 
 
 def _fill_ct_v4(dp: Datapath, expires: int, leave: int = 0) -> list[bytes]:

@@ -1458,8 +1458,8 @@ static __always_inline void partner_key(struct bpfgen_tuple *key, const struct b
 #define BPFGEN_EEXIST 17
 #define CT_MOVED_SELF 1    /* ct_admit: the entry the packet found, into ct_v4 */
 #define CT_MOVED_PARTNER 2 /* and its partner */
-#define CT_ADMIT_REFUSED (-1) /* ct_v4 is full: the flow is refused */
-#define CT_ADMIT_TAKEN (-2)   /* its partner's key is another flow's: this flow is over */
+#define CT_ADMIT_REFUSED (-1) /* ct_v4 took not both entries (full): the flow is refused */
+#define CT_ADMIT_TAKEN (-3)   /* its partner's key, or its SNAT port, is another flow's */
 
 /*
  * A half-open flow's entries out of ct_half_v4 (after an admitted flow's packet is sent:
@@ -1481,6 +1481,8 @@ __noinline int ct_leave_half(const struct bpfgen_tuple *key, const struct bpfgen
 	return 0;
 }
 
+static __noinline int snat_keep(const struct pkt *p, const struct bpfgen_ct_entry *ct, int reply, __u32 now);
+
 /*
  * A half-open flow has just been established by a packet that found ct at key: both its
  * entries into ct_v4 (the partner refreshed as it goes), or neither. If ct_v4 is full,
@@ -1490,11 +1492,15 @@ __noinline int ct_leave_half(const struct bpfgen_tuple *key, const struct bpfgen
  * has no room, and its partner there is kept (newer than a copy in ct_half_v4). A
  * forward entry whose partner ct_half_v4 evicted (a SYN flood churns it between a flow's
  * SYN-ACK and its ACK) gets it made again in ct_v4, from its own translation, as
- * ct_repair makes it; one whose partner's key another flow holds now (its port was taken
- * over) is not admitted: its packets must not go into that flow. Runs before the packet
- * is sent (which uses ct where it was); ct_leave_half then takes what moved out of
- * ct_half_v4. Returns what moved (CT_MOVED_*: the caller's ct_leave_half's which), or
- * CT_ADMIT_REFUSED (its half-open entries gone) or CT_ADMIT_TAKEN (nothing left in ct_v4).
+ * ct_repair makes it, while its SNAT port is still its own (snat_keep: the claim, in an
+ * LRU map too, renewed or made again). One whose partner's key another flow holds now
+ * (an SNATed flow whose port was taken over; or, without SNAT, the same client tuple
+ * towards the backend through another frontend), or whose port is another's, is not
+ * admitted: its packets must not go into that flow. Runs before the packet is sent
+ * (which uses ct where it was); ct_leave_half then takes what moved out of ct_half_v4.
+ * Returns what moved (CT_MOVED_*: the caller's ct_leave_half's which), or
+ * CT_ADMIT_REFUSED (its half-open entries gone) or CT_ADMIT_TAKEN (its entry gone from
+ * both tables: ct points to freed memory).
  */
 __noinline int ct_admit(const struct bpfgen_tuple *key, struct bpfgen_ct_entry *ct, const struct pkt *p, int reply,
 			__u32 now)
@@ -1519,12 +1525,12 @@ __noinline int ct_admit(const struct bpfgen_tuple *key, struct bpfgen_ct_entry *
 
 		if (kept && same_flow(kept, ct))
 			return CT_MOVED_SELF; /* (its partner in ct_v4 already: admitted before) */
-		if (other || kept) {
-			bpf_map_delete_elem(&ct_v4, key);
-			return CT_ADMIT_TAKEN;
-		}
+		if (other || kept)
+			goto taken;
 		if (reply)
 			return CT_MOVED_SELF; /* (only a forward entry holds the whole flow) */
+		if ((ct->flags & CT_SNAT) && snat_keep(p, ct, 0, now) < 0)
+			goto taken;
 		/* gone: made again (written as this entry, then made the reply's in place) */
 		err = bpf_map_update_elem(&ct_v4, &partner, ct, BPF_NOEXIST);
 		kept = bpf_map_lookup_elem(&ct_v4, &partner);
@@ -1535,9 +1541,9 @@ __noinline int ct_admit(const struct bpfgen_tuple *key, struct bpfgen_ct_entry *
 		}
 		if (err == -BPFGEN_EEXIST && kept && same_flow(kept, ct))
 			return CT_MOVED_SELF; /* (another CPU's packet of the flow made it first) */
-		bpf_map_delete_elem(&ct_v4, key);
 		if (err == -BPFGEN_EEXIST)
-			return CT_ADMIT_TAKEN;
+			goto taken;
+		bpf_map_delete_elem(&ct_v4, key);
 		goto refuse;
 	}
 	ct_touch(other, p, now, fin);
@@ -1553,6 +1559,12 @@ refuse:
 	other = bpf_map_lookup_elem(&ct_half_v4, &partner);
 	ct_leave_half(key, ct, p, reply, CT_MOVED_SELF | (other && same_flow(other, ct) ? CT_MOVED_PARTNER : 0));
 	return CT_ADMIT_REFUSED;
+taken:
+	/* (from ct_half_v4 too: else its next packet in this second, finding it established,
+	 * would take the fast path into the other flow's tuple) */
+	bpf_map_delete_elem(&ct_v4, key);
+	bpf_map_delete_elem(&ct_half_v4, key);
+	return CT_ADMIT_TAKEN;
 }
 
 /*
@@ -1658,8 +1670,9 @@ static __always_inline void ct_note_ack(struct bpfgen_ct_entry *ct, const struct
  * key is where ct was found, half whether in ct_half_v4.
  * Returns a TC verdict, or -1: the entry is not this packet's flow any more (dead, a
  * closed flow's tuple reused by a new connection, or its backend removed): a new flow;
- * or CT_REFUSED: the flow was being established, and ct_v4 has no room (the caller
- * resets the client).
+ * or CT_REFUSED: the flow was being established, and ct_v4 has no room, or another flow
+ * of no SNAT holds its tuple towards the backend (the caller resets the client). An SNATed
+ * flow whose port another flow took while it was being established is a new flow (-1).
  */
 #define CT_REFUSED (-2)
 
@@ -1668,7 +1681,7 @@ static __always_inline int ct_fast(struct __sk_buff *skb, struct pkt *p, const s
 {
 	struct bpfgen_tuple partner; /* (the translated tuple, then the partner's key) */
 	struct bpfgen_ct_entry *other;
-	int promote = 0, verdict, state = 1;
+	int promote = 0, verdict, state = 1, snat = ct->flags & CT_SNAT;
 	__u32 ts_csum = 0;
 	__u8 fin = reply ? CT_FIN_BACKEND : CT_FIN_CLIENT;
 
@@ -1719,8 +1732,8 @@ static __always_inline int ct_fast(struct __sk_buff *skb, struct pkt *p, const s
 	if (state && ct_touch(ct, p, now, fin)) {
 		if (half && (ct->flags & CT_ESTABLISHED)) {
 			promote = ct_admit(key, ct, p, reply, now);
-			if (promote == CT_ADMIT_TAKEN)
-				return -1;
+			if (promote == CT_ADMIT_TAKEN) /* (ct is gone) */
+				return snat || reply ? -1 : CT_REFUSED;
 			if (promote < 0) {
 				drop(DROP_CT_FULL);
 				return CT_REFUSED;
