@@ -1588,6 +1588,30 @@ def test_a_flow_whose_port_another_flow_took_is_not_admitted_into_that_flow(data
     assert dp.from_netdev(pk.tcp(*service, pk.ACK, b"more")).pkt.sport == run.pkt.sport
 
 
+def test_a_flow_not_admitted_for_another_flows_key_leaves_no_entry_behind(datapath):
+    """As above, but the new flow the ACK would be cannot be made (the frontend has no
+    backend left for new flows): the flow's half-open entry, which the ACK found and made
+    established, goes too, so that its next segment (in the same second, with nothing of
+    its entry changing) does not take the fast path into the other flow's tuple."""
+    dp = datapath(HALF_OPEN, "node0")
+    service = (CLIENT, 40000, NODE0, NODEPORT)
+    dp.from_netdev(pk.tcp(*service, pk.SYN))
+    snat = dp.ct(service, "CT_SERVICE")["snat_port"]
+    _reply(dp, snat, pk.SYN | pk.ACK)
+    out = tuple_key(_out_flow(dp, snat), "CT_OUT")
+    theirs = layout.CT_ENTRY.unpack(dp.maps["ct_half_v4"].lookup(out))
+    dp.maps["ct_half_v4"].update(out, layout.CT_ENTRY.pack(**{**theirs, "nat_cookie": theirs["nat_cookie"] ^ 0x5a5a}))
+    _take_port(dp, snat)
+    _not_checked_soon(dp, tuple_key(service, "CT_SERVICE"))
+    frontend = layout.SVC_KEY.pack(addr=NODE0, port=NODEPORT, proto=TCP, slot=0)
+    value = layout.SVC_VALUE.unpack(dp.maps["svc_v4"].lookup(frontend))
+    dp.maps["svc_v4"].update(frontend, layout.SVC_VALUE.pack(**{**value, "count": 0}))
+    for _ in range(2):
+        run = dp.from_netdev(pk.tcp(*service, pk.ACK, b"request"))
+        assert not (run.retval == TC_ACT_REDIRECT and run.pkt.daddr == BACKEND)
+    assert dp.ct_table(service, "CT_SERVICE") is None and dp.maps["ct_v4"].lookup(out) is None
+
+
 def test_a_flow_whose_port_another_flow_claimed_while_both_reply_entries_went_is_not_admitted(datapath):
     """A flood evicted a flow's CT_OUT entry and its SNAT claim, another flow claimed the port
     and its CT_OUT entry went too: the client's ACK does not make the reply entry again (the
