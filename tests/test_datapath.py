@@ -1514,17 +1514,23 @@ def test_an_entry_left_behind_in_the_half_open_table_joins_its_admitted_partner(
     assert layout.CT_ENTRY.unpack(table.lookup(partner))["flags"] & FLAGS["CT_ESTABLISHED"]
 
 
+def _opening(dp: Datapath) -> tuple[tuple[str, int, str, int], int, bytes]:
+    """A flow half-open after its SYN and the backend's SYN-ACK, the client's ACK to come:
+    (the service tuple, the SNAT port, the key of its CT_OUT entry)."""
+    service = (CLIENT, 40000, dp.address, NODEPORT)
+    dp.from_netdev(pk.tcp(*service, pk.SYN))
+    snat = dp.ct(service, "CT_SERVICE")["snat_port"]
+    _reply(dp, snat, pk.SYN | pk.ACK)
+    return service, snat, tuple_key(_out_flow(dp, snat), "CT_OUT")
+
+
 def test_a_flow_whose_reply_entry_the_half_open_table_lost_gets_it_back_when_established(datapath):
     """A SYN flood churns ct_half_v4 between a flow's SYN-ACK and its ACK, and evicts the
     flow's CT_OUT entry: the client's ACK admits the flow with that entry made again in
     ct_v4 from the forward one, so the backend's answer is still translated back (not
     left to the node's stack, which would reset the backend)."""
     dp = datapath(HALF_OPEN, "node0")
-    service = (CLIENT, 40000, NODE0, NODEPORT)
-    dp.from_netdev(pk.tcp(*service, pk.SYN))
-    snat = dp.ct(service, "CT_SERVICE")["snat_port"]
-    _reply(dp, snat, pk.SYN | pk.ACK)
-    out = tuple_key(_out_flow(dp, snat), "CT_OUT")
+    service, snat, out = _opening(dp)
     half_out = layout.CT_ENTRY.unpack(dp.maps["ct_half_v4"].lookup(out))
     dp.maps["ct_half_v4"].delete(out)  # (evicted)
     dp.maps["snat_v4"].delete(tuple_key((BACKEND, BACKEND_PORT, NODE0, snat), "NAT_IN"))  # (its claim too)
@@ -1566,11 +1572,7 @@ def test_a_flow_whose_port_another_flow_took_is_not_admitted_into_that_flow(data
     delivered into the other flow's tuple towards the backend, nor is the other flow's
     entry touched; it goes as a new flow, on another port (the backend resets it)."""
     dp = datapath(HALF_OPEN, "node0")
-    service = (CLIENT, 40000, NODE0, NODEPORT)
-    dp.from_netdev(pk.tcp(*service, pk.SYN))
-    snat = dp.ct(service, "CT_SERVICE")["snat_port"]
-    _reply(dp, snat, pk.SYN | pk.ACK)
-    out = tuple_key(_out_flow(dp, snat), "CT_OUT")
+    service, snat, out = _opening(dp)
     theirs = layout.CT_ENTRY.unpack(dp.maps["ct_half_v4"].lookup(out))
     theirs = layout.CT_ENTRY.pack(**{**theirs, "nat_cookie": theirs["nat_cookie"] ^ 0x5a5a,
                                      "xl_daddr": "172.26.50.199"})  # (another client's)
@@ -1594,11 +1596,7 @@ def test_a_flow_not_admitted_for_another_flows_key_leaves_no_entry_behind(datapa
     established, goes too, so that its next segment (in the same second, with nothing of
     its entry changing) does not take the fast path into the other flow's tuple."""
     dp = datapath(HALF_OPEN, "node0")
-    service = (CLIENT, 40000, NODE0, NODEPORT)
-    dp.from_netdev(pk.tcp(*service, pk.SYN))
-    snat = dp.ct(service, "CT_SERVICE")["snat_port"]
-    _reply(dp, snat, pk.SYN | pk.ACK)
-    out = tuple_key(_out_flow(dp, snat), "CT_OUT")
+    service, snat, out = _opening(dp)
     theirs = layout.CT_ENTRY.unpack(dp.maps["ct_half_v4"].lookup(out))
     dp.maps["ct_half_v4"].update(out, layout.CT_ENTRY.pack(**{**theirs, "nat_cookie": theirs["nat_cookie"] ^ 0x5a5a}))
     _take_port(dp, snat)
@@ -1617,11 +1615,7 @@ def test_a_flow_whose_port_another_flow_claimed_while_both_reply_entries_went_is
     and its CT_OUT entry went too: the client's ACK does not make the reply entry again (the
     other flow's replies would come to this client), and goes as a new flow."""
     dp = datapath(HALF_OPEN, "node0")
-    service = (CLIENT, 40000, NODE0, NODEPORT)
-    dp.from_netdev(pk.tcp(*service, pk.SYN))
-    snat = dp.ct(service, "CT_SERVICE")["snat_port"]
-    _reply(dp, snat, pk.SYN | pk.ACK)
-    out = tuple_key(_out_flow(dp, snat), "CT_OUT")
+    service, snat, out = _opening(dp)
     dp.maps["ct_half_v4"].delete(out)
     claim = _take_port(dp, snat)
     _not_checked_soon(dp, tuple_key(service, "CT_SERVICE"))

@@ -350,8 +350,9 @@ class Model:
         self.flows: dict[tuple[int, bytes, int, bytes, int], int] = {}
         self.flow_list: list[tuple[int, bytes, int, bytes, int]] = []
         self.egress_list: list[tuple[int, bytes, int]] = []
-        # the same flows -> [SNAT port, when last translated, whether it may move]: a flow
-        # keeps its port until a FIN or RST (either way), a new SYN or its expiry
+        # the same flows -> [SNAT port, when last translated, whether it may move, the
+        # backend]: a flow keeps its port until a FIN or RST (either way), a new SYN, its
+        # expiry, or another flow to that backend translated onto that port since
         self.ports: dict[tuple[int, bytes, int, bytes, int], list] = {}
 
     def candidates(self, prog: str, proto: int, saddr: bytes, sport: int, daddr: bytes, dport: int) -> list[Xlate]:
@@ -551,13 +552,18 @@ class Oracle:
             held = self.model.ports.get(key)
             now = time.monotonic()
             syn = proto == TCP and frame[start + 13] & (pk.SYN | pk.ACK) == pk.SYN
-            if held and osport != held[0] and not (held[2] or syn or now - held[1] > MAY_EXPIRE):
+            # (a later flow translated onto this flow's port towards the same backend: the
+            # datapath gives a port to another flow only once this one closed, by a FIN or
+            # RST the model may have put down to another flow of that port)
+            taken = held and any(k != key and k[0] == proto and v[0] == held[0] and v[3] == held[3]
+                                 and v[1] > held[1] for k, v in self.model.ports.items())
+            if held and osport != held[0] and not (held[2] or syn or taken or now - held[1] > MAY_EXPIRE):
                 problems.append(f"the flow moved from SNAT port {held[0]} to {osport} with no FIN, RST or SYN "
                                 f"in between (translated {now - held[1]:.1f} s ago)")
         if problems:
             return problems, ""
         if match.kind == "forward":
-            self.model.ports[key] = [osport, now, False]
+            self.model.ports[key] = [osport, now, False, (oip.daddr, odport)]
         self.model.learn(match, proto, ip.saddr, sport, ip.daddr, dport, osport)
         return [], match.kind
 
