@@ -1943,6 +1943,19 @@ def test_a_flow_whose_tuple_another_flow_took_is_not_delivered_into_it(node0):
     assert node0.ct(out, "CT_OUT")["xl_dport"] == 50001
 
 
+def test_a_closed_flows_late_packet_is_not_delivered_into_the_flow_that_took_its_port(node0):
+    """The client closed first and the backend is done: the port is free a few milliseconds
+    later, and another client's flow claims it. A late packet of the closed flow (its final
+    ACK again) does not go through that port into the other flow's tuple, even within the
+    second before its entry's next check."""
+    service, snat = _established(node0)
+    _close(node0, service, snat, first="client")
+    claim = _take_port(node0, snat)
+    run = node0.from_netdev(pk.tcp(*service, pk.ACK))
+    assert not (run.retval == TC_ACT_REDIRECT and run.pkt.sport == snat)
+    assert node0.maps["snat_v4"].lookup(tuple_key((BACKEND, BACKEND_PORT, NODE0, snat), "NAT_IN")) == claim
+
+
 def test_client_ip_affinity_holds_under_external_traffic_policy_local(datapath):
     dp = datapath(SEMANTICS, "node1")
     seen = Counter(dp.from_netdev(syn(46000 + i, dst=NODE1, dport=30740)).pkt.daddr for i in range(20))

@@ -1687,6 +1687,11 @@ static __always_inline int ct_fast(struct __sk_buff *skb, struct pkt *p, const s
 
 	if (!ct_is_live(ct, now))
 		return -1;
+	/* A closing SNATed flow's port may be another flow's a few milliseconds after the
+	 * backend is done with it (ct_port_released): its late packets (a retransmitted FIN or
+	 * final ACK) go on through that port only while its claim is still this flow's. */
+	if (!reply && (ct->flags & (CT_CLOSING | CT_SNAT)) == (CT_CLOSING | CT_SNAT) && snat_keep(p, ct, 0, now) < 0)
+		return -1;
 	if (!reply && p->t.proto == IPPROTO_TCP && (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN &&
 	    (ct->flags & (CT_CLOSING | CT_MIDSTREAM)))
 		return -1;
