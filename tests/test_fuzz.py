@@ -552,12 +552,14 @@ class Oracle:
             held = self.model.ports.get(key)
             now = time.monotonic()
             syn = proto == TCP and frame[start + 13] & (pk.SYN | pk.ACK) == pk.SYN
-            # (a later flow translated onto this flow's port towards the same backend: the
-            # datapath gives a port to another flow only once this one closed, by a FIN or
-            # RST the model may have put down to another flow of that port)
-            taken = held and any(k != key and k[0] == proto and v[0] == held[0] and v[3] == held[3]
-                                 and v[1] > held[1] for k, v in self.model.ports.items())
-            if held and osport != held[0] and not (held[2] or syn or taken or now - held[1] > MAY_EXPIRE):
+            # (taken: a later flow translated onto this flow's port towards the same backend:
+            # the datapath gives a port to another flow only once this one closed, by a FIN
+            # or RST the model may have put down to another flow of that port; looked at
+            # only for a port that moved)
+            if held and osport != held[0] and not (
+                    held[2] or syn or now - held[1] > MAY_EXPIRE
+                    or any(k != key and k[0] == proto and v[0] == held[0] and v[3] == held[3] and v[1] > held[1]
+                           for k, v in self.model.ports.items())):
                 problems.append(f"the flow moved from SNAT port {held[0]} to {osport} with no FIN, RST or SYN "
                                 f"in between (translated {now - held[1]:.1f} s ago)")
         if problems:
