@@ -37,7 +37,7 @@ from bpfgen.build import Build, compile_spec
 from bpfgen.loader import COLLECTOR_PROGRAM, SERVICE_MAPS, arm_collector, open_datapath, sync_service_maps
 from bpfgen.plan import Plan
 from bpfgen.netns import current_netns, enter_netns, ifindex as if_index
-from bpfgen.render import SETTLE_TICKS, TIMEOUTS
+from bpfgen.render import SETTLE_TICKS, SNAT_RETRIES, TIMEOUTS
 from bpfgen.spec import Spec, load_spec
 
 import packets as pk  # tests/packets.py (tests/ is on sys.path: rootdir conftest)
@@ -1164,6 +1164,32 @@ def test_snat_port_of_a_stale_flow_is_reused_when_range_is_full(datapath):
     assert run.retval == TC_ACT_REDIRECT
     assert run.pkt.sport == port_of[gone]
     assert_nat_pair(dp, ("172.26.50.190", 50010), port_of[gone])
+
+
+def test_a_flow_whose_own_port_is_out_of_range_tries_snat_retries_distinct_ports(datapath):
+    """A client port outside snatPortRange: the search starts at the port the flow's hash
+    picks and goes on to the ports after it, SNAT_RETRIES ports in all, none tried twice:
+    with all but the last of them held by live flows, the flow gets the last."""
+    def after(port: int, n: int) -> int:
+        return SNAT_RANGE[(port - SNAT_RANGE.start + n) % len(SNAT_RANGE)]
+
+    frame = syn(20000)  # (below the range)
+    picked = datapath(SEED, "node0").from_netdev(frame).pkt.sport  # (a node alone: the range free)
+    assert picked in SNAT_RANGE
+    dp = datapath(SEED, "node0")
+    for n in range(SNAT_RETRIES - 1):
+        _occupy(dp, after(picked, n), (f"172.26.50.{150 + n}", 50000), now_sec() + 100, FLAGS["CT_ESTABLISHED"])
+
+    run = dp.from_netdev(frame)
+    assert run.retval == TC_ACT_REDIRECT
+    assert run.pkt.sport == after(picked, SNAT_RETRIES - 1)
+    assert_nat_pair(dp, (CLIENT, 20000), run.pkt.sport)
+    # One more held, and the range has no port for it within its tries: a counted drop.
+    dp2 = datapath(SEED, "node0")
+    for n in range(SNAT_RETRIES):
+        _occupy(dp2, after(picked, n), (f"172.26.50.{150 + n}", 50000), now_sec() + 100, FLAGS["CT_ESTABLISHED"])
+    assert dp2.from_netdev(frame).retval == TC_ACT_SHOT
+    assert dp2.drops("SNAT_EXHAUSTED") == 1
 
 
 def test_snat_port_after_the_backend_closed_first(node0):

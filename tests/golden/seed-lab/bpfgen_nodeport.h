@@ -975,12 +975,16 @@ static __always_inline int snat_claim(struct snat_search *s)
 /*
  * The port tried after `port`: first one picked by the flow's hash (not at random: a
  * flow whose entries an LRU map evicted while it was idle, a one-way UDP flow, comes back
- * on the port it had while that is free), then the ports after it.
+ * on the port it had while that is free), then the ports after it. A search that started
+ * at the hash's port (the client's own was out of range, or was that port) goes on after
+ * it: no port is tried twice.
  */
 static __always_inline __u16 snat_next_port(__u16 port, int attempt, __u32 spread)
 {
-	if (attempt == 0)
-		return SNAT_PORT_MIN + spread % SNAT_PORT_COUNT;
+	__u16 picked = SNAT_PORT_MIN + spread % SNAT_PORT_COUNT;
+
+	if (attempt == 0 && port != picked)
+		return picked;
 	return port >= SNAT_PORT_MAX ? SNAT_PORT_MIN : port + 1;
 }
 
