@@ -948,11 +948,16 @@ static __always_inline int snat_claim(struct snat_search *s)
 	struct bpfgen_nat_entry *nat;
 	__u64 lease, *at;
 
-	if (bpf_map_update_elem(&snat_v4, &s->key, &s->val, BPF_NOEXIST) == 0)
-		return snat_unowned(s);
+	/* looked up first: an LRU map's insert takes a free element, evicting another claim
+	 * when the map is full, even when the key is there and the insert fails */
 	nat = bpf_map_lookup_elem(&snat_v4, &s->key);
-	if (!nat)
-		return 0;
+	if (!nat) {
+		if (bpf_map_update_elem(&snat_v4, &s->key, &s->val, BPF_NOEXIST) == 0)
+			return snat_unowned(s);
+		nat = bpf_map_lookup_elem(&snat_v4, &s->key);
+		if (!nat)
+			return 0;
+	}
 	at = nat_lease(nat);
 	lease = *at;
 	if (nat->addr == s->val.addr && nat->port == s->val.port &&
