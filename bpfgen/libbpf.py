@@ -82,6 +82,7 @@ LRU_TYPES = frozenset({BPF_MAP_TYPE_LRU_HASH, BPF_MAP_TYPE_LRU_PERCPU_HASH})
 BPF_PROG_TYPE_SCHED_CLS = 3
 BPF_PROG_TYPE_SCHED_ACT = 4
 BPF_PROG_TYPE_XDP = 6
+BPF_PROG_TYPE_SYSCALL = 31
 
 BPF_TC_INGRESS = 1
 BPF_TC_EGRESS = 2
@@ -1353,3 +1354,17 @@ def prog_test_run(
     return TestRunResult(
         retval=opts.retval, data_out=data_out.raw[: opts.data_size_out], duration_ns=opts.duration
     )
+
+
+def prog_run_syscall(prog_fd: int | Fd, ctx_in: bytes | None = None) -> int:
+    """Run a syscall program once (BPF_PROG_TEST_RUN with no packet: only a context, if
+    any); returns its return value."""
+    prog_fd = prog_fd.fd if isinstance(prog_fd, Fd) else prog_fd
+    ctx = ctypes.create_string_buffer(bytes(ctx_in), len(ctx_in)) if ctx_in else None
+    opts = _opts(
+        BpfTestRunOpts,
+        ctx_in=ctypes.addressof(ctx) if ctx is not None else None,
+        ctx_size_in=len(ctx_in) if ctx_in else 0,
+    )
+    _call(f"run of program fd {prog_fd}", "bpf_prog_test_run_opts", prog_fd, byref(opts))
+    return opts.retval

@@ -590,8 +590,11 @@ def arm_collector(prog: int | bpf.Fd) -> int:
     """Arm ct_v4's collector (a timer in the pinned collector_v4, which runs while that pin
     lives) with the callbacks of a loaded object (prog: its collector_arm program),
     replacing an earlier load's; it also sweeps once. Returns the dead entries removed."""
-    res = bpf.prog_test_run(prog, bytes(64))
-    rc = ctypes.c_int32(res.retval).value
+    if bpf.prog_info(prog).type == bpf.BPF_PROG_TYPE_SYSCALL:
+        retval = bpf.prog_run_syscall(prog)
+    else:  # (a tc program: the collector of an object built by an earlier bpfgen)
+        retval = bpf.prog_test_run(prog, bytes(64)).retval
+    rc = ctypes.c_int32(retval).value
     if rc < 0:
         raise bpf.LibbpfError("arming the conntrack collector (bpf_timer)", -rc)
     return rc

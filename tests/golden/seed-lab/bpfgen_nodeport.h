@@ -50,6 +50,13 @@ static __always_inline __u32 now_sec(void)
 	return bpf_ktime_get_coarse_ns() / NSEC_PER_SEC + DATAPATH_CLOCK_OFFSET;
 }
 
+/* The same clock for the collector, a syscall program, which has no coarse clock: it runs
+ * at most a tick (a few milliseconds) ahead of now_sec. */
+static __always_inline __u32 collector_now_sec(void)
+{
+	return bpf_ktime_get_ns() / NSEC_PER_SEC + DATAPATH_CLOCK_OFFSET;
+}
+
 /*
  * Packets from_netdev redirected carry this in skb->cb[0] (the qdisc's private area, which
  * bpf_redirect keeps), so that to_netdev on the interface they leave by passes them at
@@ -993,12 +1000,16 @@ static __always_inline __u16 snat_next_port(__u16 port, int attempt, __u32 sprea
 	return port >= SNAT_PORT_MAX ? SNAT_PORT_MIN : port + 1;
 }
 
-/* One try of the search; bpf_loop keeps the verifier's work to one pass, however many
- * tries there are. */
-static long snat_try_port(__u32 attempt, void *data)
+/*
+ * One try of the search: 1 when it claimed s->port. A global function, verified once on
+ * its own: inlined into the caller (or into a static bpf_loop callback, which the verifier
+ * walks again for every state of the caller's) the claim's branches multiply the rest of
+ * from_netdev's paths, and some kernels refuse the program (over a million instructions).
+ */
+__noinline int snat_try(struct snat_search *s, __u32 attempt)
 {
-	struct snat_search *s = data;
-
+	if (!s)
+		return 1;
 	nat_in_key(&s->key, s->backend_addr, s->backend_port, s->addr, bpf_htons(s->port), s->proto);
 	if (snat_claim(s)) {
 		s->found = 1;
@@ -1006,6 +1017,12 @@ static long snat_try_port(__u32 attempt, void *data)
 	}
 	s->port = snat_next_port(s->port, attempt, s->spread);
 	return 0;
+}
+
+/* bpf_loop's callback: a try, SNAT_RETRIES of them at most. */
+static long snat_try_port(__u32 attempt, void *data)
+{
+	return snat_try(data, attempt) ? 1 : 0;
 }
 
 /*
@@ -2110,7 +2127,7 @@ static long collect_one(void *map, struct bpfgen_tuple *key, struct bpfgen_ct_en
  */
 static __always_inline __u32 collector_sweep(struct bpfgen_collector *c)
 {
-	struct collector_sweep s = { .now = now_sec() };
+	struct collector_sweep s = { .now = collector_now_sec() };
 
 	s.pressed = c->entries > CONFIG.ct_entries / 4 * 3;
 	bpf_for_each_map_elem(&ct_v4, collect_one, &s, 0);

@@ -220,9 +220,10 @@ int to_netdev(struct __sk_buff *skb)
 
 /* Run by the loader after every load (BPF_PROG_TEST_RUN), never attached: arms ct_v4's
  * collector with this object's callback and sweeps once. Returns the entries removed,
- * or a negative errno. */
-SEC("tc")
-int collector_arm(struct __sk_buff *skb)
+ * or a negative errno. A syscall program: sleepable, as the work item's callback it sets
+ * is (kernels that check refuse one set from a tc program). */
+SEC("syscall")
+int collector_arm(void *ctx)
 {
 	return nodeport_collector_arm();
 }
