@@ -1673,12 +1673,21 @@ def test_a_flow_without_snat_whose_tuple_another_flow_holds_is_reset(datapath):
 
 
 def _fill_ct_v4(dp: Datapath, expires: int, leave: int = 0) -> list[bytes]:
-    """ct_v4 filled up with other flows' entries (up to its capacity, but `leave` slots)."""
+    """ct_v4 filled up with other flows' entries (up to its capacity, but `leave` slots):
+    new keys only (a key written again takes no slot: a later fill would leave room)."""
     keys = []
-    size = dp.maps["ct_v4"].info.max_entries - len(dp.entries("ct_v4")) - leave
-    for i in range(size):
-        keys.append(tuple_key((f"172.29.{i // 250}.{i % 250 + 1}", 50000, NODE0, NODEPORT), "CT_SERVICE"))
-        dp.maps["ct_v4"].update(keys[-1], layout.CT_ENTRY.pack(expires=expires, flags=FLAGS["CT_ESTABLISHED"]))
+    table = dp.maps["ct_v4"]
+    held = dp.entries("ct_v4")
+    size = table.info.max_entries - len(held) - leave
+    i = 0
+    while len(keys) < size:
+        key = tuple_key((f"172.29.{i // 250}.{i % 250 + 1}", 50000, NODE0, NODEPORT), "CT_SERVICE")
+        i += 1
+        if key not in held:
+            keys.append(key)
+            table.update(key, layout.CT_ENTRY.pack(expires=expires, flags=FLAGS["CT_ESTABLISHED"]),
+                         flags=bpf.BPF_NOEXIST)
+    assert len(dp.entries("ct_v4")) == table.info.max_entries - leave
     return keys
 
 
@@ -1722,6 +1731,8 @@ def test_a_full_established_table_refuses_a_new_flow_and_evicts_none(datapath):
     dp.maps["ct_half_v4"].update(forward, table.lookup(forward))
     table.delete(forward)
     keys += _fill_ct_v4(dp, now + 1000)
+    entry = dp.ct(live[0], "CT_SERVICE")  # (its expiry a second old: the packet refreshes it,
+    dp.put_ct(live[0], "CT_SERVICE", **{**entry, "expires": entry["expires"] - 1})  # which admits)
     run = dp.from_netdev(pk.tcp(*live[0], pk.ACK, b"again"))
     assert run.pkt.daddr == BACKEND and dp.drops("CT_FULL") == 2
     assert dp.ct_table(live[0], "CT_SERVICE") == "ct_half_v4"
