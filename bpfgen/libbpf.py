@@ -674,6 +674,7 @@ class ProgInfo:
     jited_prog_len: int
     btf_id: int
     nr_map_ids: int
+    verified_insns: int  # the instructions the verifier processed (its limit: a million)
 
 
 def map_info(fd: int) -> MapInfo:
@@ -706,6 +707,7 @@ def prog_info(fd: int | Fd) -> ProgInfo:
         jited_prog_len=raw.jited_prog_len,
         btf_id=raw.btf_id,
         nr_map_ids=raw.nr_map_ids,
+        verified_insns=raw.verified_insns,
     )
 
 
