@@ -50,11 +50,15 @@ static __always_inline __u32 now_sec(void)
 	return bpf_ktime_get_coarse_ns() / NSEC_PER_SEC + DATAPATH_CLOCK_OFFSET;
 }
 
-/* The same clock for the collector, a syscall program, which has no coarse clock: it runs
- * at most a tick (a few milliseconds) ahead of now_sec. */
+/* The same clock for the collector, a syscall program, which has no coarse clock: the
+ * precise clock as it was COARSE_LAG_NS ago, never ahead of now_sec (the coarse clock lags
+ * the precise one by a tick at most, 10 ms at HZ=100), so that the collector never finds
+ * dead an entry the datapath still takes as live. */
+#define COARSE_LAG_NS (20 * 1000 * 1000ULL)
+
 static __always_inline __u32 collector_now_sec(void)
 {
-	return bpf_ktime_get_ns() / NSEC_PER_SEC + DATAPATH_CLOCK_OFFSET;
+	return (bpf_ktime_get_ns() - COARSE_LAG_NS) / NSEC_PER_SEC + DATAPATH_CLOCK_OFFSET;
 }
 
 /*
