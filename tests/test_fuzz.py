@@ -565,7 +565,10 @@ class Oracle:
         if problems:
             return problems, ""
         if match.kind == "forward":
-            self.model.ports[key] = [osport, now, False, (oip.daddr, odport)]
+            # (a closed flow's late packets go on through its port: it stays closed, its
+            # port free to move, until a SYN opens the tuple again)
+            closed = bool(held) and held[0] == osport and held[2] and not syn
+            self.model.ports[key] = [osport, now, closed, (oip.daddr, odport)]
         self.model.learn(match, proto, ip.saddr, sport, ip.daddr, dport, osport)
         return [], match.kind
 
