@@ -1358,15 +1358,10 @@ def prog_test_run(
     )
 
 
-def prog_run_syscall(prog_fd: int | Fd, ctx_in: bytes | None = None) -> int:
-    """Run a syscall program once (BPF_PROG_TEST_RUN with no packet: only a context, if
-    any); returns its return value."""
+def prog_run_syscall(prog_fd: int | Fd) -> int:
+    """Run a syscall program once (BPF_PROG_TEST_RUN with no packet and no context);
+    returns its return value."""
     prog_fd = prog_fd.fd if isinstance(prog_fd, Fd) else prog_fd
-    ctx = ctypes.create_string_buffer(bytes(ctx_in), len(ctx_in)) if ctx_in else None
-    opts = _opts(
-        BpfTestRunOpts,
-        ctx_in=ctypes.addressof(ctx) if ctx is not None else None,
-        ctx_size_in=len(ctx_in) if ctx_in else 0,
-    )
+    opts = _opts(BpfTestRunOpts)
     _call(f"run of program fd {prog_fd}", "bpf_prog_test_run_opts", prog_fd, byref(opts))
     return opts.retval
